@@ -1,0 +1,23 @@
+# The two commands of the README: `make repro` (set up, then run the pipeline) and `make test`.
+# Both create the venv inside the repo on first use and reinstall when requirements.txt changes.
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup repro test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	pytest -q tests

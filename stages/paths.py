@@ -1,0 +1,31 @@
+"""Where every stage reads and writes, relative to the repo root (the working directory of
+`dvc repro`). `dvc.yaml` names the same paths; `tests/test_dag.py` checks that they agree.
+
+Layout of `data/` (DVC outputs only):
+  raw/                       fetched source files, by sha256 (download)
+  corpus/{train,validation}.jsonl   one article (or task sentence) per line: {"id","title","text"}
+  tasks/<task>/              HF DatasetDict (train/validation/test) with columns id, text, label
+  manifests/download.json    counts and source hashes
+  tokenizer/                 PreTrainedTokenizerFast directory
+  shards/{train,validation}/ Arrow shards of packed blocks + manifest.json
+  models/pretrained/         HF model directory (+ tokenizer)
+  checkpoints/pretrain/      Accelerate state for resume (persist, not cached)
+  models/finetuned/<task>/<strategy>/
+  metrics/*.json             DVC metrics
+  plots/*                    DVC plot data (CSV/JSON) and PNG figures
+"""
+from pathlib import Path
+
+DATA = Path("data")
+RAW = DATA / "raw"
+CORPUS = DATA / "corpus"
+TASKS = DATA / "tasks"
+MANIFESTS = DATA / "manifests"
+TOKENIZER = DATA / "tokenizer"
+SHARDS = DATA / "shards"
+MODELS = DATA / "models"
+PRETRAINED = MODELS / "pretrained"
+FINETUNED = MODELS / "finetuned"
+CHECKPOINTS = DATA / "checkpoints"
+METRICS = DATA / "metrics"
+PLOTS = DATA / "plots"
