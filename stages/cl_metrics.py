@@ -1,0 +1,262 @@
+"""Continual-learning and forgetting measures: pure functions, numbers in, numbers out.
+
+In:  accuracy matrices, per-block losses, per-seed values (plain lists or numpy arrays).
+Out: floats, lists and dicts of floats (JSON-ready; `None` where a measure is undefined).
+No file I/O, no torch: used by `stages/forgetting.py` and unit-tested on hand-made inputs.
+
+Accuracy-matrix convention (the `matrix` of `data/metrics/sequential.json`)
+--------------------------------------------------------------------------
+`R` has T+1 rows and T columns, tasks numbered 0..T-1 in training order:
+  - row 0: before any training in the sequence (the pretrained backbone with fresh heads);
+  - row i (1 <= i <= T): right after training task i-1, i.e. after i tasks;
+  - R[i][j]: test accuracy on task j at that point.
+So R[j+1][j] is task j's accuracy just after learning it, R[T][j] its final accuracy, and
+R[j][j] its accuracy just *before* learning it.
+
+Measures (written with this indexing):
+  - ACC (Lopez-Paz & Ranzato 2017, GEM):  mean_j R[T][j].
+  - learning accuracy:  a_j = R[j+1][j]  (just-learned accuracy of each task).
+  - BWT (GEM):  1/(T-1) * sum_{j=0}^{T-2} (R[T][j] - R[j+1][j]).  Negative = forgetting.
+  - FWT (GEM):  1/(T-1) * sum_{j=1}^{T-1} (R[j][j] - b[j]), the accuracy on task j before
+    training it, after the tasks before it, minus a baseline b[j]. GEM's b is the accuracy of
+    the model at its (random) initialisation; here the default b is row 0 of the matrix
+    (accuracy before any training of the sequence), or the vector passed as `baseline`
+    (e.g. the scratch model's accuracies).
+  - Forgetting (Chaudhry et al. 2018, "Riemannian Walk", eq. 1-2): for every task j < T-1,
+    f_j = max_{l in 1..T-1} R[l][j] - R[T][j]: the best accuracy on task j at any earlier
+    point of the sequence (rows 1..T-1, after each earlier training step; row 0 is not a
+    point of the sequence) minus the final accuracy. Average forgetting F = mean_j f_j. The
+    last task has no forgetting (it was just learned). f_j may be negative only if every
+    earlier accuracy is below the final one (backward transfer).
+  - Chance adjustment: every accuracy rescaled as a' = (a - c_j) / (1 - c_j), c_j the chance
+    accuracy of task j (0 = chance, 1 = perfect), then the same measures on the rescaled
+    matrix. This makes tasks with different numbers of classes comparable.
+  With T = 1 there is no earlier task: BWT, FWT and forgetting are `None`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class MatrixError(ValueError):
+    """An accuracy matrix, chance vector or baseline of the wrong shape or range."""
+
+
+# ---------------------------------------------------------------- accuracy matrices
+
+def as_matrix(R: Any) -> np.ndarray:
+    """`R` as a float64 array of shape (T+1, T), T >= 1, finite; else `MatrixError`."""
+    try:
+        a = np.asarray(R, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise MatrixError(f"accuracy matrix is not a rectangular table of numbers: {e}") from None
+    if a.ndim != 2 or a.shape[1] < 1 or a.shape[0] != a.shape[1] + 1:
+        raise MatrixError(f"accuracy matrix must have T+1 rows and T >= 1 columns, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise MatrixError("accuracy matrix has non-finite entries")
+    return a
+
+
+def _vector(v: Any, T: int, name: str) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64)
+    if a.ndim == 0:
+        a = np.full(T, float(a))
+    if a.shape != (T,):
+        raise MatrixError(f"{name} must be a number or a vector of length T={T}, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise MatrixError(f"{name} has non-finite entries")
+    return a
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if values.size else None
+
+
+def final_accuracy(R: Any) -> float:
+    """ACC: mean final accuracy over all tasks, mean_j R[T][j]."""
+    a = as_matrix(R)
+    return float(a[-1].mean())
+
+
+def learning_accuracy(R: Any) -> list[float]:
+    """R[j+1][j] for each task j: its accuracy right after it was trained."""
+    a = as_matrix(R)
+    T = a.shape[1]
+    return [float(a[j + 1, j]) for j in range(T)]
+
+
+def forgetting_per_task(R: Any) -> list[float]:
+    """Chaudhry et al. 2018: f_j = max_{l=1..T-1} R[l][j] - R[T][j] for j = 0..T-2 (T-1 values)."""
+    a = as_matrix(R)
+    T = a.shape[1]
+    if T < 2:
+        return []
+    best_earlier = a[1:T, : T - 1].max(axis=0)  # rows 1..T-1
+    return [float(x) for x in best_earlier - a[T, : T - 1]]
+
+
+def average_forgetting(R: Any) -> float | None:
+    """Mean of `forgetting_per_task`, `None` with a single task."""
+    return _mean_or_none(np.asarray(forgetting_per_task(R)))
+
+
+def backward_transfer(R: Any) -> float | None:
+    """GEM BWT: mean_{j<T-1} (R[T][j] - R[j+1][j]); `None` with a single task."""
+    a = as_matrix(R)
+    T = a.shape[1]
+    return _mean_or_none(np.array([a[T, j] - a[j + 1, j] for j in range(T - 1)]))
+
+
+def forward_transfer(R: Any, baseline: Any = None) -> float | None:
+    """GEM FWT: mean_{j>=1} (R[j][j] - b[j]); b = row 0 of R unless `baseline` is given."""
+    a = as_matrix(R)
+    T = a.shape[1]
+    b = a[0] if baseline is None else _vector(baseline, T, "baseline")
+    return _mean_or_none(np.array([a[j, j] - b[j] for j in range(1, T)]))
+
+
+def chance_adjust(R: Any, chance: Any) -> np.ndarray:
+    """Rescale column j as (a - c_j) / (1 - c_j); `chance` a number or a length-T vector in [0, 1)."""
+    a = np.asarray(R, dtype=np.float64)
+    T = a.shape[-1]
+    c = _vector(chance, T, "chance")
+    if np.any(c < 0) or np.any(c >= 1):
+        raise MatrixError(f"chance accuracies must be in [0, 1), got {c.tolist()}")
+    return (a - c) / (1.0 - c)
+
+
+def sequential_measures(R: Any, chance: Any = None, baseline: Any = None) -> dict[str, Any]:
+    """All the measures of the module docstring, raw and (when `chance` is given) chance-adjusted.
+
+    The baseline for FWT is adjusted with the same chance vector in the adjusted variant.
+    """
+    a = as_matrix(R)
+
+    def block(m: np.ndarray, b: Any) -> dict[str, Any]:
+        return {
+            "acc": final_accuracy(m),
+            "learning_accuracy": learning_accuracy(m),
+            "forgetting": forgetting_per_task(m),
+            "avg_forgetting": average_forgetting(m),
+            "bwt": backward_transfer(m),
+            "fwt": forward_transfer(m, b),
+            "matrix": [[float(x) for x in row] for row in m],
+        }
+
+    out: dict[str, Any] = {"raw": block(a, baseline),
+                           "fwt_baseline": "row 0" if baseline is None else "given"}
+    if chance is not None:
+        adj_b = None if baseline is None else chance_adjust(_vector(baseline, a.shape[1], "baseline"), chance)
+        out["chance_adjusted"] = block(chance_adjust(a, chance), adj_b)
+    return out
+
+
+# ---------------------------------------------------------------- drift of the pretraining loss
+
+def pooled_loss(nll_sums: Sequence[float], counts: Sequence[float]) -> float:
+    """Token-weighted mean loss: sum of per-block NLL sums over the number of predicted tokens."""
+    n = float(np.sum(counts))
+    if n <= 0:
+        raise ValueError("no predicted tokens")
+    return float(np.sum(nll_sums) / n)
+
+
+def drift(base_sums: Sequence[float], ft_sums: Sequence[float], counts: Sequence[float],
+          worse_margin: float = 0.0) -> dict[str, float]:
+    """Paired drift of the held-out LM loss between a reference and a fine-tuned model.
+
+    `base_sums[i]`, `ft_sums[i]`: summed NLL (nats) of block i under each model, over the same
+    `counts[i]` predicted tokens. Returns the pooled losses, their perplexities, the absolute
+    change `delta_loss` (fine-tuned minus reference: > 0 is forgetting), the relative change
+    `rel_delta_pct` (100 * delta / reference loss), the perplexity ratio, and `share_worse`: the
+    fraction of blocks whose mean loss rose by more than `worse_margin` nats/token.
+    """
+    b, f, c = (np.asarray(x, dtype=np.float64) for x in (base_sums, ft_sums, counts))
+    if not (b.shape == f.shape == c.shape) or b.ndim != 1 or b.size == 0:
+        raise ValueError(f"need equal, non-empty 1-d per-block vectors, got {b.shape}, {f.shape}, {c.shape}")
+    if np.any(c <= 0):
+        raise ValueError("every block needs at least one predicted token")
+    lb, lf = pooled_loss(b, c), pooled_loss(f, c)
+    per_block = (f - b) / c
+    return {
+        "loss_pretrained": lb,
+        "loss_finetuned": lf,
+        "ppl_pretrained": _exp(lb),
+        "ppl_finetuned": _exp(lf),
+        "delta_loss": lf - lb,
+        "rel_delta_pct": 100.0 * (lf - lb) / lb if lb > 0 else float("nan"),
+        "ppl_ratio": _exp(lf - lb),
+        "share_worse": float(np.mean(per_block > worse_margin)),
+        "blocks": int(b.size),
+        "tokens": int(c.sum()),
+    }
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+# ---------------------------------------------------------------- seeds and verdicts
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for one value) of the non-None values."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return {"mean": float(v.mean()), "std": std, "n": int(v.size)}
+
+
+REPRODUCED = "reproduced"
+NOT_REPRODUCED = "not reproduced"
+WITHIN_STD = "inconclusive (difference within 1 std)"
+FEW_SEEDS = "inconclusive (fewer than 2 seeds)"
+MISSING = "inconclusive (missing data)"
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], expect: str = "greater") -> dict[str, Any]:
+    """Verdict on the claim "a > b" (`expect="greater"`) or "a < b" (`expect="less"`).
+
+    `a`, `b`: `mean_std` results over seeds. The difference d = mean(a) - mean(b) is judged
+    against the spread s = sqrt(std(a)^2 + std(b)^2) (the std of the difference of one seed of
+    each): `reproduced` if d is on the claimed side and |d| > s, `not reproduced` if on the
+    other side and |d| > s, otherwise `inconclusive (difference within 1 std)`. With fewer than
+    2 seeds on either side the spread is unknown: `inconclusive (fewer than 2 seeds)`.
+    """
+    if expect not in ("greater", "less"):
+        raise ValueError(f"expect must be 'greater' or 'less', got {expect!r}")
+    if a.get("mean") is None or b.get("mean") is None:
+        return {"verdict": MISSING, "diff": None, "spread": None}
+    d = float(a["mean"] - b["mean"])
+    s = float(math.hypot(a["std"], b["std"]))
+    if min(a["n"], b["n"]) < 2:
+        verdict = FEW_SEEDS
+    elif abs(d) <= s:
+        verdict = WITHIN_STD
+    else:
+        verdict = REPRODUCED if (d > 0) == (expect == "greater") else NOT_REPRODUCED
+    return {"verdict": verdict, "diff": d, "spread": s}
+
+
+def overall(verdicts: Sequence[str]) -> str:
+    """One verdict from several comparisons: unanimous ones pass through, else a count."""
+    if not verdicts:
+        return MISSING
+    if len(set(verdicts)) == 1:
+        return verdicts[0]
+    n_rep = sum(v == REPRODUCED for v in verdicts)
+    n_not = sum(v == NOT_REPRODUCED for v in verdicts)
+    n_inc = len(verdicts) - n_rep - n_not
+    if n_not == 0 and n_rep > 0 and n_inc > 0:
+        head = "partly reproduced"
+    elif n_rep == 0 and n_not > 0 and n_inc > 0:
+        head = "not reproduced where conclusive"
+    elif n_rep == 0 and n_not == 0:
+        return "inconclusive"
+    else:
+        head = "mixed"
+    return f"{head} ({n_rep} reproduced, {n_not} not reproduced, {n_inc} inconclusive of {len(verdicts)})"

@@ -1,0 +1,436 @@
+"""Stage `forgetting` on tiny hand-made fixtures: a 2-layer Llama (hidden 32) as the pretrained
+model, classifiers derived from it (identical backbone, perturbed backbone, LoRA, scratch),
+hand-made fine-tune metrics, curves and a sequential accuracy matrix."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from stages import cl_metrics as cl
+from stages import forgetting as fg
+from stages.cli import StageError
+from stages.config import ConfigError, parse_section
+from tests.finetune_fixtures import make_pretrained, make_tokenizer
+
+PARAMS = {
+    "max_blocks": 16, "batch_size": 4, "mask_prob": 0.15, "mask_seed": 0, "worse_margin": 0.0,
+    "reference_strategy": "full", "scratch_strategy": "scratch",
+    "few_label_strategies": ["full", "linear_probe"], "forget_less_strategies": [],
+    "tradeoff_gain": "chance", "experiment": "pretrain-finetune-forgetting",
+}
+LABELS = ["negative", "positive"]
+
+
+def cfg(**over) -> fg.Config:
+    return parse_section("forgetting", {**PARAMS, **over}, fg.Config)
+
+
+# ---------------------------------------------------------------- fixtures
+
+def save_classifier(pre: Path, dest: Path, strategy: str, noise: float = 0.0, scratch: bool = False,
+                    seed: int = 0) -> None:
+    """A seq-classification model from the pretrained LM (backbone untouched unless `noise`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    kw = {"num_labels": 2, "id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
+    if scratch:
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(pre, **kw))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(pre, **kw)
+    if noise:
+        with torch.no_grad():
+            for p in model.base_model.parameters():
+                p.add_(noise * torch.randn_like(p))
+    dest.mkdir(parents=True)
+    model.save_pretrained(dest)
+    (dest / "finetune_meta.json").write_text(json.dumps(
+        {"strategy": strategy, "task": "movies", "label_names": LABELS, "pooling": "last",
+         "peft": False, "pretrained_dir": str(pre)}))
+
+
+def save_lora(pre: Path, dest: Path, seed: int = 0) -> None:
+    """A peft LoRA adapter whose B matrices are non-zero (so merging changes the backbone)."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(pre, num_labels=2)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4,
+                                            target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    dest.mkdir(parents=True)
+    model.save_pretrained(dest)
+    (dest / "finetune_meta.json").write_text(json.dumps(
+        {"strategy": "lora", "task": "movies", "label_names": LABELS, "pooling": "last",
+         "peft": True, "pretrained_dir": str(pre)}))
+
+
+def validation_blocks(block_size: int = 16, n_blocks: int = 20) -> list[list[int]]:
+    """Learnable blocks: ids cycling through 4..13 from a seeded start (next token predictable)."""
+    rng = random.Random(3)
+    starts = [rng.randrange(10) for _ in range(n_blocks)]
+    return [[4 + (s + t) % 10 for t in range(block_size)] for s in starts]
+
+
+def pretrain_briefly(pre: Path, blocks: list[list[int]], steps: int = 40) -> None:
+    """Fit the tiny LM to the blocks, so that moving its backbone raises the held-out loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(pre)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    x = torch.tensor(blocks)
+    for _ in range(steps):
+        opt.zero_grad()
+        lm(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    lm.save_pretrained(pre)
+
+
+def write_validation_shards(root: Path, blocks: list[list[int]]) -> None:
+    from stages.shards import write_shards
+
+    block_size = len(blocks[0])
+    out = root / "data" / "shards" / "validation"
+    out.mkdir(parents=True)
+    entry = write_shards(blocks, out, block_size=block_size, shard_blocks=8)
+    (root / "data" / "shards" / "manifest.json").write_text(json.dumps({"validation": entry}))
+
+
+def metrics_json(accs: list[float], frac: float) -> dict:
+    return {"strategy": "x", "seeds": [
+        {"seed": i, "test_accuracy": a, "test_macro_f1": a - 0.05, "trainable_params": 100,
+         "trainable_fraction": frac, "train_time_s": 1.0} for i, a in enumerate(accs)]}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("forgetting")
+    tok = make_tokenizer()
+    pre = make_pretrained(root / "data" / "models" / "pretrained", tok)
+    blocks = validation_blocks()
+    pretrain_briefly(pre, blocks)
+    write_validation_shards(root, blocks)
+    ft = root / "data" / "models" / "finetuned" / "movies"
+    save_classifier(pre, ft / "full" / "seed0", "full", noise=0.2, seed=0)
+    save_classifier(pre, ft / "full" / "seed1", "full", noise=0.2, seed=1)
+    save_classifier(pre, ft / "linear_probe" / "seed0", "linear_probe", seed=2)
+    save_classifier(pre, ft / "linear_probe" / "seed1", "linear_probe", seed=3)
+    save_lora(pre, ft / "lora" / "seed0", seed=4)
+    save_classifier(pre, ft / "scratch" / "seed0", "scratch", scratch=True, seed=5)
+    save_classifier(pre, ft / "scratch" / "seed1", "scratch", scratch=True, seed=6)
+    m = root / "data" / "metrics" / "finetune" / "movies"
+    m.mkdir(parents=True)
+    for s, accs, frac in [("full", [0.90, 0.92], 1.0), ("linear_probe", [0.80, 0.81], 0.01),
+                          ("lora", [0.88], 0.05), ("scratch", [0.60, 0.62], 1.0)]:
+        (m / f"{s}.json").write_text(json.dumps(metrics_json(accs, frac)))
+    curves = ["strategy,fraction,n_labels,seed,test_accuracy"]
+    for s, lo, hi in [("full", (0.80, 0.82, 0.84), 0.9), ("linear_probe", (0.70, 0.72, 0.74), 0.8),
+                      ("scratch", (0.50, 0.52, 0.54), 0.6)]:
+        curves += [f"{s},0.1,4,{k},{a}" for k, a in enumerate(lo)]
+        curves += [f"{s},1.0,48,{k},{hi}" for k in range(3)]
+    (root / "data" / "plots").mkdir(parents=True)
+    (root / "data" / "plots" / "curves.csv").write_text("\n".join(curves) + "\n")
+    (root / "data" / "metrics" / "curves.json").write_text(json.dumps({"task": "movies"}))
+    (root / "data" / "metrics" / "sequential.json").write_text(json.dumps({
+        "order": ["movies", "source"], "strategy": ["full", "full"],
+        "matrix": [[0.5, 0.34], [0.9, 0.40], [0.7, 0.85]], "chance": [0.5, 1 / 3], "n_classes": [2, 3]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_blocks(root):
+    from transformers import AutoTokenizer
+
+    pre = root / "data" / "models" / "pretrained"
+    ids, _ = fg.load_eval_blocks(root, 16)
+    return fg.eval_targets(ids, "clm", AutoTokenizer.from_pretrained(pre), cfg())
+
+
+def lm_drift(root: Path, inputs, labels, ft_dir: Path) -> dict:
+    from stages.strategies import load_backbone_as_lm, pretrained_lm
+
+    pre = root / "data" / "models" / "pretrained"
+    base, counts = fg.block_nll(pretrained_lm(pre), inputs, labels, "clm", 4)
+    ft, counts2 = fg.block_nll(load_backbone_as_lm(ft_dir, pre), inputs, labels, "clm", 4)
+    assert (counts == counts2).all()
+    return cl.drift(base, ft, counts)
+
+
+# ---------------------------------------------------------------- drift
+
+def test_identical_backbone_has_exactly_zero_drift(root, eval_blocks):
+    # linear_probe: a classifier built from the pretrained LM, backbone never trained
+    d = lm_drift(root, *eval_blocks, root / "data/models/finetuned/movies/linear_probe/seed0")
+    assert d["delta_loss"] == 0.0
+    assert d["share_worse"] == 0.0
+    assert d["rel_delta_pct"] == 0.0
+    assert d["loss_pretrained"] > 0 and d["blocks"] == 16 and d["tokens"] == 16 * 15
+
+
+def test_perturbed_backbone_drifts_upwards(root, eval_blocks):
+    d = lm_drift(root, *eval_blocks, root / "data/models/finetuned/movies/full/seed0")
+    assert d["delta_loss"] > 0
+    assert d["rel_delta_pct"] > 0
+    assert d["share_worse"] > 0.5
+
+
+def test_merged_lora_drifts(root, eval_blocks):
+    d = lm_drift(root, *eval_blocks, root / "data/models/finetuned/movies/lora/seed0")
+    assert d["delta_loss"] != 0.0
+
+
+def test_select_blocks_is_even_and_capped():
+    assert fg.select_blocks(10, 4) == [0, 2, 5, 7]
+    assert fg.select_blocks(3, 10) == [0, 1, 2]
+
+
+def test_mlm_masking_is_fixed_by_the_seed():
+    import torch
+
+    class Tok:
+        mask_token_id, pad_token_id = 3, 0
+        all_special_ids = [0, 1, 2, 3]
+
+        def __len__(self):
+            return 50
+
+    ids = torch.randint(4, 50, (6, 32), generator=torch.Generator().manual_seed(0))
+    a = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_seed=7))
+    b = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_seed=7))
+    c = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_seed=8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    assert (a[1] != -100).any()
+
+
+def test_mlm_identical_backbone_zero_drift_and_perturbed_positive(tmp_path):
+    """The masked-LM path: BertForMaskedLM pretrained, classifiers derived from it, one fixed
+    seeded masking shared by both models."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from stages.strategies import load_backbone_as_lm, pretrained_lm
+
+    class Tok:
+        mask_token_id, pad_token_id = 3, 0
+        all_special_ids = [0, 1, 2, 3]
+
+        def __len__(self):
+            return 40
+
+    torch.manual_seed(0)
+    pre = tmp_path / "pretrained"
+    BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=32, pad_token_id=0)
+                    ).save_pretrained(pre)
+    save_classifier(pre, tmp_path / "same", "linear_probe", seed=1)
+    save_classifier(pre, tmp_path / "moved", "full", noise=0.5, seed=2)
+    ids = torch.randint(4, 40, (12, 16), generator=torch.Generator().manual_seed(1))
+    inputs, labels = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_prob=0.3))
+    keep = (labels != -100).any(1)
+    inputs, labels = inputs[keep], labels[keep]
+    base, counts = fg.block_nll(pretrained_lm(pre), inputs, labels, "mlm", 5)
+    same, _ = fg.block_nll(load_backbone_as_lm(tmp_path / "same", pre), inputs, labels, "mlm", 5)
+    moved, _ = fg.block_nll(load_backbone_as_lm(tmp_path / "moved", pre), inputs, labels, "mlm", 5)
+    assert counts.sum() == (labels != -100).sum()
+    d0 = cl.drift(base, same, counts)
+    assert d0["delta_loss"] == 0.0 and d0["share_worse"] == 0.0
+    assert cl.drift(base, moved, counts)["delta_loss"] != 0.0
+
+
+# ---------------------------------------------------------------- verdicts
+
+def _curves(pre_accs, scratch_accs):
+    rows = [{"task": "", "strategy": "full", "fraction": 0.1, "n_labels": 4, "seed": str(i),
+             "test_accuracy": a} for i, a in enumerate(pre_accs)]
+    rows += [{"task": "", "strategy": "scratch", "fraction": 0.1, "n_labels": 4, "seed": str(i),
+              "test_accuracy": a} for i, a in enumerate(scratch_accs)]
+    # a larger fraction where scratch wins: must not matter (only the smallest fraction counts)
+    rows += [{"task": "", "strategy": s, "fraction": 1.0, "n_labels": 40, "seed": "0",
+              "test_accuracy": a} for s, a in (("full", 0.1), ("scratch", 0.9))]
+    return rows
+
+
+def test_claim_few_labels_verdicts():
+    c = cfg(few_label_strategies=["full"])
+    # full 0.81 ± 0.01 vs scratch 0.51 ± 0.01: diff 0.30 > spread 0.014
+    assert fg.claim_few_labels(_curves([0.80, 0.81, 0.82], [0.50, 0.51, 0.52]), c)["verdict"] == cl.REPRODUCED
+    # scratch better by 0.30: not reproduced
+    assert fg.claim_few_labels(_curves([0.50, 0.51, 0.52], [0.80, 0.81, 0.82]), c)["verdict"] == cl.NOT_REPRODUCED
+    # diff 0.01 < spread sqrt(0.1^2 + 0.1^2): inconclusive
+    r = fg.claim_few_labels(_curves([0.5, 0.6, 0.7], [0.49, 0.59, 0.69]), c)
+    assert r["verdict"] == cl.WITHIN_STD
+    assert r["comparisons"]["all/full"]["diff"] == pytest.approx(0.01)
+
+
+def _arm(delta, acc, n=3, std=0.01):
+    ms = {k: {"mean": None, "std": None, "n": 0} for k in fg.STAT_KEYS}
+    ms["delta_loss"] = {"mean": delta, "std": std, "n": n}
+    ms["test_accuracy"] = {"mean": acc, "std": std, "n": n}
+    return {"mean_std": ms, "drift_applicable": True, "seeds": {}}
+
+
+def test_claim_forget_less_verdicts():
+    tasks = {"t": {"full": _arm(0.50, 0.90), "lora": _arm(0.10, 0.85), "replay": _arm(0.495, 0.9),
+                   "l2sp": _arm(0.9, 0.9), "scratch": _arm(0.0, 0.5)}}
+    r = fg.claim_forget_less(tasks, cfg())
+    comps = r["comparisons"]
+    assert sorted(comps) == ["t/l2sp", "t/lora", "t/replay"]  # scratch and the reference left out
+    assert comps["t/lora"]["verdict"] == cl.REPRODUCED          # 0.10 vs 0.50
+    assert comps["t/lora"]["accuracy_cost"]["diff"] == pytest.approx(-0.05)
+    assert comps["t/replay"]["verdict"] == cl.WITHIN_STD        # 0.495 vs 0.50, spread 0.014
+    assert comps["t/l2sp"]["verdict"] == cl.NOT_REPRODUCED      # forgets more
+    assert r["verdict"].startswith("mixed (1 reproduced, 1 not reproduced, 1 inconclusive")
+    only = fg.claim_forget_less(tasks, cfg(forget_less_strategies=["lora"]))
+    assert only["verdict"] == cl.REPRODUCED
+
+
+def test_sequential_run_names():
+    assert fg.run_name({"strategy": ["full", "full"]}, 0) == "full"
+    assert fg.run_name({"strategy": ["full", "lora"]}, 0) == "full-lora"
+    assert fg.run_name({"order": ["b", "a"], "strategy": {"a": "ewc", "b": "full"}}, 0) == "full-ewc"
+    assert fg.run_name({}, 3) == "run3"
+
+
+def test_claim_with_one_seed_is_inconclusive():
+    tasks = {"t": {"full": _arm(0.5, 0.9, n=1, std=0.0), "lora": _arm(0.1, 0.85, n=1, std=0.0)}}
+    assert fg.claim_forget_less(tasks, cfg())["verdict"] == cl.FEW_SEEDS
+
+
+# ---------------------------------------------------------------- params
+
+@pytest.mark.parametrize("over, key", [
+    ({"max_blocks": 0}, "forgetting.max_blocks"),
+    ({"mask_prob": 1.5}, "forgetting.mask_prob"),
+    ({"reference_strategy": "fulll"}, "forgetting.reference_strategy"),
+    ({"few_label_strategies": ["full", "nope"]}, "forgetting.few_label_strategies"),
+    ({"tradeoff_gain": "random"}, "forgetting.tradeoff_gain"),
+    ({"batch_size": "8"}, "forgetting.batch_size"),
+    ({"extra": 1}, "forgetting.extra"),
+])
+def test_invalid_params_name_the_key(over, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg(**over)
+
+
+def test_params_cross_checks():
+    with pytest.raises(ConfigError, match="must differ"):
+        cfg(reference_strategy="scratch")
+    with pytest.raises(ConfigError, match="reference_strategy"):
+        cfg(forget_less_strategies=["full"])
+    with pytest.raises(ConfigError, match="missing key"):
+        parse_section("forgetting", {k: v for k, v in PARAMS.items() if k != "mask_seed"}, fg.Config)
+
+
+# ---------------------------------------------------------------- the stage
+
+@pytest.fixture(scope="module")
+def ran(root, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI",
+                              f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    result = fg.run(cfg(), root)
+    return root, result
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_run_writes_every_output(ran):
+    root, _ = ran
+    for rel in [fg.METRICS_JSON, fg.SUMMARY_MD, fg.TRADEOFF_CSV, fg.CURVES_OUT_CSV, fg.MATRIX_CSV,
+                *fg.PNGS.values()]:
+        assert (root / rel).is_file() and (root / rel).stat().st_size > 0, rel
+    assert not list((root / "data").rglob(".*.tmp-*"))
+
+
+def test_run_metrics(ran):
+    root, _ = ran
+    m = json.loads((root / fg.METRICS_JSON).read_text())
+    movies = m["tasks"]["movies"]
+    # the frozen backbone did not move; the perturbed one did; scratch is not applicable
+    assert movies["linear_probe"]["mean_std"]["delta_loss"] == {"mean": 0.0, "std": 0.0, "n": 2}
+    assert movies["full"]["mean_std"]["delta_loss"]["mean"] > 0
+    sc = movies["scratch"]
+    assert sc["drift_applicable"] is False and sc["mean_std"]["delta_loss"]["n"] == 0
+    assert sc["seeds"]["seed0"]["delta_loss"] is None and "not applicable" in sc["seeds"]["seed0"]["drift_note"]
+    # gains: chance 1/2 from the saved label names; scratch mean 0.61
+    full = movies["full"]["mean_std"]
+    assert full["gain_over_chance"]["mean"] == pytest.approx(0.91 - 0.5)
+    assert full["gain_over_scratch"]["mean"] == pytest.approx(0.91 - 0.61)
+    assert movies["full"]["seeds"]["seed1"]["test_accuracy"] == 0.92
+    # claims: at fraction 0.1, full and linear_probe (0.82 / 0.72 ± 0.02) vs scratch 0.52 ± 0.02
+    assert m["claims"]["few_labels"]["verdict"] == cl.REPRODUCED
+    assert sorted(m["claims"]["few_labels"]["comparisons"]) == ["movies/full", "movies/linear_probe"]
+    fl = m["claims"]["forget_less"]["comparisons"]
+    assert fl["movies/linear_probe"]["verdict"] == cl.REPRODUCED
+    assert fl["movies/lora"]["verdict"] == cl.FEW_SEEDS  # one LoRA seed
+    seq = m["sequential"]["full"]
+    # R = [[.5,.34],[.9,.4],[.7,.85]]: BWT = .7 - .9 = -.2; forgetting [.2]; FWT = .4 - .34
+    assert seq["raw"]["bwt"] == pytest.approx(-0.2)
+    assert seq["raw"]["forgetting"] == pytest.approx([0.2])
+    assert seq["raw"]["fwt"] == pytest.approx(0.06)
+    assert seq["chance_adjusted"]["bwt"] == pytest.approx((0.7 - 0.9) / 0.5)
+    assert m["eval"]["blocks"] == 16
+
+
+def test_run_plot_data_and_summary(ran):
+    root, _ = ran
+    trade = (root / fg.TRADEOFF_CSV).read_text().splitlines()
+    assert trade[0].startswith("task,strategy,delta_loss,delta_loss_std,gain,gain_std")
+    assert {r.split(",")[1] for r in trade[1:]} == {"full", "linear_probe", "lora"}  # no scratch
+    curves = (root / fg.CURVES_OUT_CSV).read_text().splitlines()
+    assert len(curves) == 1 + 6
+    matrix = (root / fg.MATRIX_CSV).read_text().splitlines()
+    assert len(matrix) == 1 + 6 and "0 before" in matrix[1]
+    md = (root / fg.SUMMARY_MD).read_text()
+    assert "| movies | scratch |" in md and "n/a (no pretrained backbone)" in md
+    assert "**reproduced**" in md
+    assert "## Sequential fine-tuning" in md
+
+
+def test_run_is_deterministic(ran):
+    root, _ = ran
+    before = {p: (root / p).read_bytes() for p in [fg.METRICS_JSON, fg.SUMMARY_MD, fg.TRADEOFF_CSV,
+                                                    fg.MATRIX_CSV, *fg.PNGS.values()]}
+    fg.run(cfg(), root)
+    after = {p: (root / p).read_bytes() for p in before}
+    assert before == after
+
+
+def test_run_logs_to_mlflow(ran):
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("pretrain-finetune-forgetting")
+    runs = client.search_runs([exp.experiment_id], "tags.`dvc.stage` = 'forgetting'")
+    assert runs
+    r = runs[0]
+    assert r.data.metrics["movies.full.delta_loss"] > 0
+    assert r.data.tags["claim.few_labels"] == cl.REPRODUCED
+    arts = {a.path for a in client.list_artifacts(r.info.run_id, "forgetting")}
+    assert "forgetting/tradeoff.png" in arts and "forgetting/tradeoff_table.json" in arts
+
+
+def test_missing_finetune_metrics_is_a_stage_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "data" / "models" / "pretrained").mkdir(parents=True)
+    (tmp_path / "data" / "models" / "pretrained" / "config.json").write_text("{}")
+    with pytest.raises(StageError, match="no fine-tune metrics"):
+        fg.run(cfg(), tmp_path)
