@@ -17,15 +17,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(dest: Path, is_dir: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     prefix = f".{dest.name}.tmp-"
+    # mkdtemp/mkstemp create 0700/0600 for privacy; outputs get the usual umask-based modes.
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+        tmp.chmod(0o777 & ~_umask())
+        return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
