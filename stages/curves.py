@@ -1,0 +1,86 @@
+"""Data efficiency: learning curves over label fractions (pretrained vs scratch, probe vs full).
+
+In:  data/models/pretrained, data/tasks/<finetune.curves.task>/, params section `finetune`
+     (`curves`: task, strategies, fractions, seeds, max_steps; `arms` for each strategy's LR
+     grid; `data`, `train`, `pooling` as in the finetune stage).
+Out: data/plots/curves.csv (strategy, fraction, n_labels, seed, test_accuracy: DVC plot data),
+     data/metrics/curves.json ({"task", "results": {strategy: {fraction: {mean, std, n_labels,
+     chosen_lr}}}}); MLflow runs tagged task, strategy, seed, fraction (stage `curves`).
+
+Each seed draws its own stratified subset of the (capped) training split: round(fraction x n_c)
+examples of every class c, at least one. With `curves.lr_search` the LR is chosen on the
+validation split (full size) from the arm's grid with the first seed, per fraction; without it
+(the CPU default, for the time budget) every fraction uses the first LR of the arm's grid.
+Budgets are optimizer steps.
+
+Run: python -m stages.curves
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from stages import paths
+from stages.atomic import write_json, write_text
+from stages.cli import main_guard
+from stages.config import load_section
+from stages.finetune import (SECTION, Config, Context, load_task, preflight, run_arm,
+                             stratified_fraction)
+
+CSV_FIELDS = ["strategy", "fraction", "n_labels", "seed", "test_accuracy"]
+
+
+def curves_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
+    from stages.tracking import check_reachable, tracking_uri
+
+    cc = cfg.curves
+    ctx = Context.create(root, cfg)
+    data = load_task(root, cc.task, ctx.tokenizer, cfg.data)
+    for s in cc.strategies:
+        preflight(ctx, s, data)
+    check_reachable(tracking_uri(root))
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    results: dict[str, dict[str, Any]] = {}
+    for strategy in cc.strategies:
+        for frac in cc.fractions:
+            def train_for_seed(seed: int, frac=frac):
+                return data.train.subset(stratified_fraction(data.train.labels, frac, seed))
+            res = run_arm(ctx, data, strategy, cc.seeds, cc.max_steps, train_for_seed,
+                          mlflow_tags={"fraction": str(frac)}, stage="curves",
+                          desc_prefix=f"curves {frac:g} ", lr_search=cc.lr_search)
+            for r in res["seeds"]:
+                rows.append({"strategy": strategy, "fraction": frac, "n_labels": r["n_train"],
+                             "seed": r["seed"], "test_accuracy": r["test_accuracy"]})
+            results.setdefault(strategy, {})[f"{frac:g}"] = {
+                "mean": res["test_accuracy"]["mean"], "std": res["test_accuracy"]["std"],
+                "n_labels": res["n_train"], "chosen_lr": res["chosen_lr"]}
+    metrics = {"task": cc.task, "seeds": list(cc.seeds), "max_steps": cc.max_steps,
+               "results": results, "wall_time_s": time.perf_counter() - t0}
+    write_text(root / paths.PLOTS / "curves.csv", curves_csv(rows))
+    write_json(root / paths.METRICS / "curves.json", metrics)
+    return metrics
+
+
+def main() -> None:
+    def go():
+        m = run(load_section(SECTION, Config))
+        for s, by_f in m["results"].items():
+            print(s, {f: f"{v['mean']:.3f}±{v['std']:.3f}" for f, v in by_f.items()})
+    main_guard(go)
+
+
+if __name__ == "__main__":
+    main()
