@@ -21,3 +21,13 @@ repro: setup
 
 test: setup
 	pytest -q tests
+
+.PHONY: dashboard schedule results
+dashboard: setup   # the MLflow UI on http://127.0.0.1:5000 over mlflow.db
+	python -m flows.dashboard
+
+schedule: setup    # serve the nightly deployment of prefect.yaml from this process
+	python -m flows.deploy
+
+results: setup     # docs/results.md + docs/figures from the current (clean) run
+	python -m scripts.results

@@ -1,0 +1,431 @@
+"""The Prefect flow around the DVC DAG, its deployment, and the MLflow dashboard, on real servers.
+
+Shows, with a real Prefect server and a real MLflow tracking server on 127.0.0.1 (no mocks):
+- the flow's stages and their order come from DVC's graph, foreach/matrix items one by one
+  (a toy `dvc.yaml` of `python step.py` stages, fast);
+- on the toy DAG, run in-process: every stage runs, then every stage is up to date, each linked to
+  its MLflow run; a failing stage fails the flow with its error in the Prefect logs, runs what
+  does not depend on it, reports what does as not run, and leaves the other outputs intact;
+- the `nightly` deployment of `prefect.yaml`, registered with `prefect deploy`, has the cron
+  schedule of `prefect.yaml`; triggered, a real process worker runs it on the smoke parameter set
+  in a temporary copy of the repo to Completed, one task run per DVC stage (plus `dvc push`),
+  logging to the MLflow server over HTTP, where `MlflowClient` finds the stage runs; a second run
+  finds every stage up to date and its summary says so; an invalid param for the last stage fails
+  a run with the stage's error, and every earlier output stays in place;
+- a headless Chromium screenshot of the MLflow experiment page listing those runs
+  (`UPDATE_SCREENSHOT=1` writes it to docs/mlflow-runs.png).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from flows.dashboard import server_command, server_env
+from flows.pipeline import STAGE_TAG, select, stage_graph
+from tests.smoke import GIT_ID, make_smoke_repo, pipeline_env
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "dvc-pipeline/nightly"
+
+
+# ----------------------------------------------------------------------------- servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{url}: server exited {proc.returncode}\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not up after {timeout} s\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    """A server in its own process group (so that stopping it reaches its children)."""
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(*procs: tuple[subprocess.Popen, int], timeout: float = 8) -> None:
+    """Each (process, signal): the signal to the group we started (SIGINT for Prefect: a worker may
+    ignore SIGTERM; SIGTERM for the MLflow server, which ignores SIGINT), then SIGKILL."""
+    for proc, sig in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+    deadline = time.time() + timeout
+    for proc, _ in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def base_env(prefect_home: Path) -> dict[str, str]:
+    env = {**os.environ, **GIT_ID}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """A Prefect server and an MLflow tracking server (`flows.dashboard`'s command), started side by
+    side on free ports of 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("servers")
+    env = base_env(tmp / "prefect-home")
+    pport, mport = free_port(), free_port()
+    prefect = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                     str(pport)], tmp / "prefect.log", env)
+    mlflow = start(server_command(tmp / "mlflow", port=mport), tmp / "mlflow.log", server_env(env))
+    try:
+        wait_http(f"http://127.0.0.1:{pport}/api/health", prefect, tmp / "prefect.log")
+        wait_http(f"http://127.0.0.1:{mport}/health", mlflow, tmp / "mlflow.log")
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{pport}/api"
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mport}"
+        yield {"env": env, "api": env["PREFECT_API_URL"], "mlflow": env["MLFLOW_TRACKING_URI"],
+               "tmp": tmp}
+    finally:
+        try:
+            from prefect.logging.handlers import APILogHandler
+
+            with prefect_api(env["PREFECT_API_URL"]) if "PREFECT_API_URL" in env else nullcontext():
+                APILogHandler().flush()  # this process's flow logs, before their server goes
+        finally:
+            stop((prefect, signal.SIGINT), (mlflow, signal.SIGTERM))
+
+
+@contextmanager
+def prefect_api(api: str) -> Iterator[Any]:
+    """This process's Prefect settings pointed at the test server, and a sync client."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def task_runs(client: Any, flow_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def run_logs(client: Any, flow_run_id: Any) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                            limit=200)
+    return "\n".join(log.message for log in logs)
+
+
+def wait_logs(client: Any, flow_run_id: Any, needle: str, timeout: float = 20) -> str:
+    deadline = time.time() + timeout
+    while True:
+        text = run_logs(client, flow_run_id)
+        if needle in text or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
+def summary_of(client: Any, flow_run_id: Any) -> dict[str, str]:
+    """The `pipeline-summary` artifact of a flow run as {stage: status}, and its raw markdown."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    arts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    (art,) = [a for a in arts if a.key == "pipeline-summary"]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| ([^|]+?) \|", art.data, re.M))
+    return {"rows": rows, "markdown": art.data}
+
+
+# ----------------------------------------------------------------------------- a toy DAG
+STEP = '''"""Toy stage: python step.py OUT [IN...] writes data/OUT.txt from its inputs."""
+import json, os, pathlib, sys, time, urllib.request, yaml
+out, ins = sys.argv[1], sys.argv[2:]
+if yaml.safe_load(open("params.yaml"))["fail"] == out:
+    sys.exit(f"error: stage {out} told to fail by params.yaml")
+print(f"making {out} from {ins}", flush=True)
+pathlib.Path("data").mkdir(exist_ok=True)
+pathlib.Path(f"data/{out}.txt").write_text("".join(pathlib.Path(f"data/{i}.txt").read_text() for i in ins) + out)
+
+def api(path, body):  # MLflow's REST API (importing mlflow would take seconds per stage)
+    req = urllib.request.Request(os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/" + path,
+                                 json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req))
+
+if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
+    try:
+        exp = api("experiments/create", {"name": "toy"})["experiment_id"]
+    except urllib.error.HTTPError:  # exists
+        req = os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
+        exp = json.load(urllib.request.urlopen(req))["experiment"]["experiment_id"]
+    # like stages/tracking.py: the tag is the group name for a foreach item
+    api("runs/create", {"experiment_id": exp, "run_name": out, "start_time": int(time.time() * 1000),
+                        "tags": [{"key": "dvc.stage", "value": os.environ["DVC_STAGE"].split("@")[0]}]})
+'''
+DVC_YAML = """stages:
+  a:
+    cmd: python step.py a
+    deps:
+      - step.py
+    outs:
+      - data/a.txt
+  b:
+    foreach: ${items}
+    do:
+      cmd: python step.py b-${item} a
+      deps:
+        - step.py
+        - data/a.txt
+      params:
+        - fail
+      outs:
+        - data/b-${item}.txt
+  c:
+    cmd: python step.py c b-x
+    deps:
+      - step.py
+      - data/b-x.txt
+    params:
+      - fail
+    outs:
+      - data/c.txt
+  d:
+    cmd: python step.py d b-y
+    deps:
+      - step.py
+      - data/b-y.txt
+    outs:
+      - data/d.txt
+"""
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env={**os.environ, **GIT_ID})
+
+
+@pytest.fixture
+def toy(tmp_path) -> Path:
+    repo = tmp_path / "toy"
+    repo.mkdir()
+    (repo / "step.py").write_text(STEP)
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / "params.yaml").write_text("items: [y, x]\nfail: none\n")
+    git(repo, "init", "-q")
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=repo, check=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "toy")
+    return repo
+
+
+def test_stages_and_order_come_from_dvc(toy):
+    order, upstream = stage_graph(toy)
+    assert order == ["a", "b@y", "b@x", "c", "d"]  # DAG order; ties in dvc.yaml's order
+    assert upstream["c"] == {"a", "b@x"} and upstream["d"] == {"a", "b@y"}
+    assert select(order, upstream, ["c"]) == ["a", "b@x", "c"]
+    assert select(order, upstream, ["b"]) == ["a", "b@y", "b@x"]
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        select(order, upstream, ["nope"])
+
+
+def test_toy_flow_runs_then_skips_then_fails_one_branch(toy, servers, monkeypatch):
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["mlflow"])
+    stages = ["a", "b@y", "b@x", "c", "d"]
+    with prefect_api(servers["api"]) as client:
+        first = pipeline(repo=str(toy), push=False)
+        assert first["ran"] == stages
+        assert set(first["mlflow_runs"]) == set(stages)
+        from mlflow.tracking import MlflowClient
+
+        for stage, runs in first["mlflow_runs"].items():  # items told apart by when they ran
+            (run,) = runs
+            assert run["url"].startswith(servers["mlflow"] + "/#/experiments/")
+            assert MlflowClient(servers["mlflow"]).get_run(run["run_id"]).info.run_name == stage.replace("@", "-")
+
+        second = pipeline(repo=str(toy), push=False)
+        assert second["up_to_date"] == stages and second["ran"] == []
+
+        # b@x fails: c (downstream) is not run, d (beside it) is; every other output stays
+        kept = {p: (toy / "data" / f"{p}.txt").read_text() for p in ("a", "b-y", "d")}
+        (toy / "params.yaml").write_text("items: [y, x]\nfail: b-x\n")
+        state = pipeline(repo=str(toy), push=False, return_state=True)
+        assert state.is_failed()
+        flow_run_id = state.state_details.flow_run_id
+        runs = {t.name: t.state.type.value for t in task_runs(client, flow_run_id)}
+        assert runs == {"a": "COMPLETED", "b@y": "COMPLETED", "b@x": "FAILED", "d": "COMPLETED"}
+        rows = summary_of(client, flow_run_id)["rows"]
+        assert rows == {"a": "up to date", "b@y": "ran", "b@x": "failed", "c": "not run",
+                        "d": "up to date"}
+        logs = wait_logs(client, flow_run_id, "told to fail")
+        assert "error: stage b-x told to fail by params.yaml" in logs
+        assert {p: (toy / "data" / f"{p}.txt").read_text() for p in kept} == kept
+
+
+# ----------------------------------------------------------------------------- the real pipeline
+@pytest.fixture(scope="module")
+def deployed(servers) -> Iterator[dict[str, Any]]:
+    """A smoke copy of this repo, its `nightly` deployment registered with `prefect deploy`, and a
+    process worker serving its pool, logging to the MLflow server over HTTP."""
+    tmp = servers["tmp"]
+    repo = make_smoke_repo(tmp / "smoke" / "repo")
+    env = {**pipeline_env(repo), **servers["env"], "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "MLFLOW_UI_URL": servers["mlflow"]}
+
+    def prefect(*args: str) -> None:
+        proc = subprocess.run([str(BIN / "prefect"), *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    pool = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"][0]["work_pool"]["name"]
+    prefect("work-pool", "create", pool, "--type", "process")
+    prefect("--no-prompt", "deploy", "--all")
+    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp / "worker.log", env,
+                   cwd=repo)
+    try:
+        yield {"repo": repo, "worker": worker, "log": tmp / "worker.log", **servers}
+    finally:
+        stop((worker, signal.SIGINT))
+
+
+def trigger(deployed: dict[str, Any], **parameters: Any) -> Any:
+    from prefect.deployments import run_deployment
+
+    with prefect_api(deployed["api"]):
+        run = run_deployment(DEPLOYMENT, parameters=parameters or None, timeout=600, poll_interval=1)
+    assert run.state is not None and run.state.is_final(), (run.state, deployed["log"].read_text()[-5000:])
+    return run
+
+
+@pytest.fixture(scope="module")
+def first_run(deployed) -> Any:
+    return trigger(deployed)
+
+
+@pytest.fixture(scope="module")
+def stages(deployed) -> list[str]:
+    return stage_graph(deployed["repo"])[0]
+
+
+def test_deployment_has_the_schedule_of_prefect_yaml(deployed):
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
+    with prefect_api(deployed["api"]) as client:
+        dep = client.read_deployment_by_name(DEPLOYMENT)
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == \
+        [(s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]]
+    assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                               {"directory": str(deployed["repo"])}}]
+
+
+def test_worker_runs_every_stage_once(deployed, first_run, stages):
+    assert first_run.state.is_completed(), deployed["log"].read_text()[-5000:]
+    with prefect_api(deployed["api"]) as client:
+        runs = task_runs(client, first_run.id)
+        summary = summary_of(client, first_run.id)
+    assert sorted(t.name for t in runs) == sorted([*stages, "dvc push"])
+    assert all(t.state.is_completed() for t in runs)
+    assert summary["rows"] == {s: "ran" for s in stages}, summary["markdown"]
+    assert "dvc push: True" in summary["markdown"]
+
+
+def test_stage_runs_are_in_mlflow_over_http(deployed, first_run, stages):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(deployed["mlflow"])
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, f"attributes.start_time >= {int(first_run.start_time.timestamp() * 1000)}")
+    tagged = {r.data.tags.get(STAGE_TAG) for r in runs} - {None}
+    assert tagged, "no stage logged an MLflow run"
+    assert tagged <= {s.split("@")[0] for s in stages} | set(stages)
+    with prefect_api(deployed["api"]) as pc:
+        markdown = summary_of(pc, first_run.id)["markdown"]
+    for r in runs:  # every stage run is linked from the flow's summary
+        if r.data.tags.get(STAGE_TAG) in tagged:
+            assert f"/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}" in markdown
+
+
+def test_second_run_finds_every_stage_up_to_date(deployed, first_run, stages):
+    second = trigger(deployed)
+    assert second.state.is_completed()
+    with prefect_api(deployed["api"]) as client:
+        rows = summary_of(client, second.id)["rows"]
+        names = sorted(t.name for t in task_runs(client, second.id))
+    assert rows == {s: "up to date" for s in stages}
+    assert names == sorted([*stages, "dvc push"])
+
+
+def test_invalid_param_for_the_last_stage_fails_the_run(deployed, first_run, stages, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(deployed["repo"], repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    last = next(s for s in reversed(stages) if s.split("@")[0] in params)
+    params[last.split("@")[0]]["no_such_key"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+    run = trigger(deployed, repo=str(repo), push=False)
+    assert run.state.is_failed()
+    with prefect_api(deployed["api"]) as client:
+        logs = wait_logs(client, run.id, "no_such_key")
+        rows = summary_of(client, run.id)["rows"]
+    assert "no_such_key" in logs and "error:" in logs, logs[-3000:]
+    group = [s for s in stages if s.split("@")[0] == last.split("@")[0]]
+    earlier = stage_graph(repo)[1][last]
+    assert all(rows[s] == "failed" for s in group), rows
+    assert all(rows[s] == "up to date" for s in earlier), rows
+    lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert {s: lock_after[s] for s in earlier} == {s: lock_before[s] for s in earlier}
+    status = subprocess.run([str(BIN / "dvc"), "status", *sorted(earlier)], cwd=repo,
+                            env=pipeline_env(repo), capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+
+def test_screenshot_of_the_mlflow_runs(deployed, first_run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium); screenshot not taken")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(deployed["mlflow"])
+    exp = max(client.search_experiments(), key=lambda e: len(client.search_runs([e.experiment_id])))
+    out = tmp_path / "mlflow-runs.png"
+    url = f"{deployed['mlflow']}/#/experiments/{exp.experiment_id}/runs"
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=15000",
+             f"--screenshot={out}", url],
+            capture_output=True, text=True, timeout=120)
+    assert out.exists() and out.stat().st_size > 20_000, proc.stderr[-2000:]
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        shutil.copy2(out, ROOT / "docs" / "mlflow-runs.png")
