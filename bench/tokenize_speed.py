@@ -1,6 +1,6 @@
 """Benchmark of the `tokenize` stage: throughput against raw `tokenizers`, and peak memory.
 
-Run: .venv/bin/python bench/tokenize.py [--repeats 5] [--scale 10] [--root DIR]
+Run: .venv/bin/python bench/tokenize_speed.py [--repeats 5] [--scale 10] [--root DIR]
 Needs data/corpus/{train,validation}.jsonl and data/tokenizer (run the `download` and
 `tokenizer` stages first); reads the `tokenize` section of params.yaml.
 
@@ -16,30 +16,24 @@ Prints, from one run:
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-# This file is named like the standard library's `tokenize` (which `inspect`/`linecache`
-# import): take its folder off sys.path before importing anything else.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from stages import paths  # noqa: E402
-from stages.config import load_section  # noqa: E402
-from stages.tokenize import Config, load_tokenizer, parallelism, tokenize_split  # noqa: E402
-from stages.tokenizer import iter_texts  # noqa: E402
+from stages import paths
+from stages.config import load_section
+from stages.tokenize import Config, load_tokenizer, parallelism, tokenize_split
+from stages.tokenizer import iter_texts
 
 CHILD = """
 import json, sys, time

@@ -1,0 +1,218 @@
+"""MLflow tracking shared by the training stages (no CLI).
+
+In:  the stage name, its params section (a dict, flattened to `a.b.c` keys), tags (e.g. task,
+     strategy), metrics over steps, artifact paths.
+Out: one MLflow run per stage execution in the experiment `EXPERIMENT` (or the one given), with
+     tags `mlflow.source.git.commit` (git rev-parse HEAD, when there is a repo), `dvc.stage`, and
+     the hashes of the stage's inputs (`input.<name>` -> sha256/md5, see `input_hashes`).
+
+Store: `MLFLOW_TRACKING_URI` if set, else `sqlite:///<root>/mlflow.db` (git-ignored).
+`check_reachable(uri)` fails fast with a `StageError` naming the URI; stages call it before
+any training. Only the main process logs: pass `enabled=accelerator.is_main_process`; a
+disabled `RunLogger` is a no-op with the same API. Metrics are buffered and sent with one
+`log_batch` per `flush_every` metrics or `flush_seconds` (SQLite costs ~50 ms per call).
+
+    check_reachable(tracking_uri(root))
+    with start_run("pretrain", params=cfg.model_dump(), tags={**input_hashes(root, deps)},
+                   root=root, enabled=is_main) as run:
+        run.log({"train_loss": 3.2}, step=10)
+        run.log_artifacts(path)          # a directory, or run.log_artifact(file)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from stages.cli import StageError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+EXPERIMENT = "pretrain-finetune-forgetting"
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(root: Path | str = ".") -> str:
+    """`MLFLOW_TRACKING_URI`, else `sqlite:///<abs root>/mlflow.db`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise `StageError` naming `uri` if the tracking store cannot be reached/created."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (tracking URI)
+                if r.status >= 400:
+                    raise StageError(f"MLflow tracking server {uri} answered HTTP {r.status} on /health")
+        except urllib.error.HTTPError as e:
+            raise StageError(f"MLflow tracking server {uri} answered HTTP {e.code} on /health; "
+                             "check MLFLOW_TRACKING_URI") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise StageError(f"MLflow tracking store {uri} is not reachable ({reason}); start the "
+                             "server or unset/fix MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+            raise StageError(f"MLflow tracking store {uri}: directory {db.parent} is missing or "
+                             "not writable")
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file:"):] if uri.startswith("file:") else uri)
+        parent = path if path.exists() else path.parent
+        if not os.access(parent, os.W_OK):
+            raise StageError(f"MLflow tracking store {uri}: {parent} is not writable")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}` (lists JSON-encoded)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            s = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = s[:_MAX_PARAM_LEN]
+    return out
+
+
+def git_commit(root: Path | str = ".") -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _md5_dir(path: Path) -> str:
+    h = hashlib.md5()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+    return h.hexdigest()
+
+
+def input_hashes(root: Path | str, deps: Mapping[str, Path | str]) -> dict[str, str]:
+    """Tags `input.<name>` for each dep: for a shards dir with a `manifest.json`, the sha256 of
+    the manifest (which lists every shard's sha256); for another dir, the md5 of its files'
+    names and bytes; for a file, its sha256. Missing deps are tagged "missing"."""
+    tags = {}
+    for name, rel in deps.items():
+        p = Path(root) / rel
+        if (p / "manifest.json").is_file():
+            v = "sha256:" + hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest()
+        elif p.is_dir():
+            v = "md5:" + _md5_dir(p)
+        elif p.is_file():
+            v = "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            v = "missing"
+        tags[f"input.{name}"] = v
+    return tags
+
+
+class RunLogger:
+    """One MLflow run; a no-op when `enabled` is False (non-main processes)."""
+
+    def __init__(self, stage: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                 root: Path | str = ".", experiment: str = EXPERIMENT, uri: str | None = None,
+                 enabled: bool = True, flush_every: int = 50, flush_seconds: float = 30.0):
+        self.enabled = enabled
+        self._flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
+        self.run_id: str | None = None
+        self._buf: list[Any] = []
+        self._flush_every = flush_every
+        if not enabled:
+            return
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri(root)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # `dvc repro` names the item (`finetune@movies-lora`) in DVC_STAGE; outside DVC, the module's.
+        dvc_stage = os.environ.get("DVC_STAGE", stage)
+        all_tags = {"dvc.stage": dvc_stage, "stage": stage, "mlflow.runName": dvc_stage}
+        commit = git_commit(root)
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        all_tags.update({k: str(v) for k, v in tags.items()})
+        run = self.client.create_run(exp_id, tags=all_tags, run_name=dvc_stage)
+        self.run_id = run.info.run_id
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        self._buf += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        if (len(self._buf) >= self._flush_every
+                or time.monotonic() - self._last_flush > self._flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._buf:
+            for i in range(0, len(self._buf), 1000):
+                self.client.log_batch(self.run_id, metrics=self._buf[i:i + 1000])
+            self._buf = []
+        self._last_flush = time.monotonic()
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, path: Path | str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.flush()
+            self.client.set_terminated(self.run_id, status)
+            self.run_id = None
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled:
+            return
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            try:
+                self.end("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+            except Exception:  # noqa: BLE001 - never mask the original error
+                pass
+
+
+def start_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+              *, root: Path | str = ".", experiment: str = EXPERIMENT, uri: str | None = None,
+              enabled: bool = True) -> RunLogger:
+    """Start one run (use as a context manager). `params`: the stage's section as a dict."""
+    return RunLogger(stage, params, tags or {}, root=root, experiment=experiment, uri=uri,
+                     enabled=enabled)
