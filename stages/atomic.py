@@ -3,7 +3,8 @@
 In:  a destination path and the content (bytes, text, JSON) or a block that fills a directory.
 Out: the destination replaced in one rename; on any error (or a kill) the previous good output
      stays, and the partial one is a hidden `.<name>.tmp-*` sibling that is never taken for a
-     finished output (and is removed by the next attempt).
+     finished output (and is removed by the next attempt, as is a `.<name>.old-*` left by a kill
+     in the middle of a directory replace).
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def _umask() -> int:
 
 def _tmp_sibling(dest: Path, is_dir: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    # leftovers of a killed attempt: a partial temporary, or the previous output moved aside by
+    # a replace that was killed between its two renames (see `_replace`)
+    for pattern in (f".{dest.name}.tmp-*", f".{dest.name}.old-*"):
+        for stale in dest.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     prefix = f".{dest.name}.tmp-"
     # mkdtemp/mkstemp create 0700/0600 for privacy; outputs get the usual umask-based modes.
     if is_dir:

@@ -40,7 +40,7 @@ from typing import Annotated, Any, BinaryIO, Literal, Union
 
 from pydantic import AfterValidator, Field
 
-from stages.cli import StageError
+from stages.cli import StageError, maybe_die
 from stages.config import StrictModel
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -335,6 +335,7 @@ def fetch(src: PypiSource | UrlSource | FileSource, new_raw: Path, *, cache: lis
         dest_dir.mkdir(parents=True, exist_ok=True)
         out = dest_dir / (final_name or current.name)
         shutil.copyfile(current, out)
+        maybe_die("download")  # fault-injection point (tests/test_faults.py)
     return out, True
 
 

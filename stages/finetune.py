@@ -35,10 +35,11 @@ from pydantic import Field, field_validator
 
 from stages import paths
 from stages.atomic import atomic_dir, write_json
-from stages.cli import StageError, main_guard
+from stages.cli import StageError, main_guard, maybe_die
 from stages.config import ConfigError, StrictModel, load_section
-from stages.strategies import (META_FILE, PEFT_STRATEGIES, STRATEGIES, Arm, Arms, GradualUnfreeze,
-                               Penalty, TaskModel, build_classifier, check_strategy,
+from stages.strategies import (META_FILE, PEFT_STRATEGIES, PRETRAINED_REMEDY, STRATEGIES, Arm,
+                               Arms, GradualUnfreeze, Penalty, TaskModel, build_classifier,
+                               check_strategy, check_weights,
                                count_trainable, discriminative_lr, estimate_fisher,
                                load_pretraining_blocks, pooled_logits, pretrained_lm, unwrap_hf,
                                block_batches)
@@ -249,6 +250,7 @@ class Context:
         pre = root / paths.PRETRAINED
         if not (pre / "config.json").is_file():
             raise StageError(f"{pre}: pretrained model not found (run `dvc repro pretrain`)")
+        check_weights(pre, PRETRAINED_REMEDY)
         tok = AutoTokenizer.from_pretrained(pre)
         if tok.pad_token_id is None:
             raise StageError(f"{pre}: the tokenizer has no pad token")
@@ -487,6 +489,7 @@ def run(cfg: Config, task: str, strategy: str, root: Path = Path(".")) -> dict[s
     out = root / paths.FINETUNED / task / strategy
     with atomic_dir(out) as tmp:
         res = run_arm(ctx, data, strategy, cfg.seeds, cfg.train.max_steps, save_dir=tmp)
+        maybe_die("finetune")  # fault-injection point (tests/test_faults.py)
     metrics = {"task": task, "pooling": cfg.pooling, "max_steps": cfg.train.max_steps,
                "wall_time_s": time.perf_counter() - t0, **res}
     write_json(root / paths.METRICS / "finetune" / task / f"{strategy}.json", metrics)

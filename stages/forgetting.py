@@ -55,9 +55,9 @@ from pydantic import Field, field_validator, model_validator
 from stages import cl_metrics as cl
 from stages import paths
 from stages.atomic import write_json, write_text
-from stages.cli import StageError, main_guard
+from stages.cli import StageError, main_guard, maybe_die
 from stages.config import StrictModel, load_section
-from stages.strategies import STRATEGIES
+from stages.strategies import PRETRAINED_REMEDY, STRATEGIES, check_weights
 
 METRICS_JSON = paths.METRICS / "forgetting.json"
 SUMMARY_MD = paths.METRICS / "forgetting_summary.md"
@@ -544,6 +544,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     curves = read_curves(root / CURVES_CSV, root / CURVES_JSON)
     seq_runs = read_sequential(root / SEQUENTIAL_JSON)
 
+    check_weights(pre, PRETRAINED_REMEDY)  # a truncated file: say which one, before any compute
     torch.manual_seed(0)
     objective = objective_of(pre)
     tok = AutoTokenizer.from_pretrained(pre)
@@ -601,6 +602,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     summary = render_summary(result, cfg)
 
     write_json(root / METRICS_JSON, result)
+    maybe_die("forgetting")  # fault-injection point (tests/test_faults.py)
     write_text(root / SUMMARY_MD, summary)
     write_text(root / TRADEOFF_CSV, to_csv(trade, ["task", "strategy", "delta_loss", "delta_loss_std",
                                                    "gain", "gain_std", "test_accuracy",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.cli import StageError
+from stages.cli import StageError, maybe_die
 
 SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
 BATCH_BLOCKS = 1024  # blocks per record batch: bounds memory while writing
@@ -103,6 +103,7 @@ def write_block_arrays(arrays: Iterable[np.ndarray], out_dir: Path, block_size: 
                     in_shard = 0
                 take = min(len(chunk), shard_blocks - in_shard)
                 writer.write_batch(_record_batch(chunk[:take]))
+                maybe_die("tokenize-shard")  # fault-injection point (tests/test_faults.py)
                 in_shard += take
                 chunk = chunk[take:]
                 if in_shard >= shard_blocks:

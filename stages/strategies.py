@@ -49,6 +49,8 @@ STRATEGIES = ("full", "lower_lr", "linear_probe", "freeze_bottom", "gradual_unfr
 PEFT_STRATEGIES = ("lora", "prompt_tuning")
 META_FILE = "finetune_meta.json"       # beside every saved model: how to load it
 HEAD_NAMES = ("score", "classifier")
+PRETRAINED_REMEDY = ("restore it from the DVC cache with `dvc checkout data/models/pretrained`, or "
+                     "retrain it with `dvc repro -f pretrain`")
 Pooling = Literal["last", "mean"]
 
 
@@ -455,6 +457,23 @@ class TaskModel(torch.nn.Module):
 
 # --------------------------------------------------------------------------- loading saved models
 
+def check_weights(model_dir: Path, remedy: str) -> None:
+    """A model directory must hold safetensors weights that open whole (header and every byte it
+    declares): a truncated or corrupt file is a `StageError` naming the file and `remedy`, not a
+    deserialisation error deep in `from_pretrained`."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise StageError(f"{model_dir}: no *.safetensors weights; {remedy}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: all mean "bad file"
+            raise StageError(f"{f}: truncated or corrupt safetensors file ({e}); {remedy}") from None
+
 def read_meta(model_dir: Path) -> dict[str, Any]:
     f = Path(model_dir) / META_FILE
     if not f.is_file():
@@ -470,6 +489,8 @@ def load_classifier(model_dir: Path, pretrained_dir: Path | None = None, merge: 
 
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
+    check_weights(model_dir, f"restore it with `dvc checkout {model_dir}` or rebuild it with "
+                             "`dvc repro -f` of the stage that wrote it")
     if not meta["peft"]:
         return AutoModelForSequenceClassification.from_pretrained(model_dir)
     from peft import PeftModel

@@ -26,6 +26,7 @@ import os
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,31 +48,40 @@ def tracking_uri(root: Path | str = ".") -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def redact(uri: str) -> str:
+    """`uri` without a password or user name, fit for messages and logs."""
+    p = urllib.parse.urlsplit(uri)
+    if not (p.username or p.password):
+        return uri
+    return urllib.parse.urlunsplit(p._replace(netloc="***@" + p.netloc.rpartition("@")[2]))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Raise `StageError` naming `uri` if the tracking store cannot be reached/created."""
+    """Raise `StageError` naming `uri` (redacted) if the tracking store cannot be reached/created."""
+    shown = redact(uri)
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (tracking URI)
                 if r.status >= 400:
-                    raise StageError(f"MLflow tracking server {uri} answered HTTP {r.status} on /health")
+                    raise StageError(f"MLflow tracking server {shown} answered HTTP {r.status} on /health")
         except urllib.error.HTTPError as e:
-            raise StageError(f"MLflow tracking server {uri} answered HTTP {e.code} on /health; "
+            raise StageError(f"MLflow tracking server {shown} answered HTTP {e.code} on /health; "
                              "check MLFLOW_TRACKING_URI") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise StageError(f"MLflow tracking store {uri} is not reachable ({reason}); start the "
+            raise StageError(f"MLflow tracking store {shown} is not reachable ({reason}); start the "
                              "server or unset/fix MLFLOW_TRACKING_URI") from None
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
-            raise StageError(f"MLflow tracking store {uri}: directory {db.parent} is missing or "
+            raise StageError(f"MLflow tracking store {shown}: directory {db.parent} is missing or "
                              "not writable")
     elif uri.startswith("file:") or "://" not in uri:
         path = Path(uri[len("file:"):] if uri.startswith("file:") else uri)
         parent = path if path.exists() else path.parent
         if not os.access(parent, os.W_OK):
-            raise StageError(f"MLflow tracking store {uri}: {parent} is not writable")
+            raise StageError(f"MLflow tracking store {shown}: {parent} is not writable")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

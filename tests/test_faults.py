@@ -1,0 +1,300 @@
+"""Fault injection on the real pipeline: SIGKILL anywhere, concurrent runs, a dead MLflow store.
+
+One uninterrupted smoke run is the reference (`reference`, module fixture). While it runs, a
+second `dvc repro` is started in the same repo: DVC refuses it ("... is busy, it is being
+blocked by: (PID n): dvc repro") and the first run still completes with the reference hashes.
+
+A second smoke repo (`interrupted`) is killed with SIGKILL at six points, one after another,
+each followed by `dvc repro` that reaches the next point:
+  download        `PIPELINE_FAULT=download`: a verified source file stored in the temporary raw dir
+  tokenize-shard  `PIPELINE_FAULT=tokenize-shard`: the first record batch of the first shard written
+  pretrain-step   from outside: as soon as the step-10 checkpoint appears, the whole process group
+                  (dvc, accelerate, the worker) is killed in the middle of training step 11
+  checkpoint-save from outside: as soon as `.step-00000020.tmp/` (the checkpoint being written)
+                  appears, the process group is killed (the test checks that it died mid-save)
+  finetune        `PIPELINE_FAULT=finetune`: the arm trained and saved, not yet renamed into place
+  forgetting      `PIPELINE_FAULT=forgetting`: forgetting.json written, the other outputs not yet
+(`PIPELINE_FAULT` is read by `stages.cli.maybe_die`, which SIGKILLs its own process.)
+After every kill: no file of `data/` outside a hidden `.<name>.tmp-*` / `.<name>.old-*` sibling
+is partial: each either matches the reference byte for byte (or, for a metrics JSON, on every
+deterministic key), or is a complete checkpoint. After the last rerun: every cached output hash
+in dvc.lock and every deterministic metric equals the reference's.
+
+Excluded from the comparison, because they differ between two clean runs by nature:
+  - metric keys that measure time or speed: `wall_time_s`, `train_time_s`, `train_cpu_s`,
+    `tokens_per_s` (any key ending in `_s` or `_per_s`), and `resumed_from_step` (a resumed
+    pretrain says which checkpoint it started from; the weights and losses are identical);
+  - the md5 of those metrics files in dvc.lock (they hold the keys above), and of
+    `data/checkpoints/pretrain` (`trainer_state.json` holds the train time);
+  - MLflow runs (the killed attempts leave FAILED/RUNNING runs by design; they are history).
+
+Also here: with `MLFLOW_TRACKING_URI` pointing at a closed port, the pretrain and finetune stage
+commands stop within seconds with one `error:` line naming the URI, before any training, and
+leave every output untouched. (URL download retries: tests/test_fetch.py
+`test_url_retries_then_succeeds`, `test_url_fails_after_last_try`.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.atomic import atomic_dir
+from tests.smoke import make_smoke_repo, pipeline_env, sh
+
+VOLATILE_SUFFIXES = ("_s",)            # wall_time_s, train_time_s, train_cpu_s, tokens_per_s
+VOLATILE_KEYS = {"resumed_from_step"}
+# outputs whose bytes hold the keys above (their other keys are compared after parsing)
+VOLATILE_OUTS = {"data/checkpoints/pretrain"}
+CKPT = "data/checkpoints/pretrain"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def stable(obj):
+    """A metrics object without its time/speed keys (recursively)."""
+    if isinstance(obj, dict):
+        return {k: stable(v) for k, v in obj.items()
+                if k not in VOLATILE_KEYS and not k.endswith(VOLATILE_SUFFIXES)}
+    if isinstance(obj, list):
+        return [stable(v) for v in obj]
+    return obj
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for spec in lock["stages"].values()
+            for o in spec.get("outs", []) if "md5" in o}
+
+
+def metric_files(repo: Path) -> list[str]:
+    return sorted(str(p.relative_to(repo)) for p in (repo / "data/metrics").rglob("*.json"))
+
+
+def hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def visible_files(repo: Path) -> list[Path]:
+    data = repo / "data"
+    return sorted(p.relative_to(repo) for p in data.rglob("*")
+                  if p.is_file() and not hidden(p.relative_to(data)))
+
+
+def assert_nothing_partial(repo: Path, ref: Path, where: str) -> None:
+    """Every visible file under data/ is a finished output: equal to the reference's file (JSON
+    metrics: on their deterministic keys), or a file of a complete checkpoint."""
+    for rel in visible_files(repo):
+        f, g = repo / rel, ref / rel
+        if str(rel).startswith(CKPT + "/"):
+            step_dir = next(p for p in [f.parent, *f.parents] if p.name.startswith("step-"))
+            assert (step_dir / "COMPLETE").is_file(), f"{where}: {rel} in an incomplete checkpoint"
+            continue
+        assert g.is_file(), f"{where}: {rel} is visible but is no output of a complete run"
+        if rel.suffix == ".json" and str(rel).startswith("data/metrics/"):
+            assert stable(json.loads(f.read_text())) == stable(json.loads(g.read_text())), \
+                f"{where}: {rel} differs from the reference"
+        else:
+            assert f.read_bytes() == g.read_bytes(), f"{where}: {rel} is partial or differs"
+
+
+def start_repro(repo: Path, **env: str) -> subprocess.Popen:
+    """`dvc repro` in its own process group, output to `<repo>/../repro-<n>.log` (`proc.log`)."""
+    n = len(list(repo.parent.glob("repro-*.log")))
+    log = repo.parent / f"repro-{n}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(repo, **env),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    proc.wait(timeout=timeout)
+    return proc.log.read_text()
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> bool:
+    """Poll `ready()` as fast as possible; when true SIGKILL the process group of `proc`.
+    Returns whether it killed (False: `proc` ended first)."""
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def locked_stages(repo: Path) -> set[str]:
+    lock = repo / "dvc.lock"
+    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.is_file() else set()
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """A clean smoke run; a second `dvc repro` is tried while it runs."""
+    repo = make_smoke_repo(tmp_path_factory.mktemp("faults-ref") / "repo")
+    first = start_repro(repo)
+    # wait until the first run holds its stage locks (it is inside `download`)
+    end = time.monotonic() + 120
+    while not (repo / ".dvc/tmp/rwlock").is_file() and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    second = sh(["dvc", "repro"], repo, check=False, timeout=300)
+    out = finish(first)
+    assert first.returncode == 0, out[-4000:]
+    return {"repo": repo, "second": second, "first_out": out}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, reference) -> dict:
+    """A smoke repo killed at every fault point in turn, then run to the end."""
+    ref = reference["repo"]
+    repo = make_smoke_repo(tmp_path_factory.mktemp("faults-kill") / "repo")
+    log: list[tuple[str, str]] = []
+
+    def inject(point: str, stage: str) -> None:
+        proc = start_repro(repo, PIPELINE_FAULT=point)
+        out = finish(proc)
+        assert proc.returncode != 0, f"{point}: the run was not interrupted\n{out[-3000:]}"
+        assert stage not in locked_stages(repo), f"{point}: {stage} was recorded as done"
+        log.append((point, out))
+        assert_nothing_partial(repo, ref, point)
+
+    inject("download", "download")
+    inject("tokenize-shard", "tokenize")
+    assert locked_stages(repo) >= {"download", "tokenizer"}
+
+    fp_dir = lambda: next((p for p in (repo / CKPT).iterdir() if p.is_dir()), None) \
+        if (repo / CKPT).is_dir() else None  # noqa: E731
+
+    # pretrain step: kill the whole process group as soon as the step-10 checkpoint exists
+    proc = start_repro(repo)
+    killed = kill_when(proc, lambda: (d := fp_dir()) is not None and (d / "step-00000010").is_dir())
+    assert killed and "pretrain" not in locked_stages(repo), "pretrain finished before the kill"
+    log.append(("pretrain-step", finish(proc)))
+    assert_nothing_partial(repo, ref, "pretrain-step")
+
+    # checkpoint save: the rerun resumes from step 10; kill while step 20 is being written
+    proc = start_repro(repo)
+    killed = kill_when(proc, lambda: (d := fp_dir()) is not None and (d / ".step-00000020.tmp").is_dir())
+    assert killed and "pretrain" not in locked_stages(repo)
+    d = fp_dir()
+    assert (d / ".step-00000020.tmp").is_dir() and not (d / "step-00000020").exists(), \
+        "the kill did not land inside the checkpoint save"
+    log.append(("checkpoint-save", finish(proc)))
+    assert_nothing_partial(repo, ref, "checkpoint-save")
+
+    inject("finetune", "finetune@movies-full")
+    inject("forgetting", "forgetting")
+    final = sh(["dvc", "repro"], repo, timeout=900)
+    return {"repo": repo, "log": log, "final": final.stdout}
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_second_repro_while_one_runs_is_refused_and_harmless(reference):
+    second = reference["second"]
+    msg = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert "is busy, it is being blocked by" in msg and "dvc repro" in msg, msg
+    repo = reference["repo"]
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+    declared = sh(["dvc", "stage", "list", "--name-only"], repo).stdout.split()
+    assert sorted(locked_stages(repo)) == sorted(declared)
+
+
+def test_every_kill_point_was_hit_and_left_nothing_partial(interrupted):
+    points = [p for p, _ in interrupted["log"]]
+    assert points == ["download", "tokenize-shard", "pretrain-step", "checkpoint-save",
+                      "finetune", "forgetting"]
+    outs = dict(interrupted["log"])
+    # DVC reports the killed stage command (SIGKILL: exit -9 / 137)
+    for p, stage in [("download", "download"), ("tokenize-shard", "tokenize"),
+                     ("finetune", "finetune@movies-full"), ("forgetting", "forgetting")]:
+        assert f"failed to reproduce '{stage}'" in outs[p], outs[p][-2000:]
+
+
+def test_reruns_resume_and_finish_with_the_reference_outputs(interrupted, reference):
+    repo, ref = interrupted["repo"], reference["repo"]
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+    # the pretrain rerun after the checkpoint-save kill resumed from the step-10 checkpoint
+    assert json.loads((repo / "data/metrics/pretrain.json").read_text())["resumed_from_step"] == 10
+    volatile = VOLATILE_OUTS | set(metric_files(ref))
+    got, want = lock_outs(repo), lock_outs(ref)
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if k not in volatile} == \
+        {k: v for k, v in want.items() if k not in volatile}
+    assert metric_files(repo) == metric_files(ref)
+    for rel in metric_files(ref):
+        assert stable(json.loads((repo / rel).read_text())) == \
+            stable(json.loads((ref / rel).read_text())), rel
+    assert_nothing_partial(repo, ref, "final")
+    # and no stale temporary is left beside the outputs
+    assert not [p for p in (repo / "data").rglob(".*.tmp-*")]
+
+
+@pytest.mark.parametrize("cmd", [
+    ["accelerate", "launch", "--config_file", "accelerate/default.yaml", "-m", "stages.pretrain"],
+    ["python", "-m", "stages.finetune", "--task", "movies", "--strategy", "full"],
+], ids=["pretrain", "finetune"])
+def test_unreachable_mlflow_stops_before_compute(reference, cmd):
+    repo = reference["repo"]
+    before = {str(p): p.stat().st_mtime_ns for p in (repo / "data").rglob("*") if p.is_file()}
+    port = closed_port()
+    t = time.perf_counter()
+    proc = sh(cmd, repo, pipeline_env(repo, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
+              check=False, timeout=300)
+    took = time.perf_counter() - t
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and f"http://127.0.0.1:{port} is not reachable" in errors[0], proc.stderr[-3000:]
+    # no traceback from the project's code (`accelerate launch` adds its own CalledProcessError
+    # traceback when the worker exits 1: that is the launcher's, after our one-line error)
+    assert 'stages/' not in "".join(ln for ln in proc.stderr.splitlines() if ln.lstrip().startswith("File "))
+    assert "step" not in proc.stdout  # no training progress
+    assert took < 120, took  # process start-up (imports) only; the check itself takes < 1 s
+    after = {str(p): p.stat().st_mtime_ns for p in (repo / "data").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_stale_old_sibling_of_an_interrupted_replace_is_cleared(tmp_path):
+    """A kill between the two renames of a directory replace leaves `.<name>.old-<pid>`; the
+    next write of that output removes it (it would otherwise sit inside a parent output)."""
+    dest = tmp_path / "out"
+    (tmp_path / ".out.old-99999").mkdir()
+    (tmp_path / ".out.old-99999" / "f").write_text("old")
+    (tmp_path / ".out.tmp-abc").mkdir()
+    with atomic_dir(dest) as tmp:
+        (tmp / "f").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_model_dirs_hold_safetensors_only(reference):
+    """Saved models are safetensors; the only pickled files are Accelerate's own resume state
+    under data/checkpoints (cache: false, never pushed; read back weights-only: test_security)."""
+    data = reference["repo"] / "data"
+    pickles = [p for p in data.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
+    assert all(str(p.relative_to(data)).startswith("checkpoints/") for p in pickles), pickles
+    models = data / "models"
+    assert list(models.rglob("*.safetensors"))
+    assert not [p for p in models.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
