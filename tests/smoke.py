@@ -3,15 +3,25 @@
 In:  a destination folder.
 Out: a git repo there holding the project's files (what `git ls-files` would ship, tracked or not,
      never data/ or local state), `configs/smoke.yaml` as its `params.yaml`, one commit, and a
-     local DVC remote beside it; plus `pipeline_env()`, the environment its commands run in.
+     local DVC remote beside it; plus `pipeline_env()`, the environment its commands run in, and
+     `assert_same_results()`, which compares two runs on everything that is deterministic.
+
+What differs between two clean runs by nature, and is left out of the comparison:
+  - metric keys that measure time or speed (`wall_time_s`, `train_time_s`, `tokens_per_s`: any
+    key ending in `_s`) and `resumed_from_step`;
+  - the md5 in dvc.lock of the metrics files holding those keys (their other keys are compared
+    after parsing) and of `data/checkpoints/pretrain` (`trainer_state.json` holds train time).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -56,3 +66,59 @@ def make_smoke_repo(dest: Path, params: Path = ROOT / "configs" / "smoke.yaml") 
     sh(["git", "add", "-A"], dest, env)
     sh(["git", "commit", "-qm", "smoke copy"], dest, env)
     return dest
+
+
+VOLATILE_SUFFIXES = ("_s",)
+VOLATILE_KEYS = {"resumed_from_step"}
+CKPT = "data/checkpoints/pretrain"
+VOLATILE_OUTS = {CKPT}
+
+
+def stable(obj):
+    """A metrics object without its time/speed keys (recursively)."""
+    if isinstance(obj, dict):
+        return {k: stable(v) for k, v in obj.items()
+                if k not in VOLATILE_KEYS and not k.endswith(VOLATILE_SUFFIXES)}
+    if isinstance(obj, list):
+        return [stable(v) for v in obj]
+    return obj
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """Every output's hash as recorded in dvc.lock, by path."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for spec in lock["stages"].values()
+            for o in spec.get("outs", []) if "md5" in o}
+
+
+def metric_files(repo: Path) -> list[str]:
+    return sorted(str(p.relative_to(repo)) for p in (repo / "data/metrics").rglob("*.json"))
+
+
+def assert_same_results(repo: Path, ref: Path) -> None:
+    """The same outputs in dvc.lock (bar the volatile ones) and the same deterministic metrics."""
+    volatile = VOLATILE_OUTS | set(metric_files(ref))
+    got, want = lock_outs(repo), lock_outs(ref)
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if k not in volatile} == \
+        {k: v for k, v in want.items() if k not in volatile}
+    assert metric_files(repo) == metric_files(ref)
+    for rel in metric_files(ref):
+        assert stable(json.loads((repo / rel).read_text())) == \
+            stable(json.loads((ref / rel).read_text())), rel
+
+
+def start_repro(repo: Path, **env: str) -> subprocess.Popen:
+    """`dvc repro` in its own process group, output to `<repo>/../repro-<n>.log` (`proc.log`)."""
+    n = len(list(repo.parent.glob("repro-*.log")))
+    log = repo.parent / f"repro-{n}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(repo, **env),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    proc.wait(timeout=timeout)
+    return proc.log.read_text()

@@ -1,7 +1,7 @@
 """Fault injection on the real pipeline: SIGKILL anywhere, concurrent runs, a dead MLflow store.
 
-One uninterrupted smoke run is the reference (`reference`, module fixture). While it runs, a
-second `dvc repro` is started in the same repo: DVC refuses it ("... is busy, it is being
+One uninterrupted smoke run is the reference (`smoke_run`, the session fixture of
+tests/conftest.py). While it runs, a second `dvc repro` is started in the same repo: DVC refuses it ("... is busy, it is being
 blocked by: (PID n): dvc repro") and the first run still completes with the reference hashes.
 
 A second smoke repo (`interrupted`) is killed with SIGKILL at six points, one after another,
@@ -47,36 +47,8 @@ import pytest
 import yaml
 
 from stages.atomic import atomic_dir
-from tests.smoke import make_smoke_repo, pipeline_env, sh
-
-VOLATILE_SUFFIXES = ("_s",)            # wall_time_s, train_time_s, train_cpu_s, tokens_per_s
-VOLATILE_KEYS = {"resumed_from_step"}
-# outputs whose bytes hold the keys above (their other keys are compared after parsing)
-VOLATILE_OUTS = {"data/checkpoints/pretrain"}
-CKPT = "data/checkpoints/pretrain"
-
-
-# --------------------------------------------------------------------------- helpers
-
-def stable(obj):
-    """A metrics object without its time/speed keys (recursively)."""
-    if isinstance(obj, dict):
-        return {k: stable(v) for k, v in obj.items()
-                if k not in VOLATILE_KEYS and not k.endswith(VOLATILE_SUFFIXES)}
-    if isinstance(obj, list):
-        return [stable(v) for v in obj]
-    return obj
-
-
-def lock_outs(repo: Path) -> dict[str, str]:
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for spec in lock["stages"].values()
-            for o in spec.get("outs", []) if "md5" in o}
-
-
-def metric_files(repo: Path) -> list[str]:
-    return sorted(str(p.relative_to(repo)) for p in (repo / "data/metrics").rglob("*.json"))
-
+from tests.smoke import (CKPT, assert_same_results, finish, make_smoke_repo, pipeline_env, sh,
+                         stable, start_repro)
 
 def hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
@@ -103,22 +75,6 @@ def assert_nothing_partial(repo: Path, ref: Path, where: str) -> None:
                 f"{where}: {rel} differs from the reference"
         else:
             assert f.read_bytes() == g.read_bytes(), f"{where}: {rel} is partial or differs"
-
-
-def start_repro(repo: Path, **env: str) -> subprocess.Popen:
-    """`dvc repro` in its own process group, output to `<repo>/../repro-<n>.log` (`proc.log`)."""
-    n = len(list(repo.parent.glob("repro-*.log")))
-    log = repo.parent / f"repro-{n}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(repo, **env),
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
-    proc.wait(timeout=timeout)
-    return proc.log.read_text()
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> bool:
@@ -150,25 +106,9 @@ def closed_port() -> int:
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """A clean smoke run; a second `dvc repro` is tried while it runs."""
-    repo = make_smoke_repo(tmp_path_factory.mktemp("faults-ref") / "repo")
-    first = start_repro(repo)
-    # wait until the first run holds its stage locks (it is inside `download`)
-    end = time.monotonic() + 120
-    while not (repo / ".dvc/tmp/rwlock").is_file() and time.monotonic() < end:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    second = sh(["dvc", "repro"], repo, check=False, timeout=300)
-    out = finish(first)
-    assert first.returncode == 0, out[-4000:]
-    return {"repo": repo, "second": second, "first_out": out}
-
-
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, reference) -> dict:
+def interrupted(tmp_path_factory, smoke_run) -> dict:
     """A smoke repo killed at every fault point in turn, then run to the end."""
-    ref = reference["repo"]
+    ref = smoke_run["repo"]
     repo = make_smoke_repo(tmp_path_factory.mktemp("faults-kill") / "repo")
     log: list[tuple[str, str]] = []
 
@@ -212,12 +152,12 @@ def interrupted(tmp_path_factory, reference) -> dict:
 
 # --------------------------------------------------------------------------- tests
 
-def test_second_repro_while_one_runs_is_refused_and_harmless(reference):
-    second = reference["second"]
+def test_second_repro_while_one_runs_is_refused_and_harmless(smoke_run):
+    second = smoke_run["second"]
     msg = second.stdout + second.stderr
     assert second.returncode != 0
     assert "is busy, it is being blocked by" in msg and "dvc repro" in msg, msg
-    repo = reference["repo"]
+    repo = smoke_run["repo"]
     assert "up to date" in sh(["dvc", "status"], repo).stdout
     declared = sh(["dvc", "stage", "list", "--name-only"], repo).stdout.split()
     assert sorted(locked_stages(repo)) == sorted(declared)
@@ -234,20 +174,12 @@ def test_every_kill_point_was_hit_and_left_nothing_partial(interrupted):
         assert f"failed to reproduce '{stage}'" in outs[p], outs[p][-2000:]
 
 
-def test_reruns_resume_and_finish_with_the_reference_outputs(interrupted, reference):
-    repo, ref = interrupted["repo"], reference["repo"]
+def test_reruns_resume_and_finish_with_the_reference_outputs(interrupted, smoke_run):
+    repo, ref = interrupted["repo"], smoke_run["repo"]
     assert "up to date" in sh(["dvc", "status"], repo).stdout
     # the pretrain rerun after the checkpoint-save kill resumed from the step-10 checkpoint
     assert json.loads((repo / "data/metrics/pretrain.json").read_text())["resumed_from_step"] == 10
-    volatile = VOLATILE_OUTS | set(metric_files(ref))
-    got, want = lock_outs(repo), lock_outs(ref)
-    assert got.keys() == want.keys()
-    assert {k: v for k, v in got.items() if k not in volatile} == \
-        {k: v for k, v in want.items() if k not in volatile}
-    assert metric_files(repo) == metric_files(ref)
-    for rel in metric_files(ref):
-        assert stable(json.loads((repo / rel).read_text())) == \
-            stable(json.loads((ref / rel).read_text())), rel
+    assert_same_results(repo, ref)
     assert_nothing_partial(repo, ref, "final")
     # and no stale temporary is left beside the outputs
     assert not [p for p in (repo / "data").rglob(".*.tmp-*")]
@@ -257,8 +189,8 @@ def test_reruns_resume_and_finish_with_the_reference_outputs(interrupted, refere
     ["accelerate", "launch", "--config_file", "accelerate/default.yaml", "-m", "stages.pretrain"],
     ["python", "-m", "stages.finetune", "--task", "movies", "--strategy", "full"],
 ], ids=["pretrain", "finetune"])
-def test_unreachable_mlflow_stops_before_compute(reference, cmd):
-    repo = reference["repo"]
+def test_unreachable_mlflow_stops_before_compute(smoke_run, cmd):
+    repo = smoke_run["repo"]
     before = {str(p): p.stat().st_mtime_ns for p in (repo / "data").rglob("*") if p.is_file()}
     port = closed_port()
     t = time.perf_counter()
@@ -289,10 +221,10 @@ def test_stale_old_sibling_of_an_interrupted_replace_is_cleared(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_model_dirs_hold_safetensors_only(reference):
+def test_model_dirs_hold_safetensors_only(smoke_run):
     """Saved models are safetensors; the only pickled files are Accelerate's own resume state
     under data/checkpoints (cache: false, never pushed; read back weights-only: test_security)."""
-    data = reference["repo"] / "data"
+    data = smoke_run["repo"] / "data"
     pickles = [p for p in data.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
     assert all(str(p.relative_to(data)).startswith("checkpoints/") for p in pickles), pickles
     models = data / "models"

@@ -36,7 +36,7 @@ import yaml
 
 from flows.dashboard import server_command, server_env
 from flows.pipeline import STAGE_TAG, select, stage_graph
-from tests.smoke import GIT_ID, make_smoke_repo, pipeline_env
+from tests.smoke import GIT_ID, assert_same_results, make_smoke_repo, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -355,6 +355,13 @@ def test_worker_runs_every_stage_once(deployed, first_run, stages):
     assert all(t.state.is_completed() for t in runs)
     assert summary["rows"] == {s: "ran" for s in stages}, summary["markdown"]
     assert "dvc push: True" in summary["markdown"]
+
+
+def test_two_clean_runs_give_the_same_outputs(deployed, first_run, smoke_run):
+    """The worker's run and the plain `dvc repro` of the session fixture: two clean runs, the
+    same output hashes in dvc.lock and the same metrics (bar timings: tests/smoke.py)."""
+    assert first_run.state.is_completed()
+    assert_same_results(deployed["repo"], smoke_run["repo"])
 
 
 def test_stage_runs_are_in_mlflow_over_http(deployed, first_run, stages):
