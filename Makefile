@@ -20,7 +20,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	pytest -q tests
+	pytest -q --durations=10 tests
 
 .PHONY: dashboard schedule results
 dashboard: setup   # the MLflow UI on http://127.0.0.1:5000 over mlflow.db
