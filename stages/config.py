@@ -7,14 +7,18 @@ Out: a validated, frozen config object, or `ConfigError` whose single message na
 
 Every stage model derives from `StrictModel`: unknown keys, missing keys, wrong types and
 out-of-range values are all errors, raised before the stage does any work.
+
+The file is read as YAML 1.2, as DVC reads and writes it: `dvc exp run -S` rewrites params.yaml
+with a YAML 1.2 writer, which leaves strings such as `no` unquoted, and a YAML 1.1 reader
+(PyYAML) would turn those into booleans.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from ruamel.yaml import YAML, YAMLError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -48,10 +52,10 @@ def _describe(section: str, err: ValidationError, raw: Any) -> str:
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole parsed params file, or `ConfigError` naming the file."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = YAML(typ="safe", pure=True).load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: params file not found") from e
-    except yaml.YAMLError as e:
+    except YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")

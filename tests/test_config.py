@@ -53,3 +53,15 @@ def test_invalid_yaml_names_the_file(tmp_path):
     p.write_text("s: [unclosed\n")
     with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
         load_section("s", Cfg, p)
+
+
+def test_params_rewritten_by_dvc_exp_run_keep_their_strings(tmp_path):
+    """`dvc exp run -S` writes YAML 1.2, where `no` is a string; read as YAML 1.1 it was False."""
+    class Precision(StrictModel):
+        mixed_precision: str
+        lr: float
+
+    p = tmp_path / "params.yaml"
+    p.write_text("s:\n  mixed_precision: no\n  lr: 1e-4\n")
+    cfg = load_section("s", Precision, p)
+    assert cfg.mixed_precision == "no" and cfg.lr == 1e-4
