@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,13 @@ GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
 # Results of a real default run: they describe other params, so a smoke copy starts without them.
 NOT_COPIED = ("data/", "dvc.lock", "docs/")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (free to serve on, or closed to fail against)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pipeline_env(repo: Path, **extra: str) -> dict[str, str]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ import pytest
 import yaml
 
 from stages.atomic import atomic_dir
-from tests.smoke import (CKPT, assert_same_results, finish, make_smoke_repo, pipeline_env, sh,
+from tests.smoke import (CKPT, assert_same_results, finish, free_port, make_smoke_repo, pipeline_env, sh,
                          stable, start_repro)
 
 def hidden(rel: Path) -> bool:
@@ -95,12 +94,6 @@ def locked_stages(repo: Path) -> set[str]:
     return set(yaml.safe_load(lock.read_text())["stages"]) if lock.is_file() else set()
 
 
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -192,7 +185,7 @@ def test_reruns_resume_and_finish_with_the_reference_outputs(interrupted, smoke_
 def test_unreachable_mlflow_stops_before_compute(smoke_run, cmd):
     repo = smoke_run["repo"]
     before = {str(p): p.stat().st_mtime_ns for p in (repo / "data").rglob("*") if p.is_file()}
-    port = closed_port()
+    port = free_port()
     t = time.perf_counter()
     proc = sh(cmd, repo, pipeline_env(repo, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
               check=False, timeout=300)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import yaml
 
 from flows.dashboard import server_command, server_env
 from flows.pipeline import STAGE_TAG, select, stage_graph
-from tests.smoke import GIT_ID, assert_same_results, make_smoke_repo, pipeline_env
+from tests.smoke import GIT_ID, assert_same_results, free_port, make_smoke_repo, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,10 +43,6 @@ DEPLOYMENT = "dvc-pipeline/nightly"
 
 
 # ----------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:

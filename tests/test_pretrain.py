@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pretrain_fixtures import make_data, pretrain_params, write_params
 from stages.cli import StageError
 from stages.config import ConfigError, parse_section
 from stages.pretrain import Config, mask_tokens, run, unigram_perplexity
+from tests.smoke import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -164,11 +164,7 @@ def test_mlm_needs_mask_token(tmp_path):
 
 def test_unreachable_tracking_fails_before_training(tmp_path, monkeypatch):
     make_data(tmp_path, "bpe")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     t = time.perf_counter()
     with pytest.raises(StageError, match=f"http://127.0.0.1:{port} is not reachable"):
         run(_cfg(), tmp_path)
@@ -229,7 +225,7 @@ def test_two_processes_ddp_gloo(tmp_path, mlflow_uri):
     write_params(tmp_path, max_steps=6, eval_every=3, checkpoint_every=3, experiment="ddp-test")
     env = _env_for(mlflow_uri, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), "-m", "stages.pretrain"],
+                        str(free_port()), "-m", "stages.pretrain"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "data/metrics/pretrain.json").read_text())
@@ -244,9 +240,3 @@ def test_two_processes_ddp_gloo(tmp_path, mlflow_uri):
     assert not list((tmp_path / "data").rglob(".*tmp*"))
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p

@@ -1,20 +1,12 @@
 """MLflow tracking: one run with flattened params, batched step metrics and tags; fail-fast checks."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from stages.cli import StageError
 from stages.tracking import (check_reachable, flatten, input_hashes, start_run, tracking_uri)
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from tests.smoke import free_port
 
 
 def test_flatten():
@@ -29,7 +21,7 @@ def test_uri_default_and_env(tmp_path, monkeypatch):
 
 
 def test_unreachable_stores_fail_fast(tmp_path):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StageError, match=f"{uri} is not reachable"):
         check_reachable(uri, timeout=2)
     with pytest.raises(StageError, match="missing or not writable"):
