@@ -164,7 +164,8 @@ def test_mlm_needs_mask_token(tmp_path):
 
 def test_unreachable_tracking_fails_before_training(tmp_path, monkeypatch):
     make_data(tmp_path, "bpe")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     t = time.perf_counter()
     with pytest.raises(StageError, match=f"http://127.0.0.1:{port} is not reachable"):
         run(_cfg(), tmp_path)
