@@ -331,17 +331,10 @@ def section_tasks(fg: dict[str, Any]) -> list[str]:
 
 def _sequential_runs(seq_json: Any) -> list[dict[str, Any]]:
     """The runs of sequential.json with the names the forgetting stage gives them."""
-    from stages.forgetting import run_name
+    from stages.forgetting import run_name, sequential_runs
 
-    if isinstance(seq_json, dict) and "matrix" in seq_json:
-        items = [seq_json]
-    elif isinstance(seq_json, list):
-        items = seq_json
-    elif isinstance(seq_json, dict):
-        items = [{"strategy": k, **v} for k, v in sorted(seq_json.items()) if isinstance(v, dict)]
-    else:
-        items = []
-    return [{**it, "name": run_name(it, i)} for i, it in enumerate(items)]
+    runs = sequential_runs(seq_json, "data/metrics/sequential.json") if seq_json else []
+    return [{**it, "name": run_name(it, i)} for i, it in enumerate(runs)]
 
 
 def section_sequential(seq_json: Any, fg: dict[str, Any]) -> list[str]:

@@ -243,14 +243,19 @@ def read_curves(path: Path, summary: Path | None = None) -> list[dict[str, Any]]
 
 
 def read_sequential(path: Path) -> list[dict[str, Any]]:
-    """The sequential run(s): one object {order, strategy, matrix, chance, n_classes}, a list
-    of them, or a mapping strategy -> object."""
+    """The sequential run(s) of `path` (see `sequential_runs`); none if the file is absent."""
     if not path.is_file():
         return []
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise StageError(f"{path}: not valid JSON ({e.msg})") from None
+    return sequential_runs(obj, path)
+
+
+def sequential_runs(obj: Any, where: Path | str) -> list[dict[str, Any]]:
+    """The runs of a parsed sequential.json: one object {order, strategy, matrix, chance,
+    n_classes}, a list of them, or a mapping strategy -> object."""
     if isinstance(obj, dict) and "matrix" in obj:
         items = [obj]
     elif isinstance(obj, list):
@@ -258,10 +263,10 @@ def read_sequential(path: Path) -> list[dict[str, Any]]:
     elif isinstance(obj, dict):
         items = [{"strategy": k, **v} for k, v in sorted(obj.items()) if isinstance(v, dict)]
     else:
-        raise StageError(f"{path}: expected an object with `matrix`, a list or a mapping of them")
+        raise StageError(f"{where}: expected an object with `matrix`, a list or a mapping of them")
     for it in items:
         if "matrix" not in it:
-            raise StageError(f"{path}: a sequential run without `matrix`")
+            raise StageError(f"{where}: a sequential run without `matrix`")
     return items
 
 
