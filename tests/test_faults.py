@@ -24,8 +24,7 @@ Excluded from the comparison, because they differ between two clean runs by natu
   - metric keys that measure time or speed: `wall_time_s`, `train_time_s`, `train_cpu_s`,
     `tokens_per_s` (any key ending in `_s` or `_per_s`), and `resumed_from_step` (a resumed
     pretrain says which checkpoint it started from; the weights and losses are identical);
-  - the md5 of those metrics files in dvc.lock (they hold the keys above), and of
-    `data/checkpoints/pretrain` (`trainer_state.json` holds the train time);
+  - the md5 of those metrics files in dvc.lock (they hold the keys above);
   - MLflow runs (the killed attempts leave FAILED/RUNNING runs by design; they are history).
 
 Also here: with `MLFLOW_TRACKING_URI` pointing at a closed port, the pretrain and finetune stage
