@@ -67,16 +67,47 @@ def test_stage_deps_list_every_imported_module(stage):
     assert not missing, f"stage {stage!r} imports {missing} but does not list them in deps"
 
 
+def _param_keys(spec) -> list[str]:
+    """The stage's params entries; a matrix stage's `${item.x}` is filled from its first item."""
+    keys = [p if isinstance(p, str) else next(iter(p)) for p in spec.get("params", [])]
+    for name, values in (spec.get("matrix") or {}).items():
+        first = values[0] if isinstance(values, list) else None
+        if first is None:   # `${finetune.tasks}`: resolved from params.yaml
+            first = read_params(ROOT / "params.yaml")
+            for part in values.strip("${}").split("."):
+                first = first[part]
+            first = first[0]
+        keys = [k.replace("${item.%s}" % name, str(first)) for k in keys]
+    return keys
+
+
 @pytest.mark.parametrize("params_file", PARAM_FILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("stage", sorted(_stages()))
 def test_params_section_builds_config(stage, params_file):
+    """One section per stage (whole, or some of its keys), present in every params file and
+    building the module's strict Config."""
     spec = _stages()[stage]
     module = importlib.import_module(_module_of(spec["cmd"]))
-    sections = [p if isinstance(p, str) else next(iter(p)) for p in spec.get("params", [])]
-    assert len(sections) == 1, f"stage {stage!r} must read exactly one params section, lists {sections}"
+    keys = _param_keys(spec)
+    sections = sorted({k.split(".")[0] for k in keys})
+    assert len(sections) == 1, f"stage {stage!r} must read exactly one params section, lists {keys}"
     params = read_params(params_file)
     assert sections[0] in params, f"{params_file.name} lacks section {sections[0]!r}"
+    for key in keys:
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{params_file.name} lacks {key!r}"
+            node = node[part]
     parse_section(sections[0], params[sections[0]], module.Config)
+
+
+def test_finetune_params_cover_what_the_stage_reads():
+    """Every top-level finetune key except what selects the matrix and the other stages' own
+    keys is a param of the finetune stage, so changing it reruns the fine-tunes."""
+    keys = {k.split(".")[1] for k in _param_keys(_stages()["finetune"])}
+    read = set(read_params(ROOT / "params.yaml")["finetune"]) - {"tasks", "strategies", "curves",
+                                                                  "sequential"}
+    assert read == keys
 
 
 @pytest.mark.parametrize("params_file", PARAM_FILES, ids=lambda p: p.name)
