@@ -1,7 +1,7 @@
 """Where every stage reads and writes, relative to the repo root (the working directory of
 `dvc repro`). `dvc.yaml` names the same paths; `tests/test_dag.py` checks that they agree.
 
-Layout of `data/` (DVC outputs only):
+Layout of `data/` (DVC outputs, except checkpoints/):
   raw/                       fetched source files, by sha256 (download)
   corpus/{train,validation}.jsonl   one article (or task sentence) per line: {"id","title","text"}
   tasks/<task>/              HF DatasetDict (train/validation/test) with columns id, text, label
@@ -9,7 +9,7 @@ Layout of `data/` (DVC outputs only):
   tokenizer/                 PreTrainedTokenizerFast directory
   shards/{train,validation}/ Arrow shards of packed blocks + manifest.json
   models/pretrained/         HF model directory (+ tokenizer)
-  checkpoints/pretrain/      Accelerate state for resume (persist, not cached)
+  checkpoints/pretrain/      Accelerate state to resume from: git-ignored, not a DVC output
   models/finetuned/<task>/<strategy>/
   metrics/*.json             DVC metrics
   plots/*                    DVC plot data (CSV/JSON) and PNG figures

@@ -7,7 +7,8 @@ Out: data/models/pretrained/   HF model directory (safetensors + config) plus th
      data/metrics/pretrain.json  final val loss and perplexity, unigram perplexity of the same
                                targets, tokens seen, tokens/s, wall time, steps, distributed type
      data/plots/pretrain_loss.csv  step, train_loss, val_loss
-     data/checkpoints/pretrain/<fingerprint>/step-*/  Accelerate state to resume from (persist)
+     data/checkpoints/pretrain/<fingerprint>/step-*/  Accelerate state to resume from (transient:
+                               git-ignored, not a DVC output, never pushed)
      one MLflow run (stages/tracking.py): params, train/val metrics over steps, input hashes.
 Run: accelerate launch --config_file accelerate/default.yaml -m stages.pretrain
      (2 CPU processes, DDP over gloo:
