@@ -1,6 +1,6 @@
 """The measurement campaign behind the default parameters (issue 8): what transfers on this CPU.
 
-Run:  .venv/bin/python bench/transfer_campaign.py [--budget-s 180] [--seeds 5] [--part probe|pretrain|all]
+Run:  .venv/bin/python bench/transfer_campaign.py [--budget-s 150] [--seeds 5] [--part probe|pretrain|all]
       (~35 min on the 2-core CPU with the defaults; needs `dvc repro pretrain` or `dvc pull` first)
 Out:  bench/results/transfer/*.json (one file per measurement, reused by a rerun: delete to redo)
       docs/campaign.md (its generated block: the tables below, rebuilt from those files at the end
@@ -50,6 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.pretrain_speed import _reset_accelerate  # noqa: E402
+from stages.atomic import write_json  # noqa: E402
+
 OUT = REPO / "bench" / "results" / "transfer"
 REPORT = REPO / "docs" / "campaign.md"
 TASKS = ["movies", "amazon", "nyt", "tweets", "source"]
@@ -70,12 +73,6 @@ VARIANTS = {
 }
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -93,10 +90,7 @@ def _cached(name: str, fn):
     if f.is_file():
         return json.loads(f.read_text())
     res = fn()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    tmp.replace(f)
+    write_json(f, res)
     return res
 
 
@@ -182,20 +176,13 @@ def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classe
     return out
 
 
-def task_splits(root: Path, task: str, tokenizer, data_cfg):
-    """The pipeline's own tokenized, capped splits (stages.finetune.load_task)."""
-    from stages.finetune import load_task
-    d = load_task(root, task, tokenizer, data_cfg)
-    return d, {"train": d.train, "validation": d.validation, "test": d.test}
-
-
 def probe_model(model_dir: Path, tasks: list[str], budgets, seeds: int, kinds=("pretrained", "random"),
                 bow: bool = True) -> dict:
     """Part 1 for one pretrained directory: {task: {features: {budget: {mean, std}}}}."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from stages.finetune import DataCfg, Config as FtConfig
     from stages.config import load_section
+    from stages.finetune import Config as FtConfig, DataCfg, load_task
 
     data_cfg: DataCfg = load_section("finetune", FtConfig, REPO / "params.yaml").data
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -209,7 +196,8 @@ def probe_model(model_dir: Path, tasks: list[str], budgets, seeds: int, kinds=("
         backbones["random"] = AutoModel.from_config(cfg)
     res: dict = {}
     for task in tasks:
-        d, splits = task_splits(REPO, task, tok, data_cfg)
+        d = load_task(REPO, task, tok, data_cfg)   # the pipeline's own tokenized, capped splits
+        splits = {"train": d.train, "validation": d.validation, "test": d.test}
         labels = {s: sp.labels for s, sp in splits.items()}
         res[task] = {}
         for kind, bb in backbones.items():
@@ -244,7 +232,7 @@ def prepare_data(variant: dict, roots: Path) -> Path:
     p = _params()
     tapt = variant.get("tapt", True)
     tok_raw = _merge(p["tokenizer"], variant.get("tokenizer", {}))
-    if "special_tokens" in variant.get("tokenizer", {}):
+    if "special_tokens" in variant.get("tokenizer", {}):   # replaced whole: wordpiece has no bos/eos
         tok_raw["special_tokens"] = variant["tokenizer"]["special_tokens"]
     tz_raw = _merge(p["tokenize"], variant.get("tokenize", {}))
     root = roots / ("data-" + _key([tapt, tok_raw, tz_raw]))
@@ -375,7 +363,7 @@ def write_report(tables: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budget-s", type=float, default=180.0)
+    ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--part", choices=["probe", "pretrain", "all"], default="all")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
