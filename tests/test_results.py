@@ -20,7 +20,7 @@ import pytest
 from scripts import results as rs
 from stages import cl_metrics as cl
 from stages import forgetting as fg
-from stages.config import load_section
+from stages.config import load_section, read_params
 from tests.finetune_fixtures import make_pretrained, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +67,11 @@ def save_classifier(pre: Path, dest: Path, strategy: str) -> None:
 
 
 def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
-    for f in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / f, root / f)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    # the fake run is of `movies`, whatever task the default params fine-tune
+    params = read_params(REPO / "params.yaml")
+    params["finetune"]["tasks"] = ["movies"]
+    (root / "params.yaml").write_text(json.dumps(params, indent=2))   # JSON is YAML
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n# fake lock\n")
     cfg = load_section("forgetting", fg.Config, root / "params.yaml")
     write(root, "data/metrics/pretrain.json", {
