@@ -48,27 +48,24 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> tuple[float, float]:
     return 2 * n ** 3 / statistics.median(wall), 2 * n ** 3 / statistics.median(cpu)
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def prepare_root(tmp: Path, vocab: int = 8192, block: int = 128, blocks: int = 4096) -> Path:
     """A root with data/shards + data/tokenizer: links to the repo's, or synthetic ones."""
-    from stages import paths
+    from ptf.common import paths
     data = tmp / "data"
     data.mkdir(parents=True)
     if (REPO / paths.SHARDS / "manifest.json").is_file() and (REPO / paths.TOKENIZER).is_dir():
         (data / "shards").symlink_to(REPO / paths.SHARDS)
         (data / "tokenizer").symlink_to(REPO / paths.TOKENIZER)
         return tmp
-    sys.path.insert(0, str(REPO / "tests"))
-    from pretrain_fixtures import make_tokenizer
+    from ptf.common.atomic import write_json
+    from ptf.common.config import load_section
+    from ptf.data.shards import write_shards
+    from stages.tokenizer import Config as TokConfig
+    from stages.tokenizer import train, wrap
 
-    from stages.atomic import write_json
-    from stages.shards import write_shards
-    tok = make_tokenizer(data / "tokenizer", "bpe")
+    # a real byte-level BPE from the tokenizer stage, padded to `vocab` (the ids are random)
+    tcfg = load_section("tokenizer", TokConfig, REPO / "params.yaml")
+    tok = wrap(train(lambda: [["the quick brown fox jumps over the lazy dog"] * 50], tcfg), tcfg)
     tok.add_tokens([f"tok{i}" for i in range(vocab - len(tok))])
     tok.save_pretrained(str(data / "tokenizer"))
     g = torch.Generator().manual_seed(0)
@@ -84,7 +81,7 @@ def prepare_root(tmp: Path, vocab: int = 8192, block: int = 128, blocks: int = 4
 def stage_tokens_per_s(root: Path, cfg) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second) of the stage's training loop."""
     from stages.pretrain import run
-    _reset_accelerate()
+    reset_accelerate()
     m = run(cfg, root)
     return m["tokens_per_s"], m["tokens_seen"] / m["train_cpu_s"]
 
@@ -95,10 +92,10 @@ def hf_trainer_tokens_per_s(root: Path, cfg) -> tuple[float, float]:
     from transformers import (AutoTokenizer, Trainer, TrainerCallback, TrainingArguments,
                               set_seed)
 
-    from stages import paths
-    from stages.modeling import build_model
-    from stages.shards import load_blocks
-    _reset_accelerate()
+    from ptf.common import paths
+    from ptf.models.modeling import build_model
+    from ptf.data.shards import load_blocks
+    reset_accelerate()
     manifest = _json.loads((root / paths.SHARDS / "manifest.json").read_text())
     ds = load_blocks(root / paths.SHARDS / "train", manifest["train"]).with_format("torch")
     tok = AutoTokenizer.from_pretrained(str(root / paths.TOKENIZER))
@@ -210,8 +207,8 @@ def main() -> None:
     if a.arch_compare:
         arch_compare(max(2, a.steps // 5), a.repeats)
         return
-    from stages.config import parse_section, read_params
-    from stages.modeling import build_model, flops_per_token
+    from ptf.common.config import parse_section, read_params
+    from ptf.models.modeling import build_model, flops_per_token
     from stages.pretrain import Config
     raw = read_params(Path(a.params))["pretrain"]
     raw = {**raw, "max_steps": a.steps, "warmup_steps": min(raw["warmup_steps"], a.steps - 1),

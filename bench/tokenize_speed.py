@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from stages import paths
-from stages.config import load_section
+from ptf.common import paths
+from ptf.common.config import load_section
 from stages.tokenize import Config, load_tokenizer, parallelism, tokenize_split
-from stages.tokenizer import iter_texts
+from ptf.data.corpus import iter_texts
 
 CHILD = """
 import json, sys, time

@@ -50,8 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.pretrain_speed import _reset_accelerate  # noqa: E402
-from stages.atomic import write_json  # noqa: E402
+from ptf.training.trainer import reset_accelerate  # noqa: E402
+from ptf.common.atomic import write_json  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "transfer"
 REPORT = REPO / "docs" / "campaign.md"
@@ -151,7 +151,8 @@ def fit_probe(xtr, ytr, n_classes: int, l2: float, standardize: bool = True):
 def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classes: int,
           budgets: list[int | None], seeds: int, standardize: bool = True) -> dict[str, dict]:
     """Test accuracy (mean, std over `seeds` stratified draws) per label budget; L2 on validation."""
-    from stages.finetune import mean_std, stratified_fraction
+    from ptf.data.tasks import stratified_fraction
+    from ptf.measures.stats import mean_std
 
     ytr_all = torch.tensor(labels["train"])
     yva, yte = torch.tensor(labels["validation"]), torch.tensor(labels["test"])
@@ -170,8 +171,8 @@ def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classe
                     best = (va, l2, (pred(feats["test"]) == yte).float().mean().item())
             accs.append(best[2])
             l2s.append(best[1])
-        m, sd = mean_std(accs)
-        out["all" if n is None else str(n)] = {"mean": m, "std": sd, "n": len(idx),
+        ms = mean_std(accs)
+        out["all" if n is None else str(n)] = {"mean": ms["mean"], "std": ms["std"], "n": len(idx),
                                                "draws": len(accs), "l2": l2s}
     return out
 
@@ -181,8 +182,9 @@ def probe_model(model_dir: Path, tasks: list[str], budgets, seeds: int, kinds=("
     """Part 1 for one pretrained directory: {task: {features: {budget: {mean, std}}}}."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from stages.config import load_section
-    from stages.finetune import Config as FtConfig, DataCfg, load_task
+    from ptf.common.config import load_section
+    from ptf.data.tasks import DataCfg, load_task
+    from ptf.training.finetune_config import FinetuneSection as FtConfig
 
     data_cfg: DataCfg = load_section("finetune", FtConfig, REPO / "params.yaml").data
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -219,15 +221,15 @@ def probe_model(model_dir: Path, tasks: list[str], budgets, seeds: int, kinds=("
 # --------------------------------------------------------------------------- pretraining variants
 
 def _params() -> dict:
-    from stages.config import read_params
+    from ptf.common.config import read_params
     return read_params(REPO / "params.yaml")
 
 
 def prepare_data(variant: dict, roots: Path) -> Path:
     """A root with data/corpus (+ tasks) and the variant's tokenizer and shards, shared by every
     variant with the same corpus, tokenizer and tokenize settings."""
-    from stages import paths, tokenize, tokenizer
-    from stages.config import parse_section
+    from ptf.common import paths, tokenize, tokenizer
+    from ptf.common.config import parse_section
 
     p = _params()
     tapt = variant.get("tapt", True)
@@ -255,7 +257,7 @@ def bits_per_char(root: Path, val_loss: float) -> float:
     """Validation loss (nats/token, clm) as bits per character of the validation text."""
     from transformers import AutoTokenizer
 
-    from stages import paths
+    from ptf.common import paths
     tok = AutoTokenizer.from_pretrained(root / paths.TOKENIZER)
     texts = [json.loads(line)["text"] for line in open(root / paths.CORPUS / "validation.jsonl")]
     n_tok = sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
@@ -265,8 +267,8 @@ def bits_per_char(root: Path, val_loss: float) -> float:
 def run_variant(name: str, budget_s: float, roots: Path, seeds: int) -> dict:
     import shutil
 
-    from stages import paths, pretrain
-    from stages.config import parse_section
+    from ptf.common import paths, pretrain
+    from ptf.common.config import parse_section
 
     variant = VARIANTS[name]
     data_root = prepare_data(variant, roots)
@@ -282,13 +284,13 @@ def run_variant(name: str, budget_s: float, roots: Path, seeds: int) -> dict:
     # (twice: the first run in a process also pays one-off warm-up costs)
     probe_cfg = _merge(base, {"max_steps": 8, "warmup_steps": 1, "eval_every": 0, "eval_blocks": 8})
     for _ in range(2):
-        _reset_accelerate()
+        reset_accelerate()
         m0 = pretrain.run(parse_section("pretrain", probe_cfg, pretrain.Config), root)
     step_s = m0["train_time_s"] / m0["steps"]
     steps = max(20, int(budget_s / step_s))
     cfg = _merge(base, {"max_steps": steps, "warmup_steps": max(1, steps // 10),
                         "eval_every": 0, "eval_blocks": 0})
-    _reset_accelerate()
+    reset_accelerate()
     m = pretrain.run(parse_section("pretrain", cfg, pretrain.Config), root)
     out = {k: m[k] for k in ("objective", "val_loss", "val_ppl", "unigram_ppl", "steps",
                              "tokens_seen", "tokens_per_s", "train_time_s", "params_total",
@@ -368,7 +370,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["probe", "pretrain", "all"], default="all")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = ap.parse_args()
-    from stages import paths
+    from ptf.common import paths
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-# The tag every stage's MLflow run carries (stages/tracking.py): the stage's name. `dvc repro`
+# The tag every stage's MLflow run carries (ptf/training/tracking.py): the stage's name. `dvc repro`
 # gives each stage command its full name in the variable DVC_STAGE (e.g. finetune@movies-lora).
 STAGE_TAG = "dvc.stage"
 # Stages that fetch from the network: retried (a flow parameter sets how often).

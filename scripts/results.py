@@ -38,9 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages import paths
-from stages.atomic import atomic_dir, write_text
-from stages.cli import StageError, main_guard
+from ptf.common import paths
+from ptf.common.atomic import atomic_dir, write_text
+from ptf.common.cli import StageError, main_guard
 
 PAGE = Path("docs/results.md")
 FIGURES = Path("docs/figures")
@@ -500,7 +500,8 @@ def evidence_card(pretrained: Path, model_dir: Path, sentence: str = EXAMPLE, re
     import torch
     from transformers import AutoTokenizer
 
-    from stages.strategies import load_classifier, pooled_logits, read_meta
+    from ptf.models.artifacts import load_classifier, read_meta
+    from ptf.models.strategies import pooled_logits
 
     pretrained, model_dir = Path(pretrained), Path(model_dir)
     cfg = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
@@ -608,7 +609,7 @@ def render_card(card: dict[str, Any], best: tuple[str, str, str, float]) -> list
         L.append(f"  Untruncated ({u['tokens']} tokens) the model runs without an error"
                  + (" although the input is beyond the positions it was trained on, so this prediction "
                     "is unreliable" if beyond else "") + f": {u['label']} ({num(u['confidence'])}). "
-                 "Always truncate (as `stages.strategies.classify` does).")
+                 "Always truncate (as `ptf.models.artifacts.classify` does).")
     else:
         L.append(f"  Untruncated it fails clearly: `{lg['untruncated_error']}`.")
     for k, o in card["checks"]["out_of_domain"].items():

@@ -23,12 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import paths
-from stages.atomic import write_json, write_text
-from stages.cli import main_guard
-from stages.config import load_section
-from stages.finetune import (SECTION, Config, Context, load_task, preflight, run_arm,
-                             stratified_fraction)
+from ptf.common import paths
+from ptf.common.atomic import write_json, write_text
+from ptf.common.cli import main_guard
+from ptf.data.tasks import load_task, stratified_fraction
+from ptf.training.finetune_config import CurvesKeys, load_stage_config
+from ptf.training.finetuning import Context, preflight, run_arm
+
+
+
+class Config(CurvesKeys):
+    """The keys of the `finetune` section this stage reads (`curves` + the shared ones)."""
+
 
 CSV_FIELDS = ["strategy", "fraction", "n_labels", "seed", "test_accuracy"]
 
@@ -43,7 +49,7 @@ def curves_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
-    from stages.tracking import check_reachable, tracking_uri
+    from ptf.training.tracking import check_reachable, tracking_uri
 
     cc = cfg.curves
     ctx = Context.create(root, cfg)
@@ -76,7 +82,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
 
 def main() -> None:
     def go():
-        m = run(load_section(SECTION, Config))
+        m = run(load_stage_config(Config))
         for s, by_f in m["results"].items():
             print(s, {f: f"{v['mean']:.3f}±{v['std']:.3f}" for f, v in by_f.items()})
     main_guard(go)

@@ -3,7 +3,7 @@
 In:  the `download` section of params.yaml: a corpus source (default: the English Wikipedia
      dump excerpt shipped in the `gensim==4.4.0` wheel) and a task source (default: the
      human-rated sentences of the VADER paper, in the `vaderSentiment==3.3.2` sdist), each
-     pinned by sha256 (see `stages/fetch.py` for the source kinds and the safe extraction).
+     pinned by sha256 (see `ptf/data/fetch.py` for the source kinds and the safe extraction).
 Out: data/raw/<sha256>/<name>            the verified source files (a cache: kept files with the
                                          right hash are not fetched again)
      data/corpus/{train,validation}.jsonl one article per line {"id","title","text"}, split by
@@ -42,13 +42,13 @@ from typing import Annotated, Any, BinaryIO, Literal
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from stages import paths
-from stages.atomic import atomic_dir, atomic_file
-from stages.cli import StageError, main_guard
-from stages.config import StrictModel, load_section
-from stages.fetch import (SHA256, AnySource, FileLikeSource, HfSource, Member, fetch,
+from ptf.common import paths
+from ptf.common.atomic import atomic_dir, atomic_file
+from ptf.common.cli import StageError, main_guard
+from ptf.common.config import StrictModel, load_section
+from ptf.data.fetch import (SHA256, AnySource, FileLikeSource, HfSource, Member, fetch,
                           load_hf, read_member, sha256_file)
-from stages.wikitext import is_redirect, iter_pages, to_plain_text
+from ptf.data.wikitext import is_redirect, iter_pages, to_plain_text
 
 SECTION = "download"
 MANIFEST = paths.MANIFESTS / "download.json"

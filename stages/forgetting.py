@@ -14,12 +14,12 @@ Out: data/metrics/forgetting.json       nested metrics (below), key-sorted
      data/plots/learning_curves.csv      curves.csv averaged over seeds: task, strategy, n_labels
      data/plots/accuracy_matrix.csv      the sequential accuracy matrix, long format
      data/plots/{tradeoff,learning_curves,accuracy_matrix}.png   the same as figures
-     one MLflow run "forgetting" (stages/tracking.py) with the table and the figures.
+     one MLflow run "forgetting" (ptf/training/tracking.py) with the table and the figures.
 Run: python -m stages.forgetting
 
 Measures per fine-tuned model (task x strategy x seed):
 - drift of the pretraining objective: the fine-tuned backbone under the PRETRAINED LM head
-  (`strategies.load_backbone_as_lm`: an untied copy of the pretrained output layer; LoRA merged;
+  (`ptf.models.artifacts.load_backbone_as_lm`: an untied copy of the pretrained output layer; LoRA merged;
   prompt tuning leaves the backbone as pretrained) against the pretrained LM (`pretrained_lm`,
   the same untied head), on the same `max_blocks` validation blocks (evenly spaced over the
   split, in order). clm: next-token loss at positions 1..; mlm: BERT masking (pretrain's
@@ -30,10 +30,10 @@ Measures per fine-tuned model (task x strategy x seed):
 - the gain: test accuracy and macro-F1 from the fine-tune metrics, gain over chance
   (1 / n_classes, or the metrics' own `chance`) and over the scratch baseline of the same task
   (per seed: accuracy minus the mean scratch accuracy).
-Across seeds: mean and sample std (ddof 1). Sequential runs: `stages.cl_metrics` (ACC, BWT,
+Across seeds: mean and sample std (ddof 1). Sequential runs: `ptf.measures.cl_metrics` (ACC, BWT,
 FWT against row 0, Chaudhry forgetting; raw and chance-adjusted).
 
-Claims (verdicts computed by `stages.cl_metrics.compare`, never written by hand):
+Claims (verdicts computed by `ptf.measures.cl_metrics.compare`, never written by hand):
 1. few labels: at the smallest fraction of the curves, each of `few_label_strategies` beats
    `scratch_strategy` in test accuracy;
 2. forgetting: each compared strategy has a smaller delta LM loss than `reference_strategy`
@@ -52,12 +52,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from stages import cl_metrics as cl
-from stages import paths
-from stages.atomic import write_json, write_text
-from stages.cli import StageError, main_guard, maybe_die
-from stages.config import StrictModel, load_section
-from stages.strategies import PRETRAINED_REMEDY, STRATEGIES, check_weights
+from ptf.measures import cl_metrics as cl
+from ptf.measures.stats import mean_std
+from ptf.common import paths
+from ptf.common.atomic import write_json, write_text
+from ptf.common.cli import StageError, main_guard, maybe_die
+from ptf.common.config import StrictModel, load_section
+from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
+from ptf.models.strategies import STRATEGIES
 
 METRICS_JSON = paths.METRICS / "forgetting.json"
 SUMMARY_MD = paths.METRICS / "forgetting_summary.md"
@@ -126,7 +128,7 @@ def select_blocks(n_total: int, k: int) -> list[int]:
 def seed_stats(per_seed: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
     """mean/std/n over seeds for each key (None values ignored)."""
     seeds = sorted(per_seed)
-    return {k: cl.mean_std([per_seed[s].get(k) for s in seeds]) for k in keys}
+    return {k: mean_std([per_seed[s].get(k) for s in seeds]) for k in keys}
 
 
 # ---------------------------------------------------------------- reading the fine-tune outputs
@@ -202,7 +204,7 @@ def model_dir(root: Path, task: str, strategy: str, seed: str) -> Path:
 def fill_n_classes(root: Path, runs: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> None:
     """Where the metrics give neither `chance` nor `n_classes`, take the number of labels from
     the saved model's `finetune_meta.json` (`label_names`)."""
-    from stages.strategies import META_FILE
+    from ptf.models.artifacts import META_FILE
 
     for t, arms in runs.items():
         for s, seeds in arms.items():
@@ -322,10 +324,10 @@ def claim_few_labels(curves: list[dict[str, Any]], cfg: Config) -> dict[str, Any
         rows = [r for r in curves if r["task"] == task]
         fmin = min(r["fraction"] for r in rows)
         at = [r for r in rows if r["fraction"] == fmin]
-        scratch = cl.mean_std([r["test_accuracy"] for r in at if r["strategy"] == cfg.scratch_strategy])
+        scratch = mean_std([r["test_accuracy"] for r in at if r["strategy"] == cfg.scratch_strategy])
         n_labels = sorted({r["n_labels"] for r in at})
         for s in cfg.few_label_strategies:
-            arm = cl.mean_std([r["test_accuracy"] for r in at if r["strategy"] == s])
+            arm = mean_std([r["test_accuracy"] for r in at if r["strategy"] == s])
             if arm["n"] == 0 and scratch["n"] == 0:
                 continue
             c = cl.compare(arm, scratch, expect="greater")
@@ -425,7 +427,7 @@ def curve_rows(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["task"], r["strategy"], r["fraction"]), []).append(r)
     out = []
     for (task, s, frac), rs in sorted(groups.items()):
-        ms = cl.mean_std([r["test_accuracy"] for r in rs])
+        ms = mean_std([r["test_accuracy"] for r in rs])
         out.append({"series": f"{task}/{s}" if task else s, "task": task, "strategy": s,
                     "fraction": frac, "n_labels": int(round(float(np.mean([r["n_labels"] for r in rs])))),
                     "test_accuracy": ms["mean"], "std": ms["std"], "seeds": ms["n"]})
@@ -465,7 +467,7 @@ def load_eval_blocks(root: Path, max_blocks: int):
     """(LongTensor n x L of the selected validation blocks, their indices)."""
     import torch
 
-    from stages.shards import load_blocks
+    from ptf.data.shards import load_blocks
 
     mpath = root / paths.SHARDS / "manifest.json"
     if not mpath.is_file():
@@ -492,7 +494,7 @@ def eval_targets(ids, objective: str, tokenizer, cfg: Config):
                 tokenizer.eos_token_id, tokenizer.bos_token_id):
             labels[labels == tokenizer.pad_token_id] = -100
         return ids, labels
-    from stages.pretrain import mask_tokens
+    from ptf.models.lm import mask_tokens
 
     if tokenizer.mask_token_id is None:
         raise StageError("masked-LM checkpoint whose tokenizer has no mask token")
@@ -535,9 +537,10 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from stages.forgetting_report import render_summary, write_figures
-    from stages.strategies import load_backbone_as_lm, pretrained_lm
-    from stages.tracking import check_reachable, input_hashes, start_run, tracking_uri
+    from ptf.report.forgetting_report import render_summary, write_figures
+    from ptf.models.artifacts import load_backbone_as_lm
+    from ptf.models.lm import pretrained_lm
+    from ptf.training.tracking import check_reachable, input_hashes, start_run, tracking_uri
 
     root = Path(root)
     check_reachable(tracking_uri(root))

@@ -9,14 +9,14 @@ Out: data/models/pretrained/   HF model directory (safetensors + config) plus th
      data/plots/pretrain_loss.csv  step, train_loss, val_loss
      data/checkpoints/pretrain/<fingerprint>/step-*/  Accelerate state to resume from (transient:
                                git-ignored, not a DVC output, never pushed)
-     one MLflow run (stages/tracking.py): params, train/val metrics over steps, input hashes.
+     one MLflow run (ptf/training/tracking.py): params, train/val metrics over steps, input hashes.
 Run: accelerate launch --config_file accelerate/default.yaml -m stages.pretrain
      (2 CPU processes, DDP over gloo:
       ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m stages.pretrain)
 
 Objectives:
 - `clm`: LlamaForCausalLM, next-token loss on every position of each block (see
-  stages/modeling.py for why Llama and not GPT-2 on this CPU).
+  ptf/models/modeling.py for why Llama and not GPT-2 on this CPU).
 - `mlm`: BertForMaskedLM, BERT masking: `mlm_probability` of the non-special tokens are targets;
   of these 80% become the mask token, 10% a random token, 10% stay. Masks are drawn from a
   generator seeded by (seed, micro-step, process), so they are dynamic (new each step) yet a
@@ -52,15 +52,16 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from stages import paths
-from stages.atomic import atomic_dir, write_json, write_text
-from stages.cli import StageError, main_guard
-from stages.config import StrictModel, load_section
-from stages.modeling import ModelConfig, build_model, flops_per_token, param_counts
-from stages.shards import load_blocks
-from stages.tracking import check_reachable, input_hashes, start_run, tracking_uri
-from stages.trainer import (LoopConfig, Trainer, adamw, make_accelerator, param_groups,
-                            perplexity, warmup_cosine)
+from ptf.common import paths
+from ptf.common.atomic import atomic_dir, write_json, write_text
+from ptf.common.cli import StageError, main_guard
+from ptf.common.config import StrictModel, load_section
+from ptf.models.modeling import ModelConfig, build_model, flops_per_token, param_counts
+from ptf.data.shards import load_blocks
+from ptf.training.tracking import check_reachable, input_hashes, start_run, tracking_uri
+from ptf.models.lm import mask_tokens
+from ptf.training.trainer import (LoopConfig, Trainer, adamw, make_accelerator, param_groups,
+                                  perplexity, warmup_cosine)
 
 SECTION = "pretrain"
 # params that do not change the training trajectory (left out of the checkpoint fingerprint)
@@ -99,24 +100,6 @@ class Config(StrictModel):
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-def mask_tokens(input_ids: torch.Tensor, mask_id: int, vocab_size: int, special: list[int],
-                prob: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking (same rule as DataCollatorForLanguageModeling, with an explicit generator):
-    returns (inputs, labels) with labels -100 except at the chosen positions."""
-    labels = input_ids.clone()
-    p = torch.full(labels.shape, prob)
-    if special:
-        p.masked_fill_(torch.isin(labels, torch.tensor(special, dtype=labels.dtype)), 0.0)
-    chosen = torch.bernoulli(p, generator=generator).bool()
-    labels[~chosen] = -100
-    inputs = input_ids.clone()
-    replaced = torch.bernoulli(torch.full(labels.shape, 0.8), generator=generator).bool() & chosen
-    inputs[replaced] = mask_id
-    rand = (torch.bernoulli(torch.full(labels.shape, 0.5), generator=generator).bool()
-            & chosen & ~replaced)
-    inputs[rand] = torch.randint(vocab_size, labels.shape, generator=generator, dtype=labels.dtype)[rand]
-    return inputs, labels
 
 
 def unigram_counts(ds, vocab_size: int) -> np.ndarray:

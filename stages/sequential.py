@@ -6,7 +6,7 @@ In:  data/models/pretrained, data/tasks/<t>/ for every t in `finetune.sequential
      arm's grid is used, there is no LR search here).
 Out: data/metrics/sequential.json {"order", "strategy", "matrix", "chance", "n_classes",
      "majority"}: `matrix` is (T+1) x T test accuracies, row 0 before any training (pretrained
-     backbone, fresh heads), row i after training task i-1 (see stages/cl_metrics.py);
+     backbone, fresh heads), row i after training task i-1 (see ptf/measures/cl_metrics.py);
      `chance` = 1 / n_classes per task. An MLflow run tagged stage `sequential`.
 
 Every task keeps its own classification head (created at the start, seeded, kept); the backbone
@@ -23,12 +23,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import paths
-from stages.atomic import write_json
-from stages.cli import main_guard
-from stages.config import ConfigError, load_section
-from stages.finetune import SECTION, Config, Context, evaluate, fit, load_task
-from stages.strategies import Penalty, build_classifier, check_strategy, unwrap_hf
+from ptf.common import paths
+from ptf.common.atomic import write_json
+from ptf.common.cli import main_guard
+from ptf.common.config import ConfigError
+from ptf.data.tasks import load_task
+from ptf.training.finetune_config import SequentialKeys, load_stage_config
+from ptf.training.finetuning import Context, evaluate, fit
+from ptf.models.strategies import Penalty, build_classifier, check_strategy, unwrap_hf
+
+
+
+class Config(SequentialKeys):
+    """The keys of the `finetune` section this stage reads (`sequential` + the shared ones)."""
+
 
 UNSUPPORTED = ("prompt_tuning", "scratch")
 
@@ -52,7 +60,7 @@ def check_plan(cfg: Config) -> dict[str, str]:
 def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification
 
-    from stages.tracking import check_reachable, start_run, tracking_uri
+    from ptf.training.tracking import check_reachable, start_run, tracking_uri
 
     sc = cfg.sequential
     plan = check_plan(cfg)
@@ -62,7 +70,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
         if s in ("replay", "ewc"):
             ctx.blocks(getattr(cfg.arms, s).block_len)
         if s == "lora":
-            from stages.strategies import check_lora_targets
+            from ptf.models.strategies import check_lora_targets
             check_lora_targets(AutoModelForSequenceClassification.from_pretrained(ctx.pretrained),
                                cfg.arms.lora.target_modules)
     check_reachable(tracking_uri(root))
@@ -103,7 +111,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
                     task_type=TaskType.SEQ_CLS, r=arm.r, lora_alpha=arm.alpha,
                     lora_dropout=arm.dropout, target_modules=list(arm.target_modules)))
             else:
-                from stages.strategies import set_trainable
+                from ptf.models.strategies import set_trainable
                 set_trainable(clf, s, arm)
             r = fit(ctx, clf, s, arm, arm.lrs[0], sc.seed, d, d.train, sc.max_steps,
                     desc=f"sequential {i + 1}/{len(datas)} {t}/{s}", penalty=penalty,
@@ -128,7 +136,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
 
 def main() -> None:
     def go():
-        m = run(load_section(SECTION, Config))
+        m = run(load_stage_config(Config))
         for i, r in enumerate(m["matrix"]):
             print(f"R[{i}]", " ".join(f"{a:.3f}" for a in r))
     main_guard(go)

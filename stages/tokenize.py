@@ -3,12 +3,12 @@
 In:  data/corpus/{train,validation}.jsonl (one document per line, `{"id", "title", "text"}`),
      data/tokenizer/ (stage `tokenizer`), the `tokenize` section of params.yaml.
 Out: data/shards/{train,validation}/shard-*.arrow (column `input_ids`, `block_size` int32 ids
-     per row, written by `stages.shards`) and data/shards/manifest.json:
+     per row, written by `ptf.data.shards`) and data/shards/manifest.json:
        {"block_size", "tokenizer": {kind, vocab_size, model_max_length, special_ids,
         separator, sha256}, "train": entry, "validation": entry}
      where an entry holds documents, corpus_tokens (with separators), blocks, tokens (in
      blocks), dropped_tokens and the shards (file, blocks, bytes, sha256).
-     Read it with `stages.shards.load_split(Path("data/shards"), "train")`.
+     Read it with `ptf.data.shards.load_split(Path("data/shards"), "train")`.
 Packing: each document is tokenized without special tokens and framed with separators, then
      all documents are concatenated in corpus order and cut into blocks of `block_size`; the
      incomplete last block is dropped. The separators follow the tokenizer's kind:
@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from stages import paths
-from stages.atomic import atomic_dir, write_json
-from stages.cli import StageError, main_guard
-from stages.config import StrictModel, load_section
-from stages.shards import MANIFEST, sha256_file, write_block_arrays
-from stages.tokenizer import iter_texts
+from ptf.common import paths
+from ptf.common.atomic import atomic_dir, write_json
+from ptf.common.cli import StageError, main_guard
+from ptf.common.config import StrictModel, load_section
+from ptf.data.shards import MANIFEST, sha256_file, write_block_arrays
+from ptf.data.corpus import iter_texts
 
 SPLITS = ("train", "validation")
 

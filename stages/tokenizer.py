@@ -26,10 +26,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages import paths
-from stages.atomic import atomic_dir
-from stages.cli import StageError, main_guard
-from stages.config import StrictModel, load_section
+from ptf.common import paths
+from ptf.common.atomic import atomic_dir
+from ptf.common.cli import StageError, main_guard
+from ptf.common.config import StrictModel, load_section
+from ptf.data.corpus import iter_batches, iter_texts
 
 # Roles each kind needs in `special_tokens`, exactly (no more, no less).
 ROLES = {
@@ -85,55 +86,6 @@ class Config(StrictModel):
 
 
 # ---------------------------------------------------------------- corpus reading (shared)
-
-def iter_texts(path: Path, on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
-    """Yield the `text` of each document of a jsonl corpus file, streaming.
-
-    `on_bytes(n)` (a progress bar's `update`) is called with each line's size in bytes.
-    Blank lines are skipped, and so are documents whose text is empty. Raises `StageError`
-    naming the file (and the line) for a missing file, a non-UTF-8 or malformed line, and a
-    file without any non-empty document.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: corpus file not found (run the `download` stage first)")
-    n = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if on_bytes is not None:
-                on_bytes(len(raw))
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise StageError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
-                                 f"{e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column "
-                                 f"{e.colno})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise StageError(f"{path}:{lineno}: expected a JSON object with a string "
-                                 "\"text\" field")
-            if doc["text"]:
-                n += 1
-                yield doc["text"]
-    if n == 0:
-        raise StageError(f"{path}: empty corpus (no document with non-empty text)")
-
-
-def iter_batches(path: Path, batch_docs: int) -> Iterator[list[str]]:
-    """`iter_texts` grouped into lists of at most `batch_docs` texts."""
-    batch: list[str] = []
-    for text in iter_texts(path):
-        batch.append(text)
-        if len(batch) >= batch_docs:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------- building the tokenizer

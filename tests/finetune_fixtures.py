@@ -79,7 +79,7 @@ def make_task(dest: Path, kind: str, seed: int, n=(48, 24, 24)) -> Path:
 
 
 def make_shards(root: Path, tokenizer, block_size: int = 16, n_blocks: int = 24) -> None:
-    from stages.shards import write_shards
+    from ptf.data.shards import write_shards
 
     rng = random.Random(7)
     ids: list[int] = []

@@ -1,5 +1,5 @@
 """Tiny hermetic inputs for the pretrain/trainer tests: a BPE (or WordPiece) tokenizer trained
-on a few sentences and packed Arrow shards written with stages.shards, laid out like the
+on a few sentences and packed Arrow shards written with ptf.data.shards, laid out like the
 outputs of stages tokenizer/tokenize under `root/data`."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from stages import paths
-from stages.atomic import write_json
-from stages.shards import write_shards
+from ptf.common import paths
+from ptf.common.atomic import write_json
+from ptf.data.shards import write_shards
 
 WORDS = ("the cat dog sat on a mat and ran to big small red blue house tree river "
          "quick brown fox jumps over lazy bird sings in morning light").split()

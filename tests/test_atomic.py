@@ -1,4 +1,4 @@
-"""stages/atomic.py: outputs appear whole or not at all, and the old output survives a failure."""
+"""ptf/common/atomic.py: outputs appear whole or not at all, and the old output survives a failure."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from stages import atomic
+from ptf.common import atomic
 
 
 def test_write_json_is_stable_and_replaces(tmp_path):
@@ -36,7 +36,7 @@ def test_kill_mid_write_leaves_only_a_hidden_temp_that_the_next_write_clears(tmp
         (tmp / "f").write_text("good")
     script = textwrap.dedent(f"""
         import os, signal
-        from stages import atomic
+        from ptf.common import atomic
         with atomic.atomic_dir({str(dest)!r}) as tmp:
             (tmp / "f").write_text("half")
             os.kill(os.getpid(), signal.SIGKILL)

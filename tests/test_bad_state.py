@@ -23,10 +23,10 @@ import pytest
 
 from finetune_fixtures import make_root
 from pretrain_fixtures import make_data, pretrain_params
-from stages import paths
-from stages.cli import StageError
-from stages.config import parse_section, read_params
-from stages.shards import ShardError, sha256_file
+from ptf.common import paths
+from ptf.common.cli import StageError
+from ptf.common.config import parse_section, read_params
+from ptf.data.shards import ShardError, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    from ptf.training.trainer import reset_accelerate
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +100,7 @@ def test_forgetting_names_a_truncated_pretrained_file(truncated_pretrained, monk
 
 
 def test_a_truncated_finetuned_model_is_named(ft_root, tmp_path):
-    from stages.strategies import load_classifier
+    from ptf.models.artifacts import load_classifier
     d = tmp_path / "clf"
     (d).mkdir()
     shutil.copy(ft_root / paths.PRETRAINED / "config.json", d / "config.json")
@@ -175,8 +174,8 @@ def test_another_model_size_gets_another_checkpoint_directory():
 
 def test_a_checkpoint_of_another_model_size_is_refused_not_loaded(pt_root):
     from stages.pretrain import fingerprint, fingerprint_key, run
-    from stages.tracking import input_hashes
-    from stages.trainer import COMPLETE
+    from ptf.training.tracking import input_hashes
+    from ptf.training.trainer import COMPLETE
     inputs = input_hashes(pt_root, {"shards": paths.SHARDS, "tokenizer": paths.TOKENIZER})
     big = _pretrain_cfg(model={**pretrain_params()["model"], "hidden": 64})
     small = _pretrain_cfg()

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from stages import cl_metrics as cl
+from ptf.measures import cl_metrics as cl
+from ptf.measures.stats import mean_std
 
 # T = 3 tasks. Row 0: before training; row i: after training task i-1. R[i][j]: accuracy on task j.
 R = [
@@ -113,9 +114,9 @@ def test_drift_paired():
 
 def test_mean_std():
     # sample std of [1, 2, 3] = 1
-    assert cl.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert cl.mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
-    assert cl.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
 
 
 def S(mean, std, n=3):

@@ -1,8 +1,8 @@
-"""stages/config.py: strict sections, one message naming section.key, the value and the expectation."""
+"""ptf/common/config.py: strict sections, one message naming section.key, the value and the expectation."""
 import pytest
 from pydantic import Field
 
-from stages.config import ConfigError, StrictModel, load_section, parse_section
+from ptf.common.config import ConfigError, StrictModel, load_section, parse_section
 
 
 class Inner(StrictModel):

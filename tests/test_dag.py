@@ -1,8 +1,11 @@
 """The DAG and the params agree with the code (LitGPT's config-hub test, for DVC).
 
 - every `dvc.yaml` stage runs `python -m stages.<x>` or `accelerate launch ... -m stages.<x>`;
-- its deps list the stage module and every `stages/` module it imports, directly or not, so DVC
-  never serves a stale result after a shared module changes;
+- its deps list exactly the stage module and every `ptf/` library module it imports, directly
+  or not (no more: an edit to a module a stage does not run must not rerun it), so DVC never
+  serves a stale result after a shared module changes;
+- no stage entry module imports another one; `scripts/` and `bench/` import no `_private` name
+  of `stages/` or `ptf/` and nothing from `tests/`;
 - its `params` name the one section the module reads, and that section of every params file
   (params.yaml and configs/*.yaml) builds the module's strict `Config`.
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import parse_section, read_params
+from ptf.common.config import parse_section, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAM_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -33,8 +36,17 @@ def _module_of(cmd: str) -> str:
     return m.group(4)
 
 
+def _module_file(name: str) -> Path | None:
+    """The .py file of a project module (`ptf.x.y`, `stages.x`), or None (third party)."""
+    for cand in (ROOT / (name.replace(".", "/") + ".py"), ROOT / name.replace(".", "/") / "__init__.py"):
+        if name.split(".")[0] in ("ptf", "stages") and cand.is_file():
+            return cand
+    return None
+
+
 def imported_stage_modules(module: str) -> set[str]:
-    """`module` and every `stages.*` module it imports, transitively (read with ast, not run)."""
+    """`module` and every project module (`stages.*`, `ptf.*`) it imports, transitively (read
+    with ast, not run); package `__init__` files are left out (they hold only a docstring)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -42,15 +54,18 @@ def imported_stage_modules(module: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        path = ROOT / (name.replace(".", "/") + ".py")
+        path = _module_file(name)
+        if path is None:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            todo += [n for n in names if n.startswith("stages.") and (ROOT / (n.replace(".", "/") + ".py")).is_file()]
-    return seen
+            todo += [n for n in names if (ROOT / (n.replace(".", "/") + ".py")).is_file()
+                     and n.split(".")[0] in ("ptf", "stages")]
+    return {m for m in seen if (ROOT / (m.replace(".", "/") + ".py")).is_file()}
 
 
 def test_dvc_yaml_has_stages():
@@ -65,6 +80,55 @@ def test_stage_deps_list_every_imported_module(stage):
     needed = {m.replace(".", "/") + ".py" for m in imported_stage_modules(module)}
     missing = sorted(needed - deps)
     assert not missing, f"stage {stage!r} imports {missing} but does not list them in deps"
+    code = {d for d in deps if d.endswith(".py")}
+    extra = sorted(code - needed)
+    assert not extra, f"stage {stage!r} lists {extra} in deps but does not import them"
+
+
+def _entry_modules() -> set[str]:
+    return {_module_of(s["cmd"]) for s in _stages().values()}
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import statement in `path`."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, [a.name for a in node.names]))
+    return out
+
+
+@pytest.mark.parametrize("entry", sorted(_entry_modules()))
+def test_no_stage_entry_module_imports_another(entry):
+    others = _entry_modules() - {entry}
+    path = _module_file(entry)
+    bad = [m for m, names in _imports(path)
+           if m in others or (m == "stages" and any(f"stages.{n}" in others for n in names))]
+    assert not bad, f"{entry} imports the stage entry module(s) {bad}: move what they share into ptf/"
+
+
+def test_library_imports_no_stage():
+    bad = [(str(f.relative_to(ROOT)), m) for f in sorted((ROOT / "ptf").rglob("*.py"))
+           for m, _ in _imports(f) if m.split(".")[0] == "stages"]
+    assert not bad, f"the library imports stage entry modules: {bad}"
+
+
+@pytest.mark.parametrize("folder", ["scripts", "bench", "flows"])
+def test_scripts_import_no_private_name_and_no_tests(folder):
+    bad = []
+    for f in sorted((ROOT / folder).rglob("*.py")):
+        for m, names in _imports(f):
+            top = m.split(".")[0]
+            if top == "tests" or m in ("conftest",) or m.endswith("_fixtures"):
+                bad.append(f"{f.name}: imports {m}")
+            if top in ("stages", "ptf"):
+                bad += [f"{f.name}: imports private {m}.{n}" for n in names if n.startswith("_")]
+                bad += [f"{f.name}: imports private module {m}" for p in m.split(".") if p.startswith("_")]
+        if "sys.path.insert(0, str(REPO / \"tests\"))" in f.read_text():
+            bad.append(f"{f.name}: puts tests/ on sys.path")
+    assert not bad, bad
 
 
 def _param_keys(spec) -> list[str]:

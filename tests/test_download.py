@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import download, fetch
-from stages.cli import StageError
-from stages.config import ConfigError, load_section, parse_section
+from stages import download
+from ptf.data import fetch
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, load_section, parse_section
 from tests.download_fixtures import make_sources, make_tar, sha, task_files, wiki_xml, with_
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ each followed by `dvc repro` that reaches the next point:
                   appears, the process group is killed (the test checks that it died mid-save)
   finetune        `PIPELINE_FAULT=finetune`: the arm trained and saved, not yet renamed into place
   forgetting      `PIPELINE_FAULT=forgetting`: forgetting.json written, the other outputs not yet
-(`PIPELINE_FAULT` is read by `stages.cli.maybe_die`, which SIGKILLs its own process.)
+(`PIPELINE_FAULT` is read by `ptf.common.cli.maybe_die`, which SIGKILLs its own process.)
 After every kill: no file of `data/` outside a hidden `.<name>.tmp-*` / `.<name>.old-*` sibling
 is partial: each either matches the reference byte for byte (or, for a metrics JSON, on every
 deterministic key), or is a complete checkpoint. After the last rerun: every cached output hash
@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.atomic import atomic_dir
+from ptf.common.atomic import atomic_dir
 from tests.smoke import (CKPT, assert_same_results, finish, free_port, make_smoke_repo, pipeline_env, sh,
                          stable, start_repro)
 

@@ -1,4 +1,4 @@
-"""stages/fetch.py: pinned sources, nested members, safe and bounded extraction, url retries."""
+"""ptf/data/fetch.py: pinned sources, nested members, safe and bounded extraction, url retries."""
 from __future__ import annotations
 
 import http.server
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import fetch
-from stages.cli import StageError
+from ptf.data import fetch
+from ptf.common.cli import StageError
 from tests.download_fixtures import make_tar, sha
 
 PAYLOAD = b"inner payload\n" * 10

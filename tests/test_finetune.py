@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 
 from finetune_fixtures import make_root
 from stages import curves, sequential
-from stages.cli import StageError
-from stages.config import ConfigError, parse_section
-from stages.finetune import Config, run, stratified_fraction
-from stages.strategies import STRATEGIES, classify, load_backbone_as_lm, load_classifier
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, parse_section
+from ptf.data.tasks import stratified_fraction
+from ptf.training.finetune_config import FinetuneSection
+from stages.finetune import Config, run
+from ptf.models.artifacts import classify, load_backbone_as_lm, load_classifier
+from ptf.models.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -57,8 +60,10 @@ def params(**over):
     return p
 
 
-def cfg_of(p):
-    return parse_section("finetune", p, Config)
+def cfg_of(p, model=Config):
+    """The section validated whole (as the stages load it), then the keys `model` reads."""
+    parse_section("finetune", p, FinetuneSection)
+    return parse_section("finetune", p, model)
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +167,11 @@ def test_seeds_mean_std(root):
 
 
 def test_curves_and_sequential(root):
-    cfg = cfg_of(params())
-    c = curves.run(cfg, root)
+    c = curves.run(parse_section("finetune", params(), curves.Config), root)
     lines = (root / "data/plots/curves.csv").read_text().splitlines()
     assert lines[0] == "strategy,fraction,n_labels,seed,test_accuracy" and len(lines) == 1 + 2 * 2 * 2
     assert c["results"]["full"]["0.1"]["n_labels"] < c["results"]["full"]["1"]["n_labels"]
-    s = sequential.run(cfg, root)
+    s = sequential.run(parse_section("finetune", params(), sequential.Config), root)
     assert len(s["matrix"]) == 3 and all(len(r) == 2 for r in s["matrix"])
     assert s["n_classes"] == [2, 3] and s["chance"] == pytest.approx([0.5, 1 / 3])
     assert json.loads((root / "data/metrics/sequential.json").read_text())["order"] == ["movies", "source"]
@@ -213,7 +217,7 @@ def test_missing_task_and_bad_lora_fail_before_training(root):
     p = params()
     p["sequential"]["strategy"] = {"movies": "prompt_tuning", "source": "full"}
     with pytest.raises(ConfigError, match="not a sequential strategy"):
-        sequential.run(cfg_of(p), root)
+        sequential.run(cfg_of(p, sequential.Config), root)
 
 
 def test_cli_unknown_strategy_exits_1(tmp_path):

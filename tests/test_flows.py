@@ -182,7 +182,7 @@ if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
     except urllib.error.HTTPError:  # exists
         req = os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
         exp = json.load(urllib.request.urlopen(req))["experiment"]["experiment_id"]
-    # like stages/tracking.py: the tag is the group name for a foreach item
+    # like ptf/training/tracking.py: the tag is the group name for a foreach item
     api("runs/create", {"experiment_id": exp, "run_name": out, "start_time": int(time.time() * 1000),
                         "tags": [{"key": "dvc.stage", "value": os.environ["DVC_STAGE"].split("@")[0]}]})
 '''

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import cl_metrics as cl
+from ptf.measures import cl_metrics as cl
 from stages import forgetting as fg
-from stages.cli import StageError
-from stages.config import ConfigError, parse_section
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, parse_section
 from tests.finetune_fixtures import make_pretrained, make_tokenizer
 
 PARAMS = {
@@ -98,7 +98,7 @@ def pretrain_briefly(pre: Path, blocks: list[list[int]], steps: int = 40) -> Non
 
 
 def write_validation_shards(root: Path, blocks: list[list[int]]) -> None:
-    from stages.shards import write_shards
+    from ptf.data.shards import write_shards
 
     block_size = len(blocks[0])
     out = root / "data" / "shards" / "validation"
@@ -158,7 +158,8 @@ def eval_blocks(root):
 
 
 def lm_drift(root: Path, inputs, labels, ft_dir: Path) -> dict:
-    from stages.strategies import load_backbone_as_lm, pretrained_lm
+    from ptf.models.artifacts import load_backbone_as_lm
+    from ptf.models.lm import pretrained_lm
 
     pre = root / "data" / "models" / "pretrained"
     base, counts = fg.block_nll(pretrained_lm(pre), inputs, labels, "clm", 4)
@@ -220,7 +221,8 @@ def test_mlm_identical_backbone_zero_drift_and_perturbed_positive(tmp_path):
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from stages.strategies import load_backbone_as_lm, pretrained_lm
+    from ptf.models.artifacts import load_backbone_as_lm
+    from ptf.models.lm import pretrained_lm
 
     class Tok:
         mask_token_id, pad_token_id = 3, 0

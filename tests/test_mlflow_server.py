@@ -25,12 +25,12 @@ def test_dashboard_serves_the_project_store_on_localhost_only():
 
 
 def test_flow_reads_the_same_store_as_the_stages(monkeypatch, tmp_path):
-    import stages.tracking
+    import ptf.training.tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(tmp_path) == stages.tracking.tracking_uri(tmp_path)
+    assert tracking_uri(tmp_path) == ptf.training.tracking.tracking_uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking_uri(tmp_path) == stages.tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5001"
+    assert tracking_uri(tmp_path) == ptf.training.tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5001"
 
 
 def test_ui_links(monkeypatch):

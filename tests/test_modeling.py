@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import ConfigError, parse_section
-from stages.modeling import ModelConfig, build_model, flops_per_token, param_counts
+from ptf.common.config import ConfigError, parse_section
+from ptf.models.modeling import ModelConfig, build_model, flops_per_token, param_counts
 from pretrain_fixtures import TINY, make_tokenizer
 
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from pretrain_fixtures import make_data, pretrain_params, write_params
-from stages.cli import StageError
-from stages.config import ConfigError, parse_section
-from stages.pretrain import Config, mask_tokens, run, unigram_perplexity
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, parse_section
+from ptf.models.lm import mask_tokens
+from stages.pretrain import Config, run, unigram_perplexity
 from tests.smoke import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +37,8 @@ def mlflow_uri(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, mlflow_uri):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    from ptf.training.trainer import reset_accelerate
+    reset_accelerate()
 
 
 def _cfg(**over) -> Config:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from scripts import results as rs
-from stages import cl_metrics as cl
+from ptf.measures import cl_metrics as cl
+from ptf.measures.stats import mean_std
 from stages import forgetting as fg
-from stages.config import load_section, read_params
+from ptf.common.config import load_section, read_params
 from tests.finetune_fixtures import make_pretrained, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
             accs = [val(0.5, 0.9) for _ in SEEDS]
             rows += [{"task": "movies", "strategy": s, "fraction": frac, "n_labels": n, "seed": i,
                       "test_accuracy": a} for i, a in enumerate(accs)]
-            ms = cl.mean_std(accs)
+            ms = mean_std(accs)
             results.setdefault(s, {})[f"{frac:g}"] = {"mean": ms["mean"], "std": ms["std"],
                                                       "n_labels": n, "chosen_lr": 1e-3}
     write(root, "data/metrics/curves.json", {"task": "movies", "seeds": [0, 1, 2], "max_steps": 60,

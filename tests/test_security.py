@@ -97,10 +97,9 @@ def test_resuming_a_checkpoint_loads_it_with_weights_only(tmp_path, monkeypatch)
     resume path (`Trainer._resume` -> `Accelerator.load_state`) must read them weights-only."""
     import torch
 
-    from accelerate.state import AcceleratorState, GradientState
-    from stages.trainer import adamw, make_accelerator, warmup_cosine
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    from ptf.training.trainer import reset_accelerate
+    from ptf.training.trainer import adamw, make_accelerator, warmup_cosine
+    reset_accelerate()
     acc = make_accelerator("no", 1, 0)
     model = torch.nn.Linear(4, 2)
     opt = adamw([{"params": list(model.parameters()), "weight_decay": 0.0}], lr=1e-3)
@@ -120,8 +119,7 @@ def test_resuming_a_checkpoint_loads_it_with_weights_only(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "load", spy)
     acc.load_state(str(tmp_path / "ckpt"))
     assert calls and all(c is True for c in calls), calls
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def test_servers_bind_to_localhost_by_default():
@@ -167,7 +165,7 @@ def test_params_hold_no_secrets(path):
 def test_mlflow_run_records_no_secret_from_the_environment(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from stages.tracking import start_run
+    from ptf.training.tracking import start_run
     for var in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_KEY"):
         monkeypatch.setenv(var, SECRET)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -186,8 +184,8 @@ def test_mlflow_run_records_no_secret_from_the_environment(tmp_path, monkeypatch
 def test_unreachable_uri_with_credentials_is_reported_without_the_password():
     import socket
 
-    from stages.cli import StageError
-    from stages.tracking import check_reachable
+    from ptf.common.cli import StageError
+    from ptf.training.tracking import check_reachable
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

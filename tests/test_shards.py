@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import shards
-from stages.shards import (ShardError, load_blocks, load_split, read_manifest, write_block_arrays,
+from ptf.data import shards
+from ptf.data.shards import (ShardError, load_blocks, load_split, read_manifest, write_block_arrays,
                            write_shards)
 
 

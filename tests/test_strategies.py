@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from finetune_fixtures import make_pretrained, make_tokenizer
-from stages.config import ConfigError
-from stages import strategies as S
+from ptf.common.config import ConfigError
+from ptf.models import lm as L
+from ptf.models import strategies as S
 
 LABELS = ["neg", "pos"]
 
@@ -96,7 +97,7 @@ def test_penalty_zero_at_anchor_and_grows(pre, with_fisher):
     weights = None
     if with_fisher:
         weights = {n: torch.rand_like(p) + 0.1 for n, p in bb.named_parameters()}
-    pen = S.Penalty(bb, coef=2.0, weights=weights)
+    pen = L.Penalty(bb, coef=2.0, weights=weights)
     assert float(pen(bb)) == 0.0
     values = []
     for eps in (1e-3, 1e-2, 1e-1):
@@ -114,14 +115,14 @@ def test_penalty_zero_at_anchor_and_grows(pre, with_fisher):
 
 def test_fisher_is_nonnegative_and_normalized(pre, tmp_path):
     path, tok = pre
-    lm = S.pretrained_lm(path)
+    lm = L.pretrained_lm(path)
     ids = [tok("the movie was good and the plot was great")["input_ids"][:8]] * 4
 
     class Blocks(list):
         def __getitem__(self, idx):
             return {"input_ids": [list.__getitem__(self, i) for i in idx]}
 
-    f = S.estimate_fisher(lm, Blocks(ids), 8, n_blocks=2, batch_size=1, seed=0, normalize=True)
+    f = L.estimate_fisher(lm, Blocks(ids), 8, n_blocks=2, batch_size=1, seed=0, normalize=True)
     flat = torch.cat([v.flatten() for v in f.values()])
     assert (flat >= 0).all() and flat.mean() == pytest.approx(1.0, rel=1e-4)
     assert set(f) == {n for n, _ in lm.model.named_parameters()}
@@ -130,7 +131,7 @@ def test_fisher_is_nonnegative_and_normalized(pre, tmp_path):
 def test_replay_mixes_pretraining_loss_into_backbone_grads(pre):
     path, tok = pre
     clf = S.build_classifier(path, LABELS, "replay", ARMS["replay"], seed=0)
-    lm = S.pretrained_lm(path, backbone=clf.base_model)
+    lm = L.pretrained_lm(path, backbone=clf.base_model)
     assert lm.model is clf.model                                   # shared, not copied
     assert not lm.lm_head.weight.requires_grad                     # the pretrained head, frozen
     assert lm.lm_head.weight.data_ptr() != clf.model.embed_tokens.weight.data_ptr()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from stages import tokenizer as tokenizer_stage
-from stages.cli import StageError
-from stages.config import ConfigError, parse_section
-from stages.shards import ShardError, load_split, read_manifest
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, parse_section
+from ptf.data.shards import ShardError, load_split, read_manifest
 from stages.tokenize import Config, encode_blocks, load_tokenizer, pack, run
 from tests.test_tokenizer import make_docs, tok_config, write_corpus
 
@@ -212,7 +212,7 @@ def test_main_error_is_one_line(root, monkeypatch, capsys):
     (r / "params.yaml").write_text("tokenize:\n" + "".join(
         f"  {k}: {v}\n" for k, v in cfg(block_size=4096).model_dump().items()))
     monkeypatch.chdir(r)
-    from stages.cli import main_guard
+    from ptf.common.cli import main_guard
 
     with pytest.raises(SystemExit) as e:
         main_guard(stage.main)

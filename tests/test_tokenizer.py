@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.cli import StageError
-from stages.config import ConfigError, parse_section
-from stages.tokenizer import ROLES, Config, iter_texts, run
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, parse_section
+from ptf.data.corpus import iter_texts
+from stages.tokenizer import ROLES, Config, run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the of and in a to was is for on as by with he that at from his it an were are "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.cli import StageError
-from stages.tracking import (check_reachable, flatten, input_hashes, start_run, tracking_uri)
+from ptf.common.cli import StageError
+from ptf.training.tracking import (check_reachable, flatten, input_hashes, start_run, tracking_uri)
 from tests.smoke import free_port
 
 

@@ -7,19 +7,17 @@ import json
 import pytest
 import torch
 
-from stages.cli import StageError
-from stages.trainer import (COMPLETE, LoopConfig, Trainer, adamw, complete_checkpoints,
+from ptf.common.cli import StageError
+from ptf.training.trainer import (COMPLETE, LoopConfig, Trainer, adamw, complete_checkpoints,
                             make_accelerator, param_groups, warmup_cosine)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    from ptf.training.trainer import reset_accelerate
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def _model():

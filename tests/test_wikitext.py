@@ -1,7 +1,7 @@
-"""stages/wikitext.py: streaming pages out of a dump and markup to plain text."""
+"""ptf/data/wikitext.py: streaming pages out of a dump and markup to plain text."""
 import io
 
-from stages.wikitext import is_redirect, iter_pages, to_plain_text
+from ptf.data.wikitext import is_redirect, iter_pages, to_plain_text
 from tests.download_fixtures import wiki_xml
 
 

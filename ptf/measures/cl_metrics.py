@@ -202,13 +202,6 @@ def _exp(x: float) -> float:
 
 # ---------------------------------------------------------------- seeds and verdicts
 
-def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for one value) of the non-None values."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if v.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
-    return {"mean": float(v.mean()), "std": std, "n": int(v.size)}
 
 
 REPRODUCED = "reproduced"

@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from stages.config import ConfigError
+from ptf.common.config import ConfigError
 
 
 class StageError(RuntimeError):

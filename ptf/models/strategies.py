@@ -41,16 +41,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from stages.cli import StageError
-from stages.config import ConfigError, StrictModel
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, StrictModel
+from ptf.models.lm import Penalty, lm_loss, pretrained_lm
 
 STRATEGIES = ("full", "lower_lr", "linear_probe", "freeze_bottom", "gradual_unfreeze", "lora",
               "prompt_tuning", "replay", "ewc", "l2sp", "scratch")
 PEFT_STRATEGIES = ("lora", "prompt_tuning")
-META_FILE = "finetune_meta.json"       # beside every saved model: how to load it
 HEAD_NAMES = ("score", "classifier")
-PRETRAINED_REMEDY = ("restore it from the DVC cache with `dvc checkout data/models/pretrained`, or "
-                     "retrain it with `dvc repro -f pretrain`")
 Pooling = Literal["last", "mean"]
 
 
@@ -214,7 +212,7 @@ def count_trainable(model) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- building
 
-def _labels_kwargs(label_names: list[str]) -> dict[str, Any]:
+def labels_kwargs(label_names: list[str]) -> dict[str, Any]:
     return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
             "label2id": {n: i for i, n in enumerate(label_names)}}
 
@@ -239,11 +237,11 @@ def build_classifier(pretrained_dir: Path, label_names: list[str], strategy: str
     check_strategy(strategy)
     torch.manual_seed(seed)
     if strategy == "scratch":
-        config = AutoConfig.from_pretrained(pretrained_dir, **_labels_kwargs(label_names))
+        config = AutoConfig.from_pretrained(pretrained_dir, **labels_kwargs(label_names))
         model = AutoModelForSequenceClassification.from_config(config)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            pretrained_dir, **_labels_kwargs(label_names))
+            pretrained_dir, **labels_kwargs(label_names))
     model.config.classifier_pooling = pooling
     if strategy == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
@@ -299,127 +297,18 @@ def pooled_logits(model, input_ids, attention_mask, pooling: Pooling | None = No
 
 # --------------------------------------------------------------------------- pretraining objective
 
-def pretrained_lm(pretrained_dir: Path, backbone=None):
-    """The pretrained LM (`AutoModelForCausalLM`, or `AutoModelForMaskedLM` for an MLM
-    checkpoint) with its output layer untied and frozen (a copy of the pretrained LM head); if
-    `backbone` is given it replaces the LM's own backbone module (shared, not copied)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    cfg = AutoConfig.from_pretrained(pretrained_dir)
-    arch = (cfg.architectures or [""])[0]
-    cls = AutoModelForMaskedLM if arch.endswith("MaskedLM") else AutoModelForCausalLM
-    lm = cls.from_pretrained(pretrained_dir)
-    out = lm.get_output_embeddings()
-    out.weight = torch.nn.Parameter(out.weight.detach().clone())
-    lm.config.tie_word_embeddings = False
-    if is_masked_lm(lm):
-        from transformers import AutoTokenizer
-        lm.mask_token_id = AutoTokenizer.from_pretrained(pretrained_dir).mask_token_id
-    if backbone is not None:
-        setattr(lm, lm.base_model_prefix, backbone)
-    for name, p in lm.named_parameters():
-        if not name.startswith(backbone_prefix(lm)):
-            p.requires_grad_(False)
-    return lm
 
 
-def is_masked_lm(lm) -> bool:
-    return type(lm).__name__.endswith("MaskedLM")
 
 
-def lm_loss(lm, input_ids: torch.Tensor, generator: torch.Generator | None = None,
-            mask_prob: float = 0.15) -> torch.Tensor:
-    """The pretraining objective on packed blocks: next-token loss, or for a masked LM the
-    loss on `mask_prob` of the tokens replaced by [MASK] (seeded by `generator`)."""
-    if not is_masked_lm(lm):
-        return lm(input_ids=input_ids, labels=input_ids).loss
-    mask_id = getattr(lm, "mask_token_id", None)
-    if mask_id is None:
-        raise StageError("masked-LM replay/EWC needs a mask token in the pretrained tokenizer")
-    pick = torch.rand(input_ids.shape, generator=generator).to(input_ids.device) < mask_prob
-    labels = torch.where(pick, input_ids, torch.full_like(input_ids, -100))
-    return lm(input_ids=torch.where(pick, torch.full_like(input_ids, mask_id), input_ids),
-              labels=labels).loss
 
 
-def load_pretraining_blocks(root: Path, block_len: int):
-    """The pretraining train blocks (memory-mapped), cut to their first `block_len` tokens."""
-    from stages import paths
-    from stages.shards import load_blocks
-
-    manifest = root / paths.SHARDS / "manifest.json"
-    if not manifest.is_file():
-        raise StageError(f"{manifest}: missing; replay and ewc need the pretraining shards "
-                         "(run `dvc repro tokenize`)")
-    entry = json.loads(manifest.read_text())["train"]
-    return load_blocks(root / paths.SHARDS / "train", entry, verify=False), block_len
 
 
-def block_batches(blocks, block_len: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless seeded random batches of pretraining blocks (LongTensor batch x block_len)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(blocks)
-    while True:
-        idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
-        rows = blocks[idx]["input_ids"]
-        yield torch.tensor([r[:block_len] for r in rows], dtype=torch.long)
 
 
-def estimate_fisher(lm, blocks, block_len: int, n_blocks: int, batch_size: int, seed: int,
-                    normalize: bool) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of the pretraining objective over the backbone parameters
-    (keys relative to the backbone): mean over batches of the squared gradient."""
-    backbone = getattr(lm, lm.base_model_prefix)
-    params = {n: p for n, p in backbone.named_parameters()}
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    device = next(lm.parameters()).device
-    it = block_batches(blocks, block_len, batch_size, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    n_batches = max(1, -(-n_blocks // batch_size))
-    lm.eval()
-    req = {n: p.requires_grad for n, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    for _ in range(n_batches):
-        lm.zero_grad(set_to_none=True)
-        lm_loss(lm, next(it).to(device), g).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                fisher[n] += p.grad.detach() ** 2 / n_batches
-    lm.zero_grad(set_to_none=True)
-    for n, p in params.items():
-        p.requires_grad_(req[n])
-    if normalize:
-        mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp(min=1e-30)
-        fisher = {n: f / mean for n, f in fisher.items()}
-    return fisher
 
 
-class Penalty(torch.nn.Module):
-    """coef/2 * sum_i w_i (theta_i - anchor_i)^2 over the backbone (w = 1: L2-SP; w = F: EWC)."""
-
-    def __init__(self, backbone, coef: float, weights: dict[str, torch.Tensor] | None = None):
-        super().__init__()
-        self.coef = coef
-        self.names = [n for n, _ in backbone.named_parameters()]
-        self._anchor = {n: p.detach().clone() for n, p in backbone.named_parameters()}
-        self._weights = weights
-
-    def to_device(self, device) -> "Penalty":
-        self._anchor = {n: a.to(device) for n, a in self._anchor.items()}
-        if self._weights is not None:
-            self._weights = {n: w.to(device) for n, w in self._weights.items()}
-        return self
-
-    def forward(self, backbone) -> torch.Tensor:
-        total = None
-        for n, p in backbone.named_parameters():
-            d = (p - self._anchor[n]) ** 2
-            if self._weights is not None:
-                d = d * self._weights[n]
-            s = d.sum()
-            total = s if total is None else total + s
-        return 0.5 * self.coef * total
 
 
 # --------------------------------------------------------------------------- the model the loop trains
@@ -457,76 +346,10 @@ class TaskModel(torch.nn.Module):
 
 # --------------------------------------------------------------------------- loading saved models
 
-def check_weights(model_dir: Path, remedy: str) -> None:
-    """A model directory must hold safetensors weights that open whole (header and every byte it
-    declares): a truncated or corrupt file is a `StageError` naming the file and `remedy`, not a
-    deserialisation error deep in `from_pretrained`."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise StageError(f"{model_dir}: no *.safetensors weights; {remedy}")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                st.keys()
-        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: all mean "bad file"
-            raise StageError(f"{f}: truncated or corrupt safetensors file ({e}); {remedy}") from None
-
-def read_meta(model_dir: Path) -> dict[str, Any]:
-    f = Path(model_dir) / META_FILE
-    if not f.is_file():
-        raise StageError(f"{f}: missing; not a fine-tuned model directory")
-    return json.loads(f.read_text())
 
 
-def load_classifier(model_dir: Path, pretrained_dir: Path | None = None, merge: bool = False):
-    """A saved fine-tuned classifier: `AutoModelForSequenceClassification` for full-weight
-    strategies, `PeftModel` (on the pretrained base) for lora/prompt_tuning; `merge=True` merges
-    LoRA into the weights and returns the plain transformers model."""
-    from transformers import AutoModelForSequenceClassification
-
-    model_dir = Path(model_dir)
-    meta = read_meta(model_dir)
-    check_weights(model_dir, f"restore it with `dvc checkout {model_dir}` or rebuild it with "
-                             "`dvc repro -f` of the stage that wrote it")
-    if not meta["peft"]:
-        return AutoModelForSequenceClassification.from_pretrained(model_dir)
-    from peft import PeftModel
-    base_dir = Path(pretrained_dir or meta["pretrained_dir"])
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_dir, **_labels_kwargs(meta["label_names"]))
-    base.config.classifier_pooling = meta["pooling"]
-    model = PeftModel.from_pretrained(base, model_dir)
-    if merge and meta["strategy"] == "lora":
-        return model.merge_and_unload()
-    return model
 
 
-def load_backbone_as_lm(finetuned_dir: Path, pretrained_dir: Path):
-    """The fine-tuned backbone under the PRETRAINED LM head (an untied copy of the pretrained
-    output layer), as `AutoModelForCausalLM` (or MaskedLM): for measuring forgetting.
-    LoRA is merged first; prompt tuning leaves the backbone as pretrained (the soft prompt is not
-    part of the LM input)."""
-    clf = load_classifier(finetuned_dir, pretrained_dir, merge=True)
-    clf = unwrap_hf(clf)
-    lm = pretrained_lm(pretrained_dir)
-    target = getattr(lm, lm.base_model_prefix)
-    missing, unexpected = target.load_state_dict(clf.base_model.state_dict(), strict=False)
-    unexpected = [k for k in unexpected if not k.startswith("pooler.")]
-    if missing or unexpected:
-        raise StageError(f"{finetuned_dir}: backbone does not match the pretrained LM "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    return lm.eval()
 
 
-@torch.no_grad()
-def classify(model, tokenizer, texts: list[str], max_length: int = 128) -> list[int]:
-    """Predicted class ids for raw texts (the pooling recorded in the model's config)."""
-    model.eval()
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return pooled_logits(model, enc["input_ids"], enc["attention_mask"]).argmax(-1).tolist()
+

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from stages.atomic import write_bytes
+from ptf.common.atomic import write_bytes
 
 
 def _f(stats: dict[str, Any] | None, scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:

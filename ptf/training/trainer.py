@@ -30,7 +30,7 @@ Contracts:
 - `step_hook(step, model)`: called on every process at the start of each optimizer step
   (0-based, including the first step after a resume). Make it a function of `step` alone
   (e.g. "layers >= n - step // k are trainable"), so a resume reconstructs the same state.
-- `log_fn(metrics, step)`: main process only (e.g. `stages.tracking.RunLogger.log`).
+- `log_fn(metrics, step)`: main process only (e.g. `ptf.training.tracking.RunLogger.log`).
 - `on_best(step, metrics)`: main process only, after an eval that improved the metric
   (e.g. keep a copy of the best weights).
 - Scheduler: a prepared scheduler steps `num_processes` times per optimizer step, so
@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.cli import StageError
+from ptf.common.cli import StageError
 
 LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
 COMPLETE = "COMPLETE"
@@ -72,6 +72,15 @@ STATE_FILE = "trainer_state.json"
 
 
 # --------------------------------------------------------------------------- construction helpers
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons, so that the next `Accelerator` in this
+    process starts fresh (several training runs in one process: tests, benchmarks). Accelerate
+    has no public API for it; this is the reset its own test suite uses."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
 
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, seed: int = 0,
                      log_with: Any = None, project_dir: str | None = None, cpu: bool | None = None):

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.cli import StageError
+from ptf.common.cli import StageError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

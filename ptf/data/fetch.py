@@ -40,8 +40,8 @@ from typing import Annotated, Any, BinaryIO, Literal, Union
 
 from pydantic import AfterValidator, Field
 
-from stages.cli import StageError, maybe_die
-from stages.config import StrictModel
+from ptf.common.cli import StageError, maybe_die
+from ptf.common.config import StrictModel
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _CHUNK = 1 << 20

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.cli import StageError, maybe_die
+from ptf.common.cli import StageError, maybe_die
 
 SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
 BATCH_BLOCKS = 1024  # blocks per record batch: bounds memory while writing

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages.config import StrictModel
+from ptf.common.config import StrictModel
 
 Objective = Literal["clm", "mlm"]
 

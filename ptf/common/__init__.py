@@ -1,0 +1,1 @@
+"""ptf.common: see ptf/__init__.py."""

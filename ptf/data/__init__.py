@@ -1,0 +1,1 @@
+"""ptf.data: see ptf/__init__.py."""

@@ -1,0 +1,63 @@
+"""Reading the pretraining corpus (no CLI): `data/corpus/*.jsonl`, one document per line.
+
+In:  a jsonl file of objects with a string `text` (the download stage's output).
+Out: the documents' texts, streamed (`iter_texts`), or in lists (`iter_batches`); `StageError`
+     naming the file and line for anything malformed. Used by the tokenizer and tokenize stages.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ptf.common.cli import StageError
+
+def iter_texts(path: Path, on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
+    """Yield the `text` of each document of a jsonl corpus file, streaming.
+
+    `on_bytes(n)` (a progress bar's `update`) is called with each line's size in bytes.
+    Blank lines are skipped, and so are documents whose text is empty. Raises `StageError`
+    naming the file (and the line) for a missing file, a non-UTF-8 or malformed line, and a
+    file without any non-empty document.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: corpus file not found (run the `download` stage first)")
+    n = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise StageError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
+                                 f"{e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column "
+                                 f"{e.colno})") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise StageError(f"{path}:{lineno}: expected a JSON object with a string "
+                                 "\"text\" field")
+            if doc["text"]:
+                n += 1
+                yield doc["text"]
+    if n == 0:
+        raise StageError(f"{path}: empty corpus (no document with non-empty text)")
+
+
+def iter_batches(path: Path, batch_docs: int) -> Iterator[list[str]]:
+    """`iter_texts` grouped into lists of at most `batch_docs` texts."""
+    batch: list[str] = []
+    for text in iter_texts(path):
+        batch.append(text)
+        if len(batch) >= batch_docs:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+

@@ -1,0 +1,1 @@
+"""ptf.measures: see ptf/__init__.py."""

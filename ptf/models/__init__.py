@@ -1,0 +1,1 @@
+"""ptf.models: see ptf/__init__.py."""

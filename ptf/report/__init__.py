@@ -1,0 +1,1 @@
+"""ptf.report: see ptf/__init__.py."""

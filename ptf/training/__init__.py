@@ -1,0 +1,1 @@
+"""ptf.training: see ptf/__init__.py."""

@@ -1,0 +1,119 @@
+"""The typed `finetune` params section, shared by the finetune, curves and sequential stages.
+
+In:  the `finetune` section of params.yaml.
+Out: `FinetuneSection` (the whole section, strict: an unknown or misspelt key anywhere is an
+     error), and the subsets each stage reads: `FinetuneCommon` (pooling, data, train, arms,
+     experiment) plus the stage's own keys (`FinetuneKeys`, `CurvesKeys`, `SequentialKeys`).
+     `load_stage_config(model)` validates the whole section, then builds `model` from it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator
+
+from ptf.common.config import PARAMS_FILE, ConfigError, StrictModel, parse_section, read_params
+from ptf.data.tasks import DataCfg
+from ptf.models.strategies import STRATEGIES, Arms
+
+SECTION = "finetune"
+
+
+class TrainCfg(StrictModel):
+    batch_size: int = Field(gt=0)
+    eval_batch_size: int = Field(gt=0)
+    grad_accum: int = Field(gt=0)
+    max_steps: int = Field(gt=0)        # optimizer steps, every arm
+    warmup_steps: int = Field(ge=0)
+    eval_every: int = Field(gt=0)       # optimizer steps between validation evals
+    patience: int | None = Field(default=None, ge=0)   # evals without improvement; null: off
+    grad_clip: float = Field(ge=0.0)    # 0: off
+    mixed_precision: Literal["no", "fp16", "bf16"]
+
+
+class SectionSubset(StrictModel):
+    """Some keys of the shared section; the others belong to the other stages (validated whole
+    by `FinetuneSection`)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+def _strategies(v: list[str]) -> list[str]:
+    for s in v:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; expected one of {list(STRATEGIES)}")
+    return v
+
+
+class CurvesCfg(StrictModel):
+    task: str
+    strategies: list[str] = Field(min_length=1)
+    fractions: list[float] = Field(min_length=1)   # of the (capped) training split, in (0, 1]
+    seeds: list[int] = Field(min_length=1)
+    max_steps: int = Field(gt=0)
+    lr_search: bool                     # true: search each arm's grid per fraction; false: its first LR
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        return _strategies(v)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"label fractions must be in (0, 1], got {bad}")
+        return v
+
+
+class SequentialCfg(StrictModel):
+    order: list[str] = Field(min_length=1)
+    strategy: dict[str, str]            # task -> strategy used when training it
+    seed: int
+    max_steps: int = Field(gt=0)
+
+
+class FinetuneCommon(SectionSubset):
+    pooling: Literal["last", "mean"]
+    data: DataCfg
+    train: TrainCfg
+    arms: Arms
+    experiment: str = "pretrain-finetune-forgetting"
+
+
+class FinetuneKeys(FinetuneCommon):
+    """What the finetune stage reads: its matrix and seeds."""
+    tasks: list[str] = Field(min_length=1)
+    strategies: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        return _strategies(v)
+
+
+class CurvesKeys(FinetuneCommon):
+    curves: CurvesCfg
+
+
+class SequentialKeys(FinetuneCommon):
+    sequential: SequentialCfg
+
+
+class FinetuneSection(FinetuneKeys, CurvesKeys, SequentialKeys):
+    """The whole section, strict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def load_stage_config(model, path: Path = PARAMS_FILE):
+    """The section validated whole (a typo in another stage's key fails every stage), then the
+    keys `model` declares."""
+    params = read_params(path)
+    if SECTION not in params:
+        raise ConfigError(f"invalid params: {SECTION}: missing section in {path}")
+    parse_section(SECTION, params[SECTION], FinetuneSection)
+    return parse_section(SECTION, params[SECTION], model)
