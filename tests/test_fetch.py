@@ -1,8 +1,12 @@
-"""ptf/data/fetch.py: pinned sources, nested members, safe and bounded extraction, url retries."""
+"""ptf/data/fetch.py: pinned sources, nested members, safe and bounded extraction, and the
+retries of `url` and `pypi` fetches against real local servers on 127.0.0.1 that fail on purpose
+(an HTTP file server; a PEP 503 package index that real `pip download` runs go through)."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
+import os
 import stat
 import threading
 import zipfile
@@ -87,17 +91,32 @@ def server(tmp_path):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/file.txt", state
     httpd.shutdown()
+
+
+def test_backoff_doubles_and_is_bounded():
+    assert fetch.backoff_delays(4, 2.0) == [2.0, 4.0, 8.0]
+    assert fetch.backoff_delays(1, 2.0) == []
+    for model in (fetch.UrlSource, fetch.PypiSource):  # the same bounds for both kinds
+        assert model.model_fields["retries"].default == 4
+        assert model.model_fields["backoff_s"].default == 2.0
+    with pytest.raises(ValueError):
+        fetch.PypiSource(kind="pypi", name="x", version="1", dist="wheel", sha256="0" * 64, retries=21)
+    with pytest.raises(ValueError):
+        fetch.PypiSource(kind="pypi", name="x", version="1", dist="wheel", sha256="0" * 64, backoff_s=601)
 
 
 def test_url_retries_then_succeeds(server, tmp_path):
     url, state = server
     state["fail"] = 2
-    src = fetch.UrlSource(kind="url", url=url, sha256=sha(PAYLOAD), retries=3, backoff_s=0.01)
-    out, _ = fetch.fetch(src, tmp_path / "raw", cache=[], root=tmp_path, max_bytes=10_000)
+    slept: list[float] = []
+    src = fetch.UrlSource(kind="url", url=url, sha256=sha(PAYLOAD), retries=3, backoff_s=0.5)
+    out, _ = fetch.fetch(src, tmp_path / "raw", cache=[], root=tmp_path, max_bytes=10_000,
+                         sleep=slept.append)
     assert out.name == "file.txt" and out.read_bytes() == PAYLOAD and state["hits"] == 3
+    assert slept == [0.5, 1.0]
 
 
 def test_url_fails_after_last_try(server, tmp_path):
@@ -110,48 +129,114 @@ def test_url_fails_after_last_try(server, tmp_path):
 
 
 def test_url_sha_mismatch_and_size_bound(server, tmp_path):
-    url, _ = server
+    url, state = server
     bad = fetch.UrlSource(kind="url", url=url, sha256="0" * 64, backoff_s=0.0)
     with pytest.raises(StageError, match=f"sha256 mismatch for file.txt: expected {'0' * 64}, got {sha(PAYLOAD)}"):
         fetch.fetch(bad, tmp_path / "raw", cache=[], root=tmp_path, max_bytes=10_000)
     small = fetch.UrlSource(kind="url", url=url, sha256=sha(PAYLOAD), backoff_s=0.0)
+    hits = state["hits"]
     with pytest.raises(StageError, match="larger than max_bytes=10"):
         fetch.fetch(small, tmp_path / "raw", cache=[], root=tmp_path, max_bytes=10)
+    assert state["hits"] == hits + 1  # too large is final: not tried again
 
 
-def test_pip_failure_is_one_clear_error(tmp_path, monkeypatch):
-    class Proc:
-        returncode = 1
-        stdout = ""
-        stderr = "ERROR: No matching distribution found for nosuchpkg==0.0.1\n"
+# ----------------------------------------------------------------------------- pypi, real pip
 
-    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: Proc())
-    src = fetch.PypiSource(kind="pypi", name="nosuchpkg", version="0.0.1", dist="sdist",
-                           members=["x"], sha256="0" * 64)
-    with pytest.raises(StageError, match=r"pypi nosuchpkg==0.0.1 \(sdist\): pip download failed .*No matching"):
-        fetch.fetch(src, tmp_path / "raw", cache=[], root=tmp_path, max_bytes=10)
+def _wheel(name: str, version: str, files: dict[str, bytes]) -> tuple[str, bytes]:
+    buf = io.BytesIO()
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+        zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{dist}/RECORD", "")
+    return f"{name}-{version}-py3-none-any.whl", buf.getvalue()
 
 
-def test_pip_command_line(tmp_path, monkeypatch):
-    seen = {}
+@pytest.fixture
+def index(tmp_path, monkeypatch):
+    """A PEP 503 package index on 127.0.0.1 serving one wheel, `toypkg 1.0`, and pip configured
+    to use it alone (no config file, no find-links, its own cache). `plan` lists what the next
+    requests get, in order: "503" (Service Unavailable) or "cut" (half the body, then the
+    connection closes); requests past the plan are served. `requests` records every path."""
+    whl_name, whl = _wheel("toypkg", "1.0", {"toypkg/data.txt": PAYLOAD})
+    state = {"plan": [], "requests": []}
 
-    def fake_run(cmd, **kw):
-        seen["cmd"] = cmd
-        dest = Path(cmd[cmd.index("--dest") + 1])
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("pkg/x.txt", PAYLOAD)
-        (dest / "pkg-1.0-py3-none-any.whl").write_bytes(buf.getvalue())
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"].append(self.path)
+            if self.path.rstrip("/") == "/simple/toypkg":
+                digest = hashlib.sha256(whl).hexdigest()
+                body = f'<a href="/files/{whl_name}#sha256={digest}">{whl_name}</a>'.encode()
+                ctype = "text/html"
+            elif self.path == f"/files/{whl_name}":
+                body, ctype = whl, "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            fault = state["plan"].pop(0) if state["plan"] else None
+            if fault == "503":
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+            if fault == "cut":
+                self.close_connection = True
 
-        class P:
-            returncode, stdout, stderr = 0, "", ""
-        return P()
+        def log_message(self, *a):
+            pass
 
-    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
-    src = fetch.PypiSource(kind="pypi", name="pkg", version="1.0", dist="wheel", members=["pkg/x.txt"],
-                           sha256=sha(PAYLOAD))
-    out, _ = fetch.fetch(src, tmp_path / "raw", cache=[], root=tmp_path, max_bytes=10_000)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{httpd.server_address[1]}/simple/")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
+    for var in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var, raising=False)
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _toypkg(**over) -> fetch.PypiSource:
+    return fetch.PypiSource(**{"kind": "pypi", "name": "toypkg", "version": "1.0", "dist": "wheel",
+                               "members": ["toypkg/data.txt"], "sha256": sha(PAYLOAD), **over})
+
+
+def test_pypi_retries_in_transit_then_succeeds(index, tmp_path):
+    """The index answers 503 once, then the wheel's transfer is cut halfway: pip fails twice
+    (it does not retry on its own), the third try gets the wheel, with url's backoff between."""
+    index["plan"] = ["503", None, "cut"]
+    slept: list[float] = []
+    out, fetched = fetch.fetch(_toypkg(retries=3, backoff_s=0.5), tmp_path / "raw", cache=[],
+                               root=tmp_path, max_bytes=10_000, sleep=slept.append)
+    assert fetched and out == tmp_path / "raw" / sha(PAYLOAD) / "data.txt"
     assert out.read_bytes() == PAYLOAD
-    cmd = seen["cmd"]
-    assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--only-binary" in cmd
-    assert cmd[-1] == "pkg==1.0"
+    assert slept == [0.5, 1.0]
+    whl = "/files/toypkg-1.0-py3-none-any.whl"
+    assert index["requests"] == ["/simple/toypkg/", "/simple/toypkg/", whl, "/simple/toypkg/", whl]
+
+
+def test_pypi_fails_after_last_try_with_one_clear_error(index, tmp_path):
+    index["plan"] = ["503"] * 10
+    slept: list[float] = []
+    with pytest.raises(StageError, match=r"^pypi toypkg==1.0 \(wheel\): download failed after 2 tries; "
+                                         r"last error: pip download failed \(exit 1\): .*No matching"):
+        fetch.fetch(_toypkg(retries=2, backoff_s=0.25), tmp_path / "raw", cache=[], root=tmp_path,
+                    max_bytes=10_000, sleep=slept.append)
+    assert index["requests"] == ["/simple/toypkg/"] * 2 and slept == [0.25]
+    assert not (tmp_path / "raw").exists()
+
+
+def test_pypi_asks_pip_for_the_kind_of_dist_pinned(index, tmp_path):
+    """The index has only a wheel: `dist: sdist` must not accept it (pip's --no-binary)."""
+    with pytest.raises(StageError, match=r"after 1 try; .*No matching distribution found for toypkg==1.0"):
+        fetch.fetch(_toypkg(dist="sdist", retries=1), tmp_path / "raw", cache=[], root=tmp_path,
+                    max_bytes=10_000)
+    out, _ = fetch.fetch(_toypkg(dist="wheel", retries=1), tmp_path / "raw", cache=[], root=tmp_path,
+                         max_bytes=10_000)
+    assert out.read_bytes() == PAYLOAD

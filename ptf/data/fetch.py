@@ -14,6 +14,13 @@ only if it is a regular file whose name stays inside the archive: an entry that 
 requested path through an absolute name or `..` is refused, as are symlinks and hardlinks.
 Pin the member's hash, not the archive's: wheels differ by platform, sdists by packaging run.
 
+Transient failures: a `url` or `pypi` fetch is tried up to `retries` times, waiting
+`backoff_s`, then twice as long before each next try (2, 4, 8 s by default), then fails with one
+error quoting the last cause. pip's own retries are turned off (`--retries 0`), so this is the
+one bounded policy for both. What cannot get better by waiting (a file over `max_bytes`, a pip
+run that fetched no single file) fails at once. (A wrong sha256 fails at once too: the bytes
+arrived whole, and are wrong.)
+
 No CLI: used by `stages.download`.
 """
 from __future__ import annotations
@@ -36,6 +43,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, BinaryIO, Literal, Union
 
 from pydantic import AfterValidator, Field
@@ -65,12 +73,15 @@ class _Pinned(StrictModel):
 
 
 class PypiSource(_Pinned):
-    """A pinned distribution fetched with `pip download --no-deps` through pip's configured index."""
+    """A pinned distribution fetched with `pip download --no-deps` through pip's configured index,
+    with retries and exponential backoff (as `url`); `timeout_s` bounds each try."""
 
     kind: Literal["pypi"]
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     version: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")]
     dist: Literal["wheel", "sdist"]
+    retries: Annotated[int, Field(ge=1, le=20)] = 4
+    backoff_s: Annotated[float, Field(ge=0, le=600)] = 2.0
     timeout_s: Annotated[float, Field(gt=0)] = 900.0
 
     def describe(self) -> str:
@@ -232,30 +243,62 @@ def read_member(archive: Path, member: str, max_bytes: int, what: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------- fetching
-def _pip_download(src: PypiSource, dest: Path) -> Path:
+class Transient(Exception):
+    """A failed try that another try may get past (a network error, an HTTP 5xx, a cut transfer)."""
+
+
+def backoff_delays(retries: int, backoff_s: float) -> list[float]:
+    """The waits before tries 2..retries: backoff_s, 2 x backoff_s, 4 x backoff_s, ..."""
+    return [backoff_s * 2 ** i for i in range(retries - 1)]
+
+
+def with_retries(what: str, retries: int, backoff_s: float, attempt: Callable[[int], Path],
+                 sleep: Callable[[float], None] = time.sleep) -> Path:
+    """`attempt(i)` for i = 0, 1, ... until it returns, at most `retries` times, sleeping
+    `backoff_delays` between tries. Only `Transient` failures are tried again; after the last,
+    one `StageError` naming `what`, the number of tries and the last cause."""
+    delays = backoff_delays(retries, backoff_s)
+    last: Transient | None = None
+    for i in range(retries):
+        if i:
+            sleep(delays[i - 1])
+        try:
+            return attempt(i)
+        except Transient as e:
+            last = e
+    tries = "1 try" if retries == 1 else f"{retries} tries"
+    raise StageError(f"{what}: download failed after {tries}; last error: {last}")
+
+
+def _pip_download(src: PypiSource, dest: Path, sleep: Callable[[float], None] = time.sleep) -> Path:
     binary = ["--only-binary", ":all:"] if src.dist == "wheel" else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "off", *binary, "--dest", str(dest), f"{src.name}=={src.version}"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=src.timeout_s)
-    except subprocess.TimeoutExpired as e:
-        raise StageError(f"{src.describe()}: pip download took longer than {src.timeout_s} s") from e
-    if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise StageError(f"{src.describe()}: pip download failed (exit {proc.returncode}): {tail}")
-    files = sorted(p for p in dest.iterdir() if p.is_file())
-    if len(files) != 1:
-        raise StageError(f"{src.describe()}: expected one downloaded file, got {[p.name for p in files]}")
-    return files[0]
+
+    def attempt(i: int) -> Path:
+        into = dest / f"try-{i}"  # a fresh folder: nothing a failed try left can be taken
+        into.mkdir()
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "off", "--retries", "0", *binary, "--dest", str(into),
+               f"{src.name}=={src.version}"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=src.timeout_s)
+        except subprocess.TimeoutExpired as e:
+            raise Transient(f"pip download took longer than {src.timeout_s} s") from e
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise Transient(f"pip download failed (exit {proc.returncode}): {tail}")
+        files = sorted(p for p in into.iterdir() if p.is_file())
+        if len(files) != 1:
+            raise StageError(f"{src.describe()}: expected one downloaded file, got {[p.name for p in files]}")
+        return files[0]
+
+    return with_retries(src.describe(), src.retries, src.backoff_s, attempt, sleep)
 
 
-def _url_download(src: UrlSource, dest: Path, max_bytes: int, sleep=time.sleep) -> Path:
+def _url_download(src: UrlSource, dest: Path, max_bytes: int, sleep: Callable[[float], None] = time.sleep) -> Path:
     name = posixpath.basename(urllib.parse.urlsplit(src.url).path) or "download"
     out = dest / name
-    last: BaseException | None = None
-    for attempt in range(src.retries):
-        if attempt:
-            sleep(src.backoff_s * 2 ** (attempt - 1))
+
+    def attempt(i: int) -> Path:
         try:
             req = urllib.request.Request(src.url, headers={"User-Agent": "pipeline-download/1"})
             with urllib.request.urlopen(req, timeout=src.timeout_s) as resp, open(out, "wb") as f:
@@ -264,11 +307,10 @@ def _url_download(src: UrlSource, dest: Path, max_bytes: int, sleep=time.sleep) 
                 if length is not None and n != int(length):
                     raise OSError(f"connection closed after {n} of {length} bytes")
             return out
-        except StageError:
-            raise
         except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError is a URLError
-            last = e
-    raise StageError(f"{src.describe()}: download failed after {src.retries} tries; last error: {last}")
+            raise Transient(str(e)) from e
+
+    return with_retries(src.describe(), src.retries, src.backoff_s, attempt, sleep)
 
 
 def _local_file(src: FileSource, root: Path) -> Path:
@@ -295,10 +337,12 @@ def _cached(raw_dirs: list[Path], sha: str) -> Path | None:
 
 
 def fetch(src: PypiSource | UrlSource | FileSource, new_raw: Path, *, cache: list[Path],
-          root: Path, max_bytes: int) -> tuple[Path, bool]:
+          root: Path, max_bytes: int,
+          sleep: Callable[[float], None] = time.sleep) -> tuple[Path, bool]:
     """Fetch `src`, walk its `members`, verify the final sha256, store it as `new_raw/<sha>/<name>`.
 
-    `cache` lists previous raw dirs searched first. Returns (path, fetched: False if from cache).
+    `cache` lists previous raw dirs searched first; `sleep` waits between tries. Returns
+    (path, fetched: False if from cache).
     """
     what = src.describe()
     final_name = posixpath.basename(src.members[-1]) if src.members else None
@@ -313,9 +357,9 @@ def fetch(src: PypiSource | UrlSource | FileSource, new_raw: Path, *, cache: lis
     with tempfile.TemporaryDirectory(prefix="fetch-") as td:
         tmp = Path(td)
         if isinstance(src, PypiSource):
-            current = _pip_download(src, tmp)
+            current = _pip_download(src, tmp, sleep)
         elif isinstance(src, UrlSource):
-            current = _url_download(src, tmp, max_bytes)
+            current = _url_download(src, tmp, max_bytes, sleep)
         else:
             current = _local_file(src, root)
         if current.stat().st_size > max_bytes:
