@@ -102,25 +102,39 @@ def make_sources(d: Path) -> dict[str, Any]:
         "max_bytes": 10_000_000,
         "corpus": {
             "source": {"kind": "file", "path": str(d / "dump.xml.bz2"), "sha256": sha(dump)},
+            "format": {"kind": "mediawiki"},
             "validation_fraction": 0.25,
             "max_articles": None,
             "add_task_text": False,
         },
         "tasks": {
             "source": {"kind": "file", "path": str(tar_path), "sha256": sha(tar_path.read_bytes())},
-            "files": {k: {"member": f"hutto/{k}.txt", "sha256": sha(v),
-                          "group_by_document": k in ("amazon", "nyt")} for k, v in files.items()},
+            "files": {k: {"member": f"hutto/{k}.txt", "sha256": sha(v), **vader_table(k in ("amazon", "nyt"))}
+                      for k, v in files.items()},
+            "labels": {"polarity": POLARITY, "source": {"kind": "table"}},
             "tasks": {"movies": {"files": ["movies"], "labels": "polarity"},
                       "amazon": {"files": ["amazon"], "labels": "polarity"},
                       "nyt": {"files": ["nyt"], "labels": "polarity"},
                       "tweets": {"files": ["tweets"], "labels": "polarity"},
                       "source": {"files": ["movies", "amazon", "nyt", "tweets"], "labels": "source"}},
-            "polarity_threshold": 0.5,
             "validation_fraction": 0.2,
             "test_fraction": 0.2,
             "max_train": None,
+            "dedup_across_splits": False,
         },
     }
+
+
+POLARITY = {"kind": "bins", "column": "rating", "range": [-4, 4],
+            "classes": {"negative": [-4, -0.5], "positive": [0.5, 4]}}
+
+
+def vader_table(grouped: bool) -> dict[str, Any]:
+    """The table params of a VADER file: `id<TAB>rating<TAB>text`, grouped by document or not."""
+    t = {"format": {"kind": "tsv", "columns": ["id", "rating", "text"]}, "text": "text", "id": "id"}
+    if grouped:
+        t["group"] = {"column": "id", "pattern": r"(\d+)_\d+"}
+    return t
 
 
 def with_(params: dict, dotted: str, value: Any) -> dict:

@@ -162,7 +162,9 @@ def test_hf_source_calls_load_dataset(built, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hf = {"kind": "hf", "name": "wikimedia/wikipedia", "config": "20231101.en", "split": "train",
           "revision": "b04c8d1ceb2f5cd4588862100d08de323dccfbaa"}
-    m = download.run(cfg_of(with_(params, "corpus.source", hf)), tmp_path)
+    p = with_(with_(params, "corpus.source", hf), "corpus.format",
+              {"kind": "hf", "text_column": "text", "id_column": "id", "title_column": "title"})
+    m = download.run(cfg_of(p), tmp_path)
     assert calls == [("wikimedia/wikipedia", "20231101.en", "train", hf["revision"])]
     assert m["corpus"]["articles"] == 3 and m["sources"]["corpus"]["kind"] == "hf"
 
@@ -269,11 +271,12 @@ def _tasks_with(params, d, name, data):
 def test_non_utf8_task_file(good_root):
     params, d, fails = good_root
     data = task_files()["tweets"] + b"\r\n99\t1.0\tcaf\xe9"
-    fails(_tasks_with(params, d, "tweets", data), r"hutto/tweets.txt: not valid UTF-8 at byte \d+")
+    fails(_tasks_with(params, d, "tweets", data), r"hutto/tweets.txt: line 31: not valid UTF-8 at byte \d+")
 
 
 @pytest.mark.parametrize("row, match", [
-    (b"99\t1.0", r"line 41: malformed row"),
+    (b"99\t1.0", r"line 41: malformed row '99\\t1.0': 2 cells; expected 3 tab-separated cells \(id, rating, text\)"),
+    (b"99\t1.0\t  ", r"line 41: empty text '' in column 'text'"),
     (b"99\tgood\tsome text", r"line 41: rating 'good' is not a number in \[-4, 4\]"),
     (b"99\t7.5\tsome text", r"line 41: rating '7.5' is not a number"),
     (b"1\t1.0\tdup", r"line 41: duplicate id '1'"),
@@ -287,7 +290,7 @@ def test_malformed_task_row(good_root, row, match):
 def test_grouped_file_needs_document_ids(good_root):
     params, d, fails = good_root
     fails(_tasks_with(params, d, "nyt", task_files()["nyt"] + b"\r\n77\t1.0\tno doc"),
-          r"hutto/nyt.txt: line 25: id '77' is not 'document_sentence'")
+          r"hutto/nyt.txt: line 25: id '77' does not match the group pattern")
 
 
 def test_main_exits_1_with_one_line(built, tmp_path):
@@ -308,18 +311,25 @@ def test_main_exits_1_with_one_line(built, tmp_path):
     ("seed", "7", r"download.seed: got '7'; expected: Input should be a valid integer"),
     ("corpus.add_task_text", "yes", r"download.corpus.add_task_text: got 'yes'"),
     ("corpus.validation_fraction", 1.5, r"download.corpus.validation_fraction: got 1.5; expected: Input should be less than 1"),
-    ("tasks.polarity_threshold", 0, r"download.tasks.polarity_threshold: got 0; expected: Input should be greater than 0"),
+    ("tasks.labels.polarity.classes", {"negative": [-4, 0.5], "positive": [0.5, 4]}, r"classes 'negative' and 'positive' overlap"),
+    ("tasks.labels.polarity.kind", "stars", r"download.tasks.labels.polarity: .*'column', 'bins', 'table'"),
+    ("tasks.tasks.movies.labels", "nope", r"tasks.movies.labels: 'nope' not among labels"),
+    ("tasks.files.amazon.group.pattern", r"\d+_\d+", r"must have exactly one capture group, has 0"),
+    ("tasks.files.movies.format.kind", "xls", r"download.tasks.files.movies.format: .*'csv', 'tsv', 'jsonl', 'parquet', 'hf'"),
+    ("tasks.files.movies.sha256", None, r"`member` and `sha256` go together"),
+    ("corpus.format", {"kind": "hf", "text_column": "text"}, r"format 'hf' cannot read a source of kind 'file'"),
+    ("corpus.format", {"kind": "text"}, r"download.corpus.format.text.documents: missing key"),
     ("tasks.max_train", 0, r"download.tasks.max_train: got 0"),
     ("corpus.max_articles", 1, r"download.corpus.max_articles: got 1"),
     ("max_bytes", -1, r"download.max_bytes: got -1"),
-    ("corpus.source.kind", "ftp", r"download.corpus.source: .*'pypi', 'url', 'file', 'hf'"),
+    ("corpus.source.kind", "ftp", r"download.corpus.source: .*'pypi', 'url', 'file', 'hf', 'dir'"),
     ("corpus.source.sha256", "abc", r"download.corpus.source.file.sha256: got 'abc'"),
     ("tasks.files.movies.member", "../movies.txt", r"download.tasks.files.movies.member: got '../movies.txt'"),
     ("tasks.source.members", ["/abs/x.tar.gz"], r"download.tasks.source.file.members.0: got .*must be relative"),
     ("tasks.test_fraction", 0.85, r"validation_fraction \+ test_fraction must be below 1"),
     ("tasks.tasks.movies.files", ["nope"], r"tasks.movies.files: \['nope'\] not among files"),
-    ("tasks.tasks.source.files", ["movies"], r"labels 'source' needs at least 2 files"),
-    ("tasks.tasks.movies.labels", "stars", r"download.tasks.tasks.movies.labels: got 'stars'"),
+    ("tasks.tasks.source.files", ["movies"], r"labels 'source' \(kind table\) needs at least 2 files"),
+    ("tasks.tasks.movies.labels", "Stars", r"download.tasks.tasks.movies.labels: got 'Stars'"),
 ])
 def test_invalid_params(built, dotted, value, match):
     params, _, _ = built
@@ -327,8 +337,8 @@ def test_invalid_params(built, dotted, value, match):
         cfg_of(with_(params, dotted, value))
 
 
-@pytest.mark.parametrize("dotted", ["seed", "corpus.add_task_text", "tasks.files.amazon.group_by_document",
-                                    "corpus.source.sha256"])
+@pytest.mark.parametrize("dotted", ["seed", "corpus.add_task_text", "corpus.format", "tasks.files.amazon.text",
+                                    "corpus.source.sha256", "tasks.dedup_across_splits"])
 def test_missing_param(built, dotted):
     params, _, _ = built
     p = with_(params, dotted, None)
@@ -346,8 +356,11 @@ def test_source_kinds_validate():
     for src in ({"kind": "pypi", "name": "gensim", "version": "4.4.0", "dist": "wheel", "members": ["a/b.bz2"], **ok},
                 {"kind": "url", "url": "https://example.org/x.bz2", **ok},
                 {"kind": "file", "path": "data/*.bz2", **ok},
-                {"kind": "hf", "name": "wikimedia/wikipedia", "config": None, "split": "train", "revision": "0" * 40}):
-        m = download.CorpusConfig.model_validate({"source": src, "validation_fraction": 0.1,
+                {"kind": "hf", "name": "wikimedia/wikipedia", "config": None, "split": "train", "revision": "0" * 40},
+                {"kind": "dir", "path": "corpus/", **ok}):
+        fmt = {"hf": {"kind": "hf", "text_column": "text"}, "dir": {"kind": "text_files"}}.get(
+            src["kind"], {"kind": "mediawiki"})
+        m = download.CorpusConfig.model_validate({"source": src, "format": fmt, "validation_fraction": 0.1,
                                                   "max_articles": None, "add_task_text": False})
         assert m.source.kind == src["kind"]
     for bad in ({"kind": "pypi", "name": "gensim", "version": "4.4.0", "dist": "egg", **ok},
@@ -355,7 +368,8 @@ def test_source_kinds_validate():
                 {"kind": "hf", "name": "w", "config": None, "split": "train", "revision": "main"},
                 {"kind": "hf", "name": "w", "config": None, "split": "train", "revision": "0" * 40, **ok}):
         with pytest.raises(ConfigError):
-            parse_section("download.corpus", {"source": bad, "validation_fraction": 0.1, "max_articles": None,
+            parse_section("download.corpus", {"source": bad, "format": {"kind": "mediawiki"},
+                                               "validation_fraction": 0.1, "max_articles": None,
                                                "add_task_text": False}, download.CorpusConfig)
 
 
@@ -364,7 +378,8 @@ def test_real_params_load(params_file):
     cfg = load_section("download", download.Config, ROOT / params_file)
     assert cfg.corpus.source.kind == "pypi" and cfg.corpus.source.sha256.startswith("a53f4648")
     assert list(cfg.tasks.files) == ["movies", "amazon", "nyt", "tweets"]
-    assert cfg.tasks.files["amazon"].group_by_document and not cfg.tasks.files["movies"].group_by_document
+    assert cfg.tasks.files["amazon"].group.column == "id" and cfg.tasks.files["movies"].group is None
+    assert cfg.corpus.format.kind == "mediawiki" and cfg.tasks.labels["polarity"].kind == "bins"
 
 
 # ----------------------------------------------------------------------------- the real sources

@@ -153,9 +153,9 @@ def test_missing_corpus_file(root, split):
 
 @pytest.mark.parametrize("content, match", [
     (b"", "validation.jsonl: empty corpus"),
-    (b'{"id": "1", "text": "ok"}\n{"id": "2", "text": "caf\xe9"}\n', r"validation.jsonl:2: not valid UTF-8"),
-    (b'{"id": "1", "text": "ok"}\n\n{"id": "3", "text": "x"\n', r"validation.jsonl:3: malformed JSON"),
-    (b'{"id": "1", "title": "no text"}\n', r"validation.jsonl:1: expected a JSON object"),
+    (b'{"id": "1", "text": "ok"}\n{"id": "2", "text": "caf\xe9"}\n', r"validation.jsonl: line 2: not valid UTF-8"),
+    (b'{"id": "1", "text": "ok"}\n\n{"id": "3", "text": "x"\n', r"validation.jsonl: line 3: malformed JSON"),
+    (b'{"id": "1", "title": "no text"}\n', r"validation.jsonl: line 1: expected a JSON object"),
     (b'{"id": "1", "text": "too short"}\n', r"validation.jsonl: corpus too short: \d+ tokens make no block"),
 ])
 def test_bad_corpus_keeps_the_previous_output(root, content, match):

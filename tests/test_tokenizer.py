@@ -142,10 +142,10 @@ GOOD = json.dumps({"id": "1", "title": "t", "text": "good text here"}).encode() 
 @pytest.mark.parametrize("content, match", [
     (b"", "empty corpus"),
     (b"\n  \n" + json.dumps({"id": "1", "title": "t", "text": ""}).encode() + b"\n", "empty corpus"),
-    (GOOD + GOOD + b'{"id": "3", "text": "caf\xe9"}\n', r"train.jsonl:3: not valid UTF-8"),
-    (GOOD + b'{"id": "2", "text": \n', r"train.jsonl:2: malformed JSON"),
-    (GOOD + b'["a list"]\n', r"train.jsonl:2: expected a JSON object"),
-    (GOOD + b'{"id": "2", "text": 5}\n', r"train.jsonl:2: expected a JSON object"),
+    (GOOD + GOOD + b'{"id": "3", "text": "caf\xe9"}\n', r"train.jsonl: line 3: not valid UTF-8"),
+    (GOOD + b'{"id": "2", "text": \n', r"train.jsonl: line 2: malformed JSON"),
+    (GOOD + b'["a list"]\n', r"train.jsonl: line 2: a JSON list, not an object"),
+    (GOOD + b'{"id": "2", "text": 5}\n', r"train.jsonl: line 2: expected a JSON object with a string"),
 ])
 def test_bad_corpus_is_a_stage_error(tmp_path, content, match):
     _bad_corpus(tmp_path, content)
@@ -176,7 +176,7 @@ def test_main_prints_one_line_and_exits_1(tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "data/corpus/train.jsonl:2: malformed JSON" in lines[0]
+    assert "data/corpus/train.jsonl: line 2: malformed JSON" in lines[0]
 
 
 # ---------------------------------------------------------------- params

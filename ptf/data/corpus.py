@@ -6,11 +6,18 @@ Out: the documents' texts, streamed (`iter_texts`), or in lists (`iter_batches`)
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ptf.common.cli import StageError
+from ptf.data.tables import JsonlFormat, read_jsonl
+
+
+def _counted(lines: Iterable[bytes], on_bytes: Callable[[int], object]) -> Iterator[bytes]:
+    for raw in lines:
+        on_bytes(len(raw))
+        yield raw
+
 
 def iter_texts(path: Path, on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
     """Yield the `text` of each document of a jsonl corpus file, streaming.
@@ -25,24 +32,10 @@ def iter_texts(path: Path, on_bytes: Callable[[int], object] | None = None) -> I
         raise StageError(f"{path}: corpus file not found (run the `download` stage first)")
     n = 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if on_bytes is not None:
-                on_bytes(len(raw))
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise StageError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
-                                 f"{e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column "
-                                 f"{e.colno})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise StageError(f"{path}:{lineno}: expected a JSON object with a string "
-                                 "\"text\" field")
+        lines = f if on_bytes is None else _counted(f, on_bytes)
+        for loc, doc in read_jsonl(JsonlFormat(kind="jsonl"), lines, str(path)):
+            if not isinstance(doc.get("text"), str):
+                raise StageError(f"{path}: {loc}: expected a JSON object with a string \"text\" field")
             if doc["text"]:
                 n += 1
                 yield doc["text"]
@@ -60,4 +53,3 @@ def iter_batches(path: Path, batch_docs: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-

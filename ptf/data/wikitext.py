@@ -6,7 +6,8 @@ Out: `Page` records streamed with `xml.etree.ElementTree.iterparse` (each elemen
      use, so memory does not grow with the dump), and `to_plain_text(wikitext)`: the markup turned
      into plain text with mwparserfromhell: templates, references, tables, comments, math and
      galleries dropped; file/image/category and interlanguage links dropped; other links keep
-     their text; headings kept as their title on a line of their own.
+     their text; headings kept as their title on a line of their own. `tidy(text)` is the
+     whitespace cleaning that `to_plain_text` ends with, shared by every corpus format.
 
 Pure helpers, no files and no CLI: `stages.download` drives them.
 """
@@ -125,14 +126,22 @@ def _plain(code: Wikicode) -> str:
     return "".join(out)
 
 
+def tidy(text: str, space_before_punct: bool = False) -> str:
+    """The cleaning every corpus format shares: runs of spaces, tabs and no-break spaces become
+    one space, every line is stripped, three or more line breaks become one blank line, the
+    whole is stripped; with `space_before_punct`, spaces before , . ; : ! ? are removed too."""
+    lines = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        line = _SPACES.sub(" ", line).strip()
+        if space_before_punct:
+            line = _SPACE_PUNCT.sub(r"\1", line)
+        lines.append(line)
+    return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
+
+
 def to_plain_text(wikitext: str) -> str:
     """Plain prose of a page's wikitext (deterministic; empty for a page of only markup)."""
     text = _plain(mwp.parse(wikitext))
     text = _MAGIC.sub("", text)
     text = _EMPTY_PARENS.sub("", text)
-    lines = []
-    for line in text.split("\n"):
-        line = _SPACES.sub(" ", line).strip()
-        line = _SPACE_PUNCT.sub(r"\1", line)
-        lines.append(line)
-    return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
+    return tidy(text, space_before_punct=True)
