@@ -13,50 +13,11 @@ import textwrap
 import pytest
 import torch
 
-from finetune_fixtures import make_pretrained, make_tokenizer
 from ptf.common.config import ConfigError
 from ptf.models import adapters as A
 from ptf.models.adapter_modeling import is_adapter_param
 from ptf.models.lm import lm_loss, pretrained_lm
-
-TEXTS = ["the movie was good", "bad plot and so dull", "a great film", "it was awful"]
-LABELS = torch.tensor([1, 0, 1, 0])
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, tok):
-    return make_pretrained(tmp_path_factory.mktemp("llama") / "pretrained", tok)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory, tok):
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    dest = tmp_path_factory.mktemp("bert") / "pretrained"
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=4, intermediate_size=64,
-                               max_position_embeddings=64, pad_token_id=tok.pad_token_id)
-                    ).save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return dest
-
-
-def classifier(path, n_labels=2, seed=0):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels)
-
-
-def encode(tok, left=True):
-    tok.padding_side = "left" if left else "right"
-    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
+from tiny_models import LABELS, TEXTS, bert, classifier, encode, llama, tok  # noqa: F401 - fixtures
 
 
 def train(model, enc, steps=3, lr=5e-2):

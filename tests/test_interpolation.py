@@ -6,37 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_fixtures import make_pretrained, make_tokenizer
 from ptf.common.cli import StageError
 from ptf.common.config import ConfigError
 from ptf.models import interpolation as W
 from ptf.models.lm import lm_loss, pretrained_lm
+from tiny_models import LABELS, classifier, encode, llama, make_bert, tok  # noqa: F401 - fixtures
 
-TEXTS = ["the movie was good", "bad plot and so dull", "a great film", "it was awful"]
 HELD_OUT = ["the team was so dull and the plot was awful", "a superb film and a great star"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, tok):
-    return make_pretrained(tmp_path_factory.mktemp("llama") / "pretrained", tok)
 
 
 def finetune(path, tok, steps=3):
     """Full fine-tuning, a few large steps so that every backbone tensor moves."""
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    clf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    tok.padding_side = "left"
-    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    clf = classifier(path)
+    enc = encode(tok)
     opt = torch.optim.AdamW(clf.parameters(), lr=1e-2)
     for _ in range(steps):
-        clf(**enc, labels=torch.tensor([1, 0, 1, 0])).loss.backward()
+        clf(**enc, labels=LABELS).loss.backward()
         opt.step()
         opt.zero_grad()
     return clf.eval()
@@ -80,15 +65,7 @@ def test_alpha_0_and_1_reproduce_pretrained_and_finetuned_lm_loss_exactly(llama,
 
 def test_bert_pooler_stays_finetuned(tmp_path, tok):
     """An MLM checkpoint has no pooler: the classifier's fresh pooler is kept like the head."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    pre = tmp_path / "bert"
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=4, intermediate_size=64,
-                               max_position_embeddings=64, pad_token_id=tok.pad_token_id)
-                    ).save_pretrained(pre)
-    tok.save_pretrained(pre)
+    pre = make_bert(tmp_path / "bert", tok, layers=1)
     ft = finetune(pre, tok, steps=1)
     pre_state = W.pretrained_backbone_state(pre)
     assert not any(k.startswith("pooler.") for k in pre_state)

@@ -7,36 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_fixtures import make_pretrained, make_tokenizer
 from ptf.common.cli import StageError
 from ptf.common.config import ConfigError
 from ptf.models import peft_variants as P
+from tiny_models import LABELS, classifier, encode, llama, tok  # noqa: F401 - fixtures
 
-TEXTS = ["the movie was good", "bad plot and so dull", "a great film", "it was awful"]
-LABELS = torch.tensor([1, 0, 1, 0])
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, tok):
-    return make_pretrained(tmp_path_factory.mktemp("llama") / "pretrained", tok)
-
-
-def classifier(path, seed=0):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-
-
-def encode(tok):
-    tok.padding_side = "left"
-    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
 
 
 def build(kind, path):
@@ -127,8 +103,7 @@ def test_osf_refuses_a_model_peft_cannot_wrap(tok):
                OSFConfig(task_type=TaskType.SEQ_CLS, target_modules=["c_attn"]), P.OSF_ARM)
 
 
-def test_arm_params_models():
+def test_osf_arm_params():
     assert P.OsfParams(effective_rank=0.5).target_modules is None
     with pytest.raises(Exception, match="effective_rank"):
         P.OsfParams(effective_rank=1.0)
-    assert P.DoraParams(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj"]).r == 8

@@ -160,8 +160,9 @@ class _WithAdapters:
     """Mixin of the exported classifiers: adapters from `config.bottleneck_adapters`, and
     `classifier_pooling: mean` (masked mean of the per-token head output, as the pipeline)."""
 
-    def _insert_from_config(self) -> None:
-        insert_adapters(self, AdapterSpec.from_dict(self.config.bottleneck_adapters))
+    def __init__(self, config):
+        super().__init__(config)
+        insert_adapters(self, AdapterSpec.from_dict(config.bottleneck_adapters))
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if getattr(self.config, "classifier_pooling", "last") != "mean":
@@ -201,10 +202,6 @@ class _LlamaBottleneckModel(LlamaModel):          # the backbone AutoModel build
 class LlamaBottleneckForSequenceClassification(_WithAdapters, LlamaForSequenceClassification):
     config_class = LlamaBottleneckConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._insert_from_config()
-
 
 class BertBottleneckConfig(BertConfig):
     model_type = "bert" + SUFFIX
@@ -213,10 +210,6 @@ class BertBottleneckConfig(BertConfig):
 class BertBottleneckForSequenceClassification(_WithAdapters, BertForSequenceClassification):
     config_class = BertBottleneckConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._insert_from_config()
-
 
 class GPT2BottleneckConfig(GPT2Config):
     model_type = "gpt2" + SUFFIX
@@ -224,10 +217,6 @@ class GPT2BottleneckConfig(GPT2Config):
 
 class GPT2BottleneckForSequenceClassification(_WithAdapters, GPT2ForSequenceClassification):
     config_class = GPT2BottleneckConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._insert_from_config()
 
 
 # base model_type -> (config class, classifier class) of the export

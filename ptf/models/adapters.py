@@ -64,9 +64,12 @@ def make_spec(model, reduction_factor: int, placement: str = "both",
         raise ConfigError(f"{ARM}.activation: got {activation!r}; expected one of "
                           f"{', '.join(sorted(ACT2FN))}")
     hidden = model.config.hidden_size
-    if not isinstance(reduction_factor, int) or reduction_factor < 1 or hidden // reduction_factor < 1:
-        units = hidden // reduction_factor if isinstance(reduction_factor, int) and reduction_factor > 0 else 0
-        raise ConfigError(f"{ARM}.reduction_factor: got {reduction_factor!r}, which leaves {units} "
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, int):
+        raise ConfigError(f"{ARM}.reduction_factor: got {reduction_factor!r}; expected an integer "
+                          f"from 1 to {hidden} (adapter units = hidden size // reduction_factor)")
+    if reduction_factor < 1 or hidden // reduction_factor < 1:
+        units = hidden // reduction_factor if reduction_factor > 0 else 0
+        raise ConfigError(f"{ARM}.reduction_factor: got {reduction_factor}, which leaves {units} "
                           f"adapter units (hidden size {hidden} // reduction_factor); it must be "
                           f"an integer from 1 to {hidden}")
     return AdapterSpec(reduction_factor, placement, activation)

@@ -39,14 +39,6 @@ DORA_ARM = "finetune.arms.dora"
 OSF_ARM = "finetune.arms.osf"
 
 
-class DoraParams(StrictModel):
-    """DoRA's own arm fields (the same as LoRA's; the registry adds lrs / weight_decay)."""
-    r: int = Field(gt=0)
-    alpha: float = Field(gt=0)
-    dropout: float = Field(ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(min_length=1)
-
-
 class OsfParams(StrictModel):
     """OSF's own arm fields."""
     effective_rank: float = Field(gt=0.0, lt=1.0)   # share of each target's smaller dimension FROZEN
