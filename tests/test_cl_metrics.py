@@ -117,27 +117,3 @@ def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
     assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
     assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
-
-
-def S(mean, std, n=3):
-    return {"mean": mean, "std": std, "n": n}
-
-
-def test_compare_verdicts():
-    # d = 0.8 - 0.6 = 0.2; spread sqrt(0.05^2 + 0.05^2) ~ 0.0707 -> reproduced
-    assert cl.compare(S(0.8, 0.05), S(0.6, 0.05))["verdict"] == cl.REPRODUCED
-    # same numbers, claim "a < b": the difference is large and on the wrong side
-    assert cl.compare(S(0.8, 0.05), S(0.6, 0.05), expect="less")["verdict"] == cl.NOT_REPRODUCED
-    # d = 0.05, spread sqrt(0.1^2 + 0.1^2) ~ 0.141 -> inconclusive
-    r = cl.compare(S(0.65, 0.1), S(0.6, 0.1))
-    assert r["verdict"] == cl.WITHIN_STD and r["diff"] == pytest.approx(0.05)
-    assert cl.compare(S(0.8, 0.0, n=1), S(0.6, 0.05))["verdict"] == cl.FEW_SEEDS
-    assert cl.compare(S(None, None, 0), S(0.6, 0.05))["verdict"] == cl.MISSING
-
-
-def test_overall():
-    assert cl.overall([cl.REPRODUCED, cl.REPRODUCED]) == cl.REPRODUCED
-    assert cl.overall([cl.WITHIN_STD, cl.FEW_SEEDS]) == "inconclusive"
-    assert cl.overall([cl.REPRODUCED, cl.WITHIN_STD]).startswith("partly reproduced (1 reproduced")
-    assert cl.overall([cl.REPRODUCED, cl.NOT_REPRODUCED]).startswith("mixed")
-    assert cl.overall([]) == cl.MISSING

@@ -6,8 +6,9 @@
   serves a stale result after a shared module changes;
 - no stage entry module imports another one; `scripts/` and `bench/` import no `_private` name
   of `stages/` or `ptf/` and nothing from `tests/`;
-- its `params` name the one section the module reads, and that section of every params file
-  (params.yaml and configs/*.yaml) builds the module's strict `Config`.
+- its `params` name the one section the module reads (plus, for `forgetting`, the keys of the
+  upstream matrix it reads), and that section of every params file (params.yaml and
+  configs/*.yaml) builds the module's strict `Config`.
 """
 from __future__ import annotations
 
@@ -131,6 +132,11 @@ def test_scripts_import_no_private_name_and_no_tests(folder):
     assert not bad, bad
 
 
+# Besides its own section, a stage may read the keys that declare an upstream matrix (the
+# forgetting stage reads exactly the task x strategy arms that `finetune` declares).
+UPSTREAM_MATRIX_KEYS = {"forgetting": ("finetune.tasks", "finetune.strategies")}
+
+
 def _param_keys(spec) -> list[str]:
     """The stage's params entries; a matrix stage's `${item.x}` is filled from its first item."""
     keys = [p if isinstance(p, str) else next(iter(p)) for p in spec.get("params", [])]
@@ -153,11 +159,13 @@ def test_params_section_builds_config(stage, params_file):
     spec = _stages()[stage]
     module = importlib.import_module(_module_of(spec["cmd"]))
     keys = _param_keys(spec)
+    upstream = [k for k in keys if k in UPSTREAM_MATRIX_KEYS.get(stage, ())]
+    keys = [k for k in keys if k not in upstream]
     sections = sorted({k.split(".")[0] for k in keys})
     assert len(sections) == 1, f"stage {stage!r} must read exactly one params section, lists {keys}"
     params = read_params(params_file)
     assert sections[0] in params, f"{params_file.name} lacks section {sections[0]!r}"
-    for key in keys:
+    for key in keys + upstream:
         node = params
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"{params_file.name} lacks {key!r}"

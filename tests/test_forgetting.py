@@ -1,6 +1,8 @@
 """Stage `forgetting` on tiny hand-made fixtures: a 2-layer Llama (hidden 32) as the pretrained
 model, classifiers derived from it (identical backbone, perturbed backbone, LoRA, scratch),
-hand-made fine-tune metrics, curves and a sequential accuracy matrix."""
+hand-made fine-tune metrics (in the format `stages.finetune` writes, with per-seed test
+predictions for some arms), curves and a sequential accuracy matrix. The stage reads exactly the
+declared task x strategy matrix."""
 from __future__ import annotations
 
 import json
@@ -9,19 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from ptf.measures import cl_metrics as cl
-from stages import forgetting as fg
 from ptf.common.cli import StageError
 from ptf.common.config import ConfigError, parse_section
+from ptf.measures import claims as cm
+from ptf.measures import cl_metrics as cl
+from ptf.measures import drift as dr
+from ptf.measures import outputs as out
+from stages import forgetting as fg
 from tests.finetune_fixtures import make_pretrained, make_tokenizer
 
 PARAMS = {
     "max_blocks": 16, "batch_size": 4, "mask_prob": 0.15, "mask_seed": 0, "worse_margin": 0.0,
     "reference_strategy": "full", "scratch_strategy": "scratch",
     "few_label_strategies": ["full", "linear_probe"], "forget_less_strategies": [],
+    "alpha": 0.05, "bootstrap_resamples": 500, "bootstrap_seed": 0,
     "tradeoff_gain": "chance", "experiment": "pretrain-finetune-forgetting",
 }
 LABELS = ["negative", "positive"]
+MATRIX = out.Matrix(tasks=["movies"], strategies=["full", "linear_probe", "lora", "scratch"])
+N_TEST = 50
 
 
 def cfg(**over) -> fg.Config:
@@ -107,10 +115,26 @@ def write_validation_shards(root: Path, blocks: list[list[int]]) -> None:
     (root / "data" / "shards" / "manifest.json").write_text(json.dumps({"validation": entry}))
 
 
-def metrics_json(accs: list[float], frac: float) -> dict:
-    return {"strategy": "x", "seeds": [
-        {"seed": i, "test_accuracy": a, "test_macro_f1": a - 0.05, "trainable_params": 100,
-         "trainable_fraction": frac, "train_time_s": 1.0} for i, a in enumerate(accs)]}
+def make_test_labels() -> list[int]:
+    return [i % 2 for i in range(N_TEST)]
+
+
+def predictions(acc: float, seed: int) -> list[int]:
+    """Test predictions with exactly `round(acc * N_TEST)` correct ones."""
+    rng = random.Random(seed)
+    right = set(rng.sample(range(N_TEST), round(acc * N_TEST)))
+    return [y if i in right else 1 - y for i, y in enumerate(make_test_labels())]
+
+
+def metrics_json(accs: list[float], frac: float, with_predictions: bool) -> dict:
+    """The format `stages.finetune` writes (+ per-seed test predictions where given)."""
+    seeds = [{"seed": i, "test_accuracy": a, "test_macro_f1": a - 0.05, "trainable_params": 100,
+              "trainable_fraction": frac, "train_time_s": 1.0, "val_accuracy": a - 0.1}
+             for i, a in enumerate(accs)]
+    if with_predictions:
+        for r in seeds:
+            r["test_predictions"] = predictions(r["test_accuracy"], r["seed"])
+    return {"strategy": "x", "seeds": seeds, **({"test_labels": make_test_labels()} if with_predictions else {})}
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +155,13 @@ def root(tmp_path_factory) -> Path:
     save_classifier(pre, ft / "scratch" / "seed1", "scratch", scratch=True, seed=6)
     m = root / "data" / "metrics" / "finetune" / "movies"
     m.mkdir(parents=True)
-    for s, accs, frac in [("full", [0.90, 0.92], 1.0), ("linear_probe", [0.80, 0.81], 0.01),
-                          ("lora", [0.88], 0.05), ("scratch", [0.60, 0.62], 1.0)]:
-        (m / f"{s}.json").write_text(json.dumps(metrics_json(accs, frac)))
+    for s, accs, frac, preds in [("full", [0.90, 0.92], 1.0, True), ("linear_probe", [0.80, 0.82], 0.01, True),
+                                 ("lora", [0.88], 0.05, False), ("scratch", [0.60, 0.62], 1.0, False)]:
+        (m / f"{s}.json").write_text(json.dumps(metrics_json(accs, frac, preds)))
+    # left over from another params set: never read (not declared), though broken
+    (m / "ewc.json").write_text("{not json")
+    (root / "data/metrics/finetune/oldtask").mkdir()
+    (root / "data/metrics/finetune/oldtask/full.json").write_text(json.dumps(metrics_json([0.5], 1.0, False)))
     curves = ["strategy,fraction,n_labels,seed,test_accuracy"]
     for s, lo, hi in [("full", (0.80, 0.82, 0.84), 0.9), ("linear_probe", (0.70, 0.72, 0.74), 0.8),
                       ("scratch", (0.50, 0.52, 0.54), 0.6)]:
@@ -144,7 +172,8 @@ def root(tmp_path_factory) -> Path:
     (root / "data" / "metrics" / "curves.json").write_text(json.dumps({"task": "movies"}))
     (root / "data" / "metrics" / "sequential.json").write_text(json.dumps({
         "order": ["movies", "source"], "strategy": ["full", "full"],
-        "matrix": [[0.5, 0.34], [0.9, 0.40], [0.7, 0.85]], "chance": [0.5, 1 / 3], "n_classes": [2, 3]}))
+        "matrix": [[0.5, 0.34], [0.9, 0.40], [0.7, 0.85]], "chance": [0.5, 1 / 3], "n_classes": [2, 3],
+        "majority": [0.52, 0.45], "seed": 0, "max_steps": 5}))
     return root
 
 
@@ -153,8 +182,8 @@ def eval_blocks(root):
     from transformers import AutoTokenizer
 
     pre = root / "data" / "models" / "pretrained"
-    ids, _ = fg.load_eval_blocks(root, 16)
-    return fg.eval_targets(ids, "clm", AutoTokenizer.from_pretrained(pre), cfg())
+    ids, _ = dr.load_eval_blocks(root, 16)
+    return dr.eval_targets(ids, "clm", AutoTokenizer.from_pretrained(pre), 0.15, 0)
 
 
 def lm_drift(root: Path, inputs, labels, ft_dir: Path) -> dict:
@@ -162,8 +191,8 @@ def lm_drift(root: Path, inputs, labels, ft_dir: Path) -> dict:
     from ptf.models.lm import pretrained_lm
 
     pre = root / "data" / "models" / "pretrained"
-    base, counts = fg.block_nll(pretrained_lm(pre), inputs, labels, "clm", 4)
-    ft, counts2 = fg.block_nll(load_backbone_as_lm(ft_dir, pre), inputs, labels, "clm", 4)
+    base, counts = dr.block_nll(pretrained_lm(pre), inputs, labels, "clm", 4)
+    ft, counts2 = dr.block_nll(load_backbone_as_lm(ft_dir, pre), inputs, labels, "clm", 4)
     assert (counts == counts2).all()
     return cl.drift(base, ft, counts)
 
@@ -192,8 +221,8 @@ def test_merged_lora_drifts(root, eval_blocks):
 
 
 def test_select_blocks_is_even_and_capped():
-    assert fg.select_blocks(10, 4) == [0, 2, 5, 7]
-    assert fg.select_blocks(3, 10) == [0, 1, 2]
+    assert dr.select_blocks(10, 4) == [0, 2, 5, 7]
+    assert dr.select_blocks(3, 10) == [0, 1, 2]
 
 
 def test_mlm_masking_is_fixed_by_the_seed():
@@ -207,9 +236,9 @@ def test_mlm_masking_is_fixed_by_the_seed():
             return 50
 
     ids = torch.randint(4, 50, (6, 32), generator=torch.Generator().manual_seed(0))
-    a = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_seed=7))
-    b = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_seed=7))
-    c = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_seed=8))
+    a = dr.eval_targets(ids, "mlm", Tok(), 0.15, 7)
+    b = dr.eval_targets(ids, "mlm", Tok(), 0.15, 7)
+    c = dr.eval_targets(ids, "mlm", Tok(), 0.15, 8)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
     assert (a[1] != -100).any()
@@ -239,12 +268,12 @@ def test_mlm_identical_backbone_zero_drift_and_perturbed_positive(tmp_path):
     save_classifier(pre, tmp_path / "same", "linear_probe", seed=1)
     save_classifier(pre, tmp_path / "moved", "full", noise=0.5, seed=2)
     ids = torch.randint(4, 40, (12, 16), generator=torch.Generator().manual_seed(1))
-    inputs, labels = fg.eval_targets(ids, "mlm", Tok(), cfg(mask_prob=0.3))
+    inputs, labels = dr.eval_targets(ids, "mlm", Tok(), 0.3, 0)
     keep = (labels != -100).any(1)
     inputs, labels = inputs[keep], labels[keep]
-    base, counts = fg.block_nll(pretrained_lm(pre), inputs, labels, "mlm", 5)
-    same, _ = fg.block_nll(load_backbone_as_lm(tmp_path / "same", pre), inputs, labels, "mlm", 5)
-    moved, _ = fg.block_nll(load_backbone_as_lm(tmp_path / "moved", pre), inputs, labels, "mlm", 5)
+    base, counts = dr.block_nll(pretrained_lm(pre), inputs, labels, "mlm", 5)
+    same, _ = dr.block_nll(load_backbone_as_lm(tmp_path / "same", pre), inputs, labels, "mlm", 5)
+    moved, _ = dr.block_nll(load_backbone_as_lm(tmp_path / "moved", pre), inputs, labels, "mlm", 5)
     assert counts.sum() == (labels != -100).sum()
     d0 = cl.drift(base, same, counts)
     assert d0["delta_loss"] == 0.0 and d0["share_worse"] == 0.0
@@ -254,60 +283,111 @@ def test_mlm_identical_backbone_zero_drift_and_perturbed_positive(tmp_path):
 # ---------------------------------------------------------------- verdicts
 
 def _curves(pre_accs, scratch_accs):
-    rows = [{"task": "", "strategy": "full", "fraction": 0.1, "n_labels": 4, "seed": str(i),
+    rows = [{"task": "movies", "strategy": "full", "fraction": 0.1, "n_labels": 4, "seed": f"seed{i}",
              "test_accuracy": a} for i, a in enumerate(pre_accs)]
-    rows += [{"task": "", "strategy": "scratch", "fraction": 0.1, "n_labels": 4, "seed": str(i),
+    rows += [{"task": "movies", "strategy": "scratch", "fraction": 0.1, "n_labels": 4, "seed": f"seed{i}",
               "test_accuracy": a} for i, a in enumerate(scratch_accs)]
     # a larger fraction where scratch wins: must not matter (only the smallest fraction counts)
-    rows += [{"task": "", "strategy": s, "fraction": 1.0, "n_labels": 40, "seed": "0",
+    rows += [{"task": "movies", "strategy": s, "fraction": 1.0, "n_labels": 40, "seed": "seed0",
               "test_accuracy": a} for s, a in (("full", 0.1), ("scratch", 0.9))]
     return rows
 
 
 def test_claim_few_labels_verdicts():
     c = cfg(few_label_strategies=["full"])
-    # full 0.81 ± 0.01 vs scratch 0.51 ± 0.01: diff 0.30 > spread 0.014
-    assert fg.claim_few_labels(_curves([0.80, 0.81, 0.82], [0.50, 0.51, 0.52]), c)["verdict"] == cl.REPRODUCED
-    # scratch better by 0.30: not reproduced
-    assert fg.claim_few_labels(_curves([0.50, 0.51, 0.52], [0.80, 0.81, 0.82]), c)["verdict"] == cl.NOT_REPRODUCED
-    # diff 0.01 < spread sqrt(0.1^2 + 0.1^2): inconclusive
-    r = fg.claim_few_labels(_curves([0.5, 0.6, 0.7], [0.49, 0.59, 0.69]), c)
-    assert r["verdict"] == cl.WITHIN_STD
-    assert r["comparisons"]["all/full"]["diff"] == pytest.approx(0.01)
+    # every paired seed 0.30 better: no spread at all, decisive
+    r = cm.claim_few_labels(_curves([0.80, 0.81, 0.82], [0.50, 0.51, 0.52]), c)
+    assert r["verdict"] == cm.REPRODUCED
+    comp = r["comparisons"]["movies/full"]
+    assert comp["diff"] == pytest.approx(0.30) and comp["resampled"].startswith("seeds only")
+    assert cm.claim_few_labels(_curves([0.50, 0.51, 0.52], [0.80, 0.81, 0.82]), c)["verdict"] == cm.NOT_REPRODUCED
+    # paired differences -0.1, +0.2, -0.09: the 95 % t interval (2 df) contains 0
+    r = cm.claim_few_labels(_curves([0.5, 0.7, 0.6], [0.6, 0.5, 0.69]), c)
+    assert r["verdict"] == cm.INCONCLUSIVE
+    comp = r["comparisons"]["movies/full"]
+    assert comp["diff"] == pytest.approx(0.01 / 3)
+    assert comp["ci"][0] < 0 < comp["ci"][1] and comp["reason"] == "the corrected interval contains 0"
 
 
 def _arm(delta, acc, n=3, std=0.01):
-    ms = {k: {"mean": None, "std": None, "n": 0} for k in fg.STAT_KEYS}
+    ms = {k: {"mean": None, "std": None, "n": 0} for k in ("delta_loss", "test_accuracy")}
     ms["delta_loss"] = {"mean": delta, "std": std, "n": n}
     ms["test_accuracy"] = {"mean": acc, "std": std, "n": n}
     return {"mean_std": ms, "drift_applicable": True, "seeds": {}}
 
 
+def _samples(values: dict[str, tuple[list[float], list[float]]]) -> dict:
+    return {("t", s): {"delta": cm.seed_sample({f"seed{i}": v for i, v in enumerate(d)}),
+                       "accuracy": cm.seed_sample({f"seed{i}": v for i, v in enumerate(a)})}
+            for s, (d, a) in values.items()}
+
+
 def test_claim_forget_less_verdicts():
-    tasks = {"t": {"full": _arm(0.50, 0.90), "lora": _arm(0.10, 0.85), "replay": _arm(0.495, 0.9),
-                   "l2sp": _arm(0.9, 0.9), "scratch": _arm(0.0, 0.5)}}
-    r = fg.claim_forget_less(tasks, cfg())
+    vals = {"full": ([0.50, 0.52, 0.48], [0.90, 0.91, 0.89]),
+            "lora": ([0.10, 0.11, 0.09], [0.85, 0.86, 0.84]),      # forgets less, every seed by 0.4
+            "replay": ([0.49, 0.55, 0.44], [0.90, 0.91, 0.89]),    # differences -0.01, +0.03, -0.04
+            "l2sp": ([0.90, 0.92, 0.88], [0.90, 0.91, 0.89]),      # forgets more
+            "scratch": ([0.0] * 3, [0.5] * 3)}
+    tasks = {"t": {s: _arm(sum(d) / 3, sum(a) / 3) for s, (d, a) in vals.items()}}
+    r = cm.claim_forget_less(tasks, _samples(vals), cfg())
     comps = r["comparisons"]
     assert sorted(comps) == ["t/l2sp", "t/lora", "t/replay"]  # scratch and the reference left out
-    assert comps["t/lora"]["verdict"] == cl.REPRODUCED          # 0.10 vs 0.50
+    assert comps["t/lora"]["verdict"] == cm.REPRODUCED
     assert comps["t/lora"]["accuracy_cost"]["diff"] == pytest.approx(-0.05)
-    assert comps["t/replay"]["verdict"] == cl.WITHIN_STD        # 0.495 vs 0.50, spread 0.014
-    assert comps["t/l2sp"]["verdict"] == cl.NOT_REPRODUCED      # forgets more
-    assert r["verdict"].startswith("mixed (1 reproduced, 1 not reproduced, 1 inconclusive")
-    only = fg.claim_forget_less(tasks, cfg(forget_less_strategies=["lora"]))
-    assert only["verdict"] == cl.REPRODUCED
+    assert comps["t/lora"]["accuracy_cost"]["verdict_lower_accuracy"] == cm.REPRODUCED
+    assert comps["t/replay"]["verdict"] == cm.INCONCLUSIVE
+    assert comps["t/l2sp"]["verdict"] == cm.NOT_REPRODUCED
+    assert r["verdict"] == cm.NOT_REPRODUCED
+    assert r["counts"] == {cm.REPRODUCED: 1, cm.NOT_REPRODUCED: 1, cm.INCONCLUSIVE: 1, "total": 3}
+    assert "l2sp, lora, replay forget less than full" in r["claim"]
+    only = cm.claim_forget_less(tasks, _samples(vals), cfg(forget_less_strategies=["lora"]))
+    assert only["verdict"] == cm.REPRODUCED and list(only["comparisons"]) == ["t/lora"]
 
 
 def test_sequential_run_names():
-    assert fg.run_name({"strategy": ["full", "full"]}, 0) == "full"
-    assert fg.run_name({"strategy": ["full", "lora"]}, 0) == "full-lora"
-    assert fg.run_name({"order": ["b", "a"], "strategy": {"a": "ewc", "b": "full"}}, 0) == "full-ewc"
-    assert fg.run_name({}, 3) == "run3"
+    assert out.sequential_name({"strategy": ["full", "full"]}) == "full"
+    assert out.sequential_name({"strategy": ["full", "lora"]}) == "full-lora"
 
 
 def test_claim_with_one_seed_is_inconclusive():
-    tasks = {"t": {"full": _arm(0.5, 0.9, n=1, std=0.0), "lora": _arm(0.1, 0.85, n=1, std=0.0)}}
-    assert fg.claim_forget_less(tasks, cfg())["verdict"] == cl.FEW_SEEDS
+    vals = {"full": ([0.5], [0.9]), "lora": ([0.1], [0.85])}
+    tasks = {"t": {s: _arm(d[0], a[0], n=1, std=0.0) for s, (d, a) in vals.items()}}
+    r = cm.claim_forget_less(tasks, _samples(vals), cfg())
+    assert r["verdict"] == cm.INCONCLUSIVE
+    assert r["comparisons"]["t/lora"]["reason"] == "fewer than 2 seeds"
+    assert r["comparisons"]["t/lora"]["ci"] is None
+
+
+def test_claim_without_the_reference_says_what_is_missing():
+    vals = {"lora": ([0.1, 0.2], [0.85, 0.8]), "scratch": ([0.0, 0.0], [0.5, 0.5])}
+    tasks = {"t": {s: _arm(0.1, 0.8) for s in vals}}
+    r = cm.claim_forget_less(tasks, _samples(vals), cfg())
+    assert r["verdict"] == cm.INCONCLUSIVE and r["comparisons"] == {}
+    assert "not in the declared matrix" in r["missing"]
+
+
+# ---------------------------------------------------------------- reading the stage outputs
+
+def test_only_the_finetune_format_is_read():
+    good = metrics_json([0.9], 1.0, True)
+    parsed = out.parse_finetune(good, "f.json")
+    assert list(parsed["seeds"]) == ["seed0"] and parsed["test_labels"] == make_test_labels()
+    for bad in [{"seeds": {"0": {"test_accuracy": 0.9}}},              # mapping of seeds
+                {"per_seed": [{"seed": 0, "test_accuracy": 0.9}]},     # another key
+                {"seeds": [{"seed": 0, "test": {"accuracy": 0.9}}]}]:  # nested test metrics
+        with pytest.raises(StageError, match="f.json"):
+            out.parse_finetune(bad, "f.json")
+    wrong = metrics_json([0.9], 1.0, True)
+    wrong["seeds"][0]["test_accuracy"] = 0.5
+    with pytest.raises(StageError, match="do not give its test_accuracy"):
+        out.parse_finetune(wrong, "f.json")
+
+
+def test_matrix_params():
+    with pytest.raises(ConfigError, match=r"finetune\.strategies"):
+        parse_section("finetune", {"tasks": ["movies"], "strategies": ["full", "nope"]}, out.Matrix)
+    with pytest.raises(ConfigError, match=r"finetune\.tasks"):
+        parse_section("finetune", {"tasks": [], "strategies": ["full"]}, out.Matrix)
 
 
 # ---------------------------------------------------------------- params
@@ -341,7 +421,7 @@ def test_params_cross_checks():
 def ran(root, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("MLFLOW_TRACKING_URI",
                               f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
-    result = fg.run(cfg(), root)
+    result = fg.run(cfg(), MATRIX, root)
     return root, result
 
 
@@ -363,7 +443,10 @@ def test_run_writes_every_output(ran):
 def test_run_metrics(ran):
     root, _ = ran
     m = json.loads((root / fg.METRICS_JSON).read_text())
+    assert m["matrix"] == {"tasks": ["movies"], "strategies": ["full", "linear_probe", "lora", "scratch"]}
+    assert list(m["tasks"]) == ["movies"]     # not `oldtask`, whose metrics lie beside
     movies = m["tasks"]["movies"]
+    assert sorted(movies) == ["full", "linear_probe", "lora", "scratch"]   # not the stale ewc.json
     # the frozen backbone did not move; the perturbed one did; scratch is not applicable
     assert movies["linear_probe"]["mean_std"]["delta_loss"] == {"mean": 0.0, "std": 0.0, "n": 2}
     assert movies["full"]["mean_std"]["delta_loss"]["mean"] > 0
@@ -375,12 +458,25 @@ def test_run_metrics(ran):
     assert full["gain_over_chance"]["mean"] == pytest.approx(0.91 - 0.5)
     assert full["gain_over_scratch"]["mean"] == pytest.approx(0.91 - 0.61)
     assert movies["full"]["seeds"]["seed1"]["test_accuracy"] == 0.92
-    # claims: at fraction 0.1, full and linear_probe (0.82 / 0.72 ± 0.02) vs scratch 0.52 ± 0.02
-    assert m["claims"]["few_labels"]["verdict"] == cl.REPRODUCED
-    assert sorted(m["claims"]["few_labels"]["comparisons"]) == ["movies/full", "movies/linear_probe"]
+    assert "test_predictions" not in movies["full"]["seeds"]["seed1"]
+    # claim 1: at fraction 0.1, full and linear_probe beat scratch by 0.30 / 0.20 on every paired seed
+    c1 = m["claims"]["few_labels"]
+    assert c1["verdict"] == cm.REPRODUCED and c1["counts"]["total"] == 2
+    assert sorted(c1["comparisons"]) == ["movies/full", "movies/linear_probe"]
+    assert "per-seed accuracies only" in c1["comparisons"]["movies/full"]["resampled"]
+    # claim 2: linear_probe's delta is exactly 0 on every block: the difference is -full's delta
     fl = m["claims"]["forget_less"]["comparisons"]
-    assert fl["movies/linear_probe"]["verdict"] == cl.REPRODUCED
-    assert fl["movies/lora"]["verdict"] == cl.FEW_SEEDS  # one LoRA seed
+    lp = fl["movies/linear_probe"]
+    assert lp["diff"] == pytest.approx(-full["delta_loss"]["mean"])
+    assert lp["resampled"] == "seeds and held-out blocks" and lp["paired_seeds"] is True
+    assert lp["ci"][0] <= lp["diff"] <= lp["ci"][1] and lp["ci_level"] == pytest.approx(0.95)
+    assert lp["verdict"] in cm.VERDICTS
+    cost = lp["accuracy_cost"]                  # both arms hold test predictions: examples resampled
+    assert cost["resampled"] == "seeds and test examples"
+    assert cost["diff"] == pytest.approx(0.81 - 0.91)
+    assert fl["movies/lora"]["verdict"] == cm.INCONCLUSIVE and fl["movies/lora"]["reason"] == "fewer than 2 seeds"
+    assert "no test_predictions" in fl["movies/lora"]["accuracy_cost"]["resampled"]
+    assert "Holm" in m["claims"]["forget_less"]["rule"] and "500 resamples" in m["claims"]["forget_less"]["rule"]
     seq = m["sequential"]["full"]
     # R = [[.5,.34],[.9,.4],[.7,.85]]: BWT = .7 - .9 = -.2; forgetting [.2]; FWT = .4 - .34
     assert seq["raw"]["bwt"] == pytest.approx(-0.2)
@@ -401,15 +497,16 @@ def test_run_plot_data_and_summary(ran):
     assert len(matrix) == 1 + 6 and "0 before" in matrix[1]
     md = (root / fg.SUMMARY_MD).read_text()
     assert "| movies | scratch |" in md and "n/a (no pretrained backbone)" in md
-    assert "**reproduced**" in md
-    assert "## Sequential fine-tuning" in md
+    assert "**reproduced**. Of 2 comparisons, 2 are reproduced, 0 not reproduced and 0 inconclusive." in md
+    assert "Rule: Each difference gets a paired bootstrap interval" in md
+    assert "## Sequential fine-tuning `full`" in md and "earlier tasks lost accuracy" in md
 
 
 def test_run_is_deterministic(ran):
     root, _ = ran
     before = {p: (root / p).read_bytes() for p in [fg.METRICS_JSON, fg.SUMMARY_MD, fg.TRADEOFF_CSV,
                                                     fg.MATRIX_CSV, *fg.PNGS.values()]}
-    fg.run(cfg(), root)
+    fg.run(cfg(), MATRIX, root)
     after = {p: (root / p).read_bytes() for p in before}
     assert before == after
 
@@ -425,14 +522,42 @@ def test_run_logs_to_mlflow(ran):
     assert runs
     r = runs[0]
     assert r.data.metrics["movies.full.delta_loss"] > 0
-    assert r.data.tags["claim.few_labels"] == cl.REPRODUCED
+    assert r.data.tags["claim.few_labels"] == cm.REPRODUCED
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "forgetting")}
     assert "forgetting/tradeoff.png" in arts and "forgetting/tradeoff_table.json" in arts
 
 
-def test_missing_finetune_metrics_is_a_stage_error(tmp_path, monkeypatch):
+def test_a_subset_of_the_matrix_reads_only_its_arms(ran, tmp_path):
+    root, _ = ran
+    sub = fg.run(cfg(), out.Matrix(tasks=["movies"], strategies=["full", "scratch"]), root)
+    assert sorted(sub["tasks"]["movies"]) == ["full", "scratch"]
+    assert sub["claims"]["forget_less"]["comparisons"] == {}
+    fg.run(cfg(), MATRIX, root)       # the module's other tests read the full run's outputs
+
+
+def test_a_declared_arm_without_metrics_is_named(ran):
+    root, _ = ran
+    with pytest.raises(StageError, match=r"movies/freeze_bottom is declared by params.yaml.*"
+                                         r"dvc repro finetune@movies-freeze_bottom"):
+        fg.run(cfg(), out.Matrix(tasks=["movies"], strategies=["full", "freeze_bottom"]), root)
+    with pytest.raises(StageError, match=r"finetune/tweets/full.json: missing"):
+        fg.run(cfg(), out.Matrix(tasks=["movies", "tweets"], strategies=["full"]), root)
+
+
+def test_a_declared_arm_without_its_model_is_named(ran, tmp_path):
+    import shutil
+
+    root, _ = ran
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "data/models/finetuned/movies/lora/seed0")
+    with pytest.raises(StageError, match=r"lora/seed0: the fine-tuned model of movies/lora seed0 .* is "
+                                         r"missing.*dvc repro finetune@movies-lora"):
+        fg.run(cfg(), MATRIX, copy)
+    assert (copy / fg.METRICS_JSON).read_bytes() == (root / fg.METRICS_JSON).read_bytes()   # nothing written
+
+
+def test_missing_pretrained_model_is_a_stage_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "data" / "models" / "pretrained").mkdir(parents=True)
-    (tmp_path / "data" / "models" / "pretrained" / "config.json").write_text("{}")
-    with pytest.raises(StageError, match="no fine-tune metrics"):
-        fg.run(cfg(), tmp_path)
+    with pytest.raises(StageError, match="no pretrained model"):
+        fg.run(cfg(), MATRIX, tmp_path)

@@ -2,7 +2,8 @@
 
 In:  accuracy matrices, per-block losses, per-seed values (plain lists or numpy arrays).
 Out: floats, lists and dicts of floats (JSON-ready; `None` where a measure is undefined).
-No file I/O, no torch: used by `stages/forgetting.py` and unit-tested on hand-made inputs.
+No file I/O, no torch: used by the forgetting stage (`ptf/measures/arms.py`) and unit-tested on
+hand-made inputs. The verdicts of the claims live in `ptf/measures/claims.py`.
 
 Accuracy-matrix convention (the `matrix` of `data/metrics/sequential.json`)
 --------------------------------------------------------------------------
@@ -198,58 +199,3 @@ def drift(base_sums: Sequence[float], ft_sums: Sequence[float], counts: Sequence
 
 def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else float("inf")
-
-
-# ---------------------------------------------------------------- seeds and verdicts
-
-
-
-REPRODUCED = "reproduced"
-NOT_REPRODUCED = "not reproduced"
-WITHIN_STD = "inconclusive (difference within 1 std)"
-FEW_SEEDS = "inconclusive (fewer than 2 seeds)"
-MISSING = "inconclusive (missing data)"
-
-
-def compare(a: dict[str, Any], b: dict[str, Any], expect: str = "greater") -> dict[str, Any]:
-    """Verdict on the claim "a > b" (`expect="greater"`) or "a < b" (`expect="less"`).
-
-    `a`, `b`: `mean_std` results over seeds. The difference d = mean(a) - mean(b) is judged
-    against the spread s = sqrt(std(a)^2 + std(b)^2) (the std of the difference of one seed of
-    each): `reproduced` if d is on the claimed side and |d| > s, `not reproduced` if on the
-    other side and |d| > s, otherwise `inconclusive (difference within 1 std)`. With fewer than
-    2 seeds on either side the spread is unknown: `inconclusive (fewer than 2 seeds)`.
-    """
-    if expect not in ("greater", "less"):
-        raise ValueError(f"expect must be 'greater' or 'less', got {expect!r}")
-    if a.get("mean") is None or b.get("mean") is None:
-        return {"verdict": MISSING, "diff": None, "spread": None}
-    d = float(a["mean"] - b["mean"])
-    s = float(math.hypot(a["std"], b["std"]))
-    if min(a["n"], b["n"]) < 2:
-        verdict = FEW_SEEDS
-    elif abs(d) <= s:
-        verdict = WITHIN_STD
-    else:
-        verdict = REPRODUCED if (d > 0) == (expect == "greater") else NOT_REPRODUCED
-    return {"verdict": verdict, "diff": d, "spread": s}
-
-
-def overall(verdicts: Sequence[str]) -> str:
-    """One verdict from several comparisons: unanimous ones pass through, else a count."""
-    if not verdicts:
-        return MISSING
-    if len(set(verdicts)) == 1:
-        return verdicts[0]
-    n_rep = sum(v == REPRODUCED for v in verdicts)
-    n_not = sum(v == NOT_REPRODUCED for v in verdicts)
-    n_inc = len(verdicts) - n_rep - n_not
-    if n_not == 0 and n_rep > 0 and n_inc > 0:
-        head = "partly reproduced"
-    elif n_rep == 0 and n_not > 0 and n_inc > 0:
-        head = "not reproduced where conclusive"
-    elif n_rep == 0 and n_not == 0:
-        return "inconclusive"
-    else:
-        head = "mixed"
-    return f"{head} ({n_rep} reproduced, {n_not} not reproduced, {n_inc} inconclusive of {len(verdicts)})"

@@ -13,20 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ptf.common.atomic import write_bytes
-
-
-def _f(stats: dict[str, Any] | None, scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:
-    if not stats or stats.get("mean") is None:
-        return "n/a"
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    m = f.format(stats["mean"] * scale)
-    return m if stats.get("n", 0) < 2 else f"{m} ± {stats['std'] * scale:.{digits}f}"
-
-
-def _n(x: float | None, digits: int = 3, sign: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:{'+' if sign else ''}.{digits}f}"
+from ptf.report import prose
+from ptf.report.fmt import num, pm, table
 
 
 def render_summary(result: dict[str, Any], cfg) -> str:
@@ -42,63 +30,49 @@ def render_summary(result: dict[str, Any], cfg) -> str:
     L.append("")
     L.append("## Per task and strategy")
     L.append("")
-    L.append("| task | strategy | seeds | test acc | macro-F1 | gain vs chance | gain vs scratch "
-             "| Δ LM loss | Δ % | blocks worse | trainable % |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for task in sorted(result["tasks"]):
         for s in sorted(result["tasks"][task]):
             a = result["tasks"][task][s]
             ms = a["mean_std"]
             drift = a["drift_applicable"]
-            na = "n/a (no pretrained backbone)"
-            L.append("| " + " | ".join([
-                task, s, str(ms["test_accuracy"]["n"]), _f(ms["test_accuracy"]), _f(ms["macro_f1"]),
-                _f(ms["gain_over_chance"], sign=True), _f(ms["gain_over_scratch"], sign=True),
-                _f(ms["delta_loss"], digits=4, sign=True) if drift else na,
-                _f(ms["rel_delta_pct"], digits=2, sign=True) if drift else "n/a",
-                _f(ms["share_worse"], scale=100, digits=1) + ("%" if drift else "") if drift else "n/a",
-                _f(ms["trainable_fraction"], scale=100, digits=2),
-            ]) + " |")
+            rows.append([
+                task, s, str(ms["test_accuracy"]["n"]), pm(ms["test_accuracy"]), pm(ms["macro_f1"]),
+                pm(ms["gain_over_chance"], sign=True), pm(ms["gain_over_scratch"], sign=True),
+                pm(ms["delta_loss"], 4, sign=True) if drift else "n/a (no pretrained backbone)",
+                pm(ms["rel_delta_pct"], 2, sign=True) if drift else "n/a",
+                pm(ms["share_worse"], 1, scale=100) + "%" if drift else "n/a",
+                pm(ms["trainable_fraction"], 2, scale=100)])
+    L += table(["task", "strategy", "seeds", "test acc", "macro-F1", "gain vs chance", "gain vs scratch",
+                "Δ LM loss", "Δ %", "blocks worse", "trainable %"], rows)
     L.append("")
-    L.append("## Does the default run reproduce the paradigm's claims?")
+    L.append("## Does the run reproduce the paradigm's claims?")
     L.append("")
     c1 = result["claims"]["few_labels"]
-    L.append(f"1. **{c1.get('claim', 'few labels')}**: **{c1['verdict']}**.")
-    for key in sorted(c1.get("comparisons", {})):
-        c = c1["comparisons"][key]
-        L.append(f"   - {key}: fraction {c['fraction']:g} ({', '.join(map(str, c['n_labels']))} labels): "
-                 f"accuracy {_f(c['accuracy'])} vs {cfg.scratch_strategy} {_f(c['scratch_accuracy'])}; "
-                 f"difference {_n(c['diff'], sign=True)}, spread {_n(c['spread'])} -> {c['verdict']}")
+    L.append(f"1. **{c1['claim']}**: **{c1['verdict']}**. {prose.counts_sentence(c1)}")
+    for key in sorted(c1["comparisons"]):
+        L.append(f"   - {prose.few_labels_line(key, c1['comparisons'][key], cfg.scratch_strategy)}.")
     c2 = result["claims"]["forget_less"]
-    L.append(f"2. **{c2.get('claim', 'forget less')}**: **{c2['verdict']}**.")
-    for key in sorted(c2.get("comparisons", {})):
-        c = c2["comparisons"][key]
-        cost = c["accuracy_cost"]
-        L.append(f"   - {key}: Δ LM loss {_f(c['delta_loss'], digits=4)} vs {cfg.reference_strategy} "
-                 f"{_f(c['reference_delta_loss'], digits=4)}; difference {_n(c['diff'], 4, sign=True)}, "
-                 f"spread {_n(c['spread'], 4)} -> {c['verdict']}; accuracy cost "
-                 f"{_n(cost['diff'], sign=True)} (spread {_n(cost['spread'])})")
+    L.append(f"2. **{c2['claim']}**: **{c2['verdict']}**. {prose.counts_sentence(c2)}")
+    for key in sorted(c2["comparisons"]):
+        L.append(f"   - {prose.forget_less_line(key, c2['comparisons'][key], cfg.reference_strategy)}.")
+    if c2["comparisons"]:
+        L.append(f"   {prose.cost_sentence(c2, cfg.reference_strategy)}")
     L.append("")
-    L.append("Rule: a claim is *reproduced* when the difference of the seed means is on the claimed side "
-             "and larger than sqrt(std_a² + std_b²); *not reproduced* when it is that large on the other "
-             "side; otherwise inconclusive (within 1 std, or fewer than 2 seeds).")
-    if result["sequential"]:
-        L.append("")
-        L.append("## Sequential fine-tuning (GEM ACC/BWT/FWT, Chaudhry forgetting)")
-        L.append("")
-        L.append("FWT is relative to row 0 of the matrix (accuracy before any training of the sequence). "
-                 "Chance-adjusted: accuracies rescaled to (a - chance) / (1 - chance) first.")
-        L.append("")
-        L.append("| run | order | ACC | BWT | FWT | avg forgetting | ACC adj | BWT adj | FWT adj | forgetting adj |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
-        for name in sorted(result["sequential"]):
-            q = result["sequential"][name]
-            r, a = q["raw"], q.get("chance_adjusted", {})
-            order = " → ".join(map(str, q.get("order") or []))
-            L.append("| " + " | ".join([name, order, _n(r["acc"]), _n(r["bwt"], sign=True),
-                                        _n(r["fwt"], sign=True), _n(r["avg_forgetting"]),
-                                        _n(a.get("acc")), _n(a.get("bwt"), sign=True),
-                                        _n(a.get("fwt"), sign=True), _n(a.get("avg_forgetting"))]) + " |")
+    L.append(f"Rule: {c1['rule']}")
+    for name in sorted(result["sequential"]):
+        q = result["sequential"][name]
+        r, a = q["raw"], q.get("chance_adjusted", {})
+        L += ["", f"## Sequential fine-tuning `{name}` (GEM ACC/BWT/FWT, Chaudhry forgetting)", "",
+              "FWT is relative to row 0 of the matrix (accuracy before any training of the sequence). "
+              "Chance-adjusted: accuracies rescaled to (a - chance) / (1 - chance) first.", ""]
+        L += table(["order", "ACC", "BWT", "FWT", "avg forgetting", "ACC adj", "BWT adj", "FWT adj",
+                    "forgetting adj"],
+                   [[" → ".join(map(str, q.get("order") or [])), num(r["acc"]), num(r["bwt"], sign=True),
+                     num(r["fwt"], sign=True), num(r["avg_forgetting"]), num(a.get("acc")),
+                     num(a.get("bwt"), sign=True), num(a.get("fwt"), sign=True),
+                     num(a.get("avg_forgetting"))]])
+        L += ["", " ".join(prose.bwt_sentences(q))]
     L.append("")
     return "\n".join(L)
 

@@ -1,0 +1,112 @@
+"""Per-arm measures of the forgetting stage (no CLI, no I/O): what each fine-tuned model bought
+and what it cost, per seed and across seeds, and the sequential run's CL measures.
+
+In:  the fine-tune runs as `ptf.measures.outputs.read_finetune` gives them (after
+     `read_models` set `n_classes`), each model's drift (`ptf.measures.cl_metrics.drift`), the
+     sequential run of `read_sequential`.
+Out: per task and strategy {"seeds": {seed: record}, "mean_std": {key: mean_std},
+     "drift_applicable"}; the samples the claims' bootstrap resamples; the sequential block.
+
+The gain is the test accuracy over chance (1 / n_classes) and over the scratch baseline of the
+same task (per seed: accuracy minus the mean scratch accuracy). `scratch` has no pretrained
+backbone: its drift is not applicable (null), never invented.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ptf.common.cli import StageError
+from ptf.measures import cl_metrics as cl
+from ptf.measures.claims import Sample, block_sample, prediction_sample, seed_sample
+from ptf.measures.outputs import sequential_name
+from ptf.measures.stats import mean_std
+
+DRIFT_KEYS = ("loss_pretrained", "loss_finetuned", "ppl_pretrained", "ppl_finetuned", "delta_loss",
+              "rel_delta_pct", "ppl_ratio", "share_worse")
+STAT_KEYS = ["test_accuracy", "macro_f1", "trainable_fraction", "gain_over_chance",
+             "gain_over_scratch", "delta_loss", "rel_delta_pct", "share_worse", "loss_finetuned",
+             "ppl_finetuned"]
+
+
+def per_model_record(ft: dict[str, Any], drift: dict[str, Any] | None, scratch_mean: float | None,
+                     applicable: bool) -> dict[str, Any]:
+    """One model's row: its task metrics, its gains and (when applicable) its drift."""
+    chance = 1.0 / ft["n_classes"] if ft.get("n_classes") else None
+    acc = ft["test_accuracy"]
+    rec = {
+        "test_accuracy": acc,
+        "macro_f1": ft.get("macro_f1"),
+        "trainable_fraction": ft.get("trainable_fraction"),
+        "trainable_params": ft.get("trainable_params"),
+        "chance": chance,
+        "gain_over_chance": acc - chance if chance is not None else None,
+        "gain_over_scratch": acc - scratch_mean if scratch_mean is not None else None,
+        "drift_applicable": applicable,
+    }
+    for k in DRIFT_KEYS:
+        rec[k] = drift[k] if (applicable and drift is not None) else None
+    if not applicable:
+        rec["drift_note"] = "not applicable: no pretrained backbone to drift from"
+    return rec
+
+
+def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    seeds = sorted(per_seed)
+    return {"seeds": per_seed,
+            "mean_std": {k: mean_std([per_seed[s].get(k) for s in seeds]) for k in STAT_KEYS},
+            "drift_applicable": all(r["drift_applicable"] for r in per_seed.values())}
+
+
+def task_table(runs: dict[str, dict[str, dict[str, Any]]], drifts: dict[tuple[str, str, str], dict[str, Any]],
+               scratch_strategy: str) -> dict[str, dict[str, Any]]:
+    """{task: {strategy: aggregate}} of every declared arm."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for t in sorted(runs):
+        scratch = runs[t].get(scratch_strategy)
+        scratch_mean = (float(np.mean([r["test_accuracy"] for r in scratch["seeds"].values()]))
+                        if scratch else None)
+        tasks[t] = {}
+        for s in sorted(runs[t]):
+            per_seed = {seed: per_model_record(rec, drifts.get((t, s, seed)), scratch_mean,
+                                               applicable=s != scratch_strategy)
+                        for seed, rec in sorted(runs[t][s]["seeds"].items())}
+            tasks[t][s] = aggregate(per_seed)
+    return tasks
+
+
+def accuracy_sample(arm: dict[str, Any]) -> Sample:
+    """Per-example correctness when the metrics hold `test_predictions` for every seed and the
+    `test_labels`; else the per-seed test accuracies (the bootstrap then resamples seeds only)."""
+    seeds = arm["seeds"]
+    preds = {s: r.get("test_predictions") for s, r in seeds.items()}
+    if arm.get("test_labels") is not None and all(p is not None for p in preds.values()):
+        return prediction_sample(preds, arm["test_labels"])
+    return seed_sample({s: r["test_accuracy"] for s, r in seeds.items()},
+                       note="no test_predictions in the fine-tune metrics")
+
+
+def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[tuple[str, str, str], np.ndarray],
+                  base_sums: np.ndarray, counts: np.ndarray) -> dict[tuple[str, str], dict[str, Sample | None]]:
+    """{(task, strategy): {"accuracy": Sample, "delta": Sample | None (no drift)}}."""
+    out: dict[tuple[str, str], dict[str, Sample | None]] = {}
+    for t, arms in runs.items():
+        for s, arm in arms.items():
+            sums = {seed: block_sums[(t, s, seed)] for seed in arm["seeds"] if (t, s, seed) in block_sums}
+            out[(t, s)] = {"accuracy": accuracy_sample(arm),
+                           "delta": block_sample(sums, base_sums, counts) if sums else None}
+    return out
+
+
+def sequential_block(run: dict[str, Any] | None) -> dict[str, Any]:
+    """{name: {order, n_classes, chance, majority, raw, chance_adjusted, fwt_baseline}}."""
+    if run is None:
+        return {}
+    name = sequential_name(run)
+    try:
+        m = cl.sequential_measures(run["matrix"], chance=run.get("chance"))
+    except cl.MatrixError as e:
+        raise StageError(f"sequential run {name!r}: {e}") from None
+    return {name: {"order": run.get("order"), "n_classes": run.get("n_classes"),
+                   "chance": run.get("chance"), "majority": run.get("majority"), **m}}

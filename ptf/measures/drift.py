@@ -1,0 +1,140 @@
+"""Drift of the pretraining objective (no CLI): the held-out LM loss of a fine-tuned backbone.
+
+In:  data/shards/validation/ + manifest.json (the held-out pretraining blocks), the pretrained
+     model directory and fine-tuned model directories.
+Out: `EvalSet` (the selected blocks with fixed targets and the pretrained model's per-block
+     loss), `measure(...)` -> per-block summed NLL of one fine-tuned model on it.
+
+Protocol: the fine-tuned backbone under the PRETRAINED LM head
+(`ptf.models.artifacts.load_backbone_as_lm`: an untied copy of the pretrained output layer;
+LoRA merged; prompt tuning leaves the backbone as pretrained) against the pretrained LM
+(`pretrained_lm`), on the same `max_blocks` validation blocks (evenly spaced over the split, in
+order). clm: next-token loss at positions 1..; mlm: BERT masking (`ptf.models.lm.mask_tokens`)
+drawn ONCE from a generator seeded by `mask_seed` and used for every model (paired). The
+numbers per model come from `ptf.measures.cl_metrics.drift`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ptf.common import paths
+from ptf.common.cli import StageError
+
+
+def select_blocks(n_total: int, k: int) -> list[int]:
+    """`min(k, n_total)` block indices evenly spaced over the split, increasing (deterministic)."""
+    k = min(k, n_total)
+    return [i * n_total // k for i in range(k)]
+
+
+def load_eval_blocks(root: Path, max_blocks: int):
+    """(LongTensor n x L of the selected validation blocks, their indices)."""
+    import torch
+
+    from ptf.data.shards import load_blocks
+
+    mpath = Path(root) / paths.SHARDS / "manifest.json"
+    if not mpath.is_file():
+        raise StageError(f"{mpath}: missing; run `dvc repro tokenize`")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    if "validation" not in manifest:
+        raise StageError(f"{mpath}: no 'validation' entry")
+    ds = load_blocks(Path(root) / paths.SHARDS / "validation", manifest["validation"])
+    if len(ds) == 0:
+        raise StageError(f"{mpath}: the validation split has no blocks")
+    idx = select_blocks(len(ds), max_blocks)
+    ids = torch.tensor(np.asarray(ds.select(idx)["input_ids"], dtype=np.int64))
+    return ids, idx
+
+
+def eval_targets(ids, objective: str, tokenizer, mask_prob: float, mask_seed: int):
+    """(inputs, labels) fixed once: clm labels = inputs (shifted in `block_nll`); mlm the
+    pretraining masking rule with a generator seeded by `mask_seed`."""
+    import torch
+
+    if objective == "clm":
+        labels = ids.clone()
+        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in (
+                tokenizer.eos_token_id, tokenizer.bos_token_id):
+            labels[labels == tokenizer.pad_token_id] = -100
+        return ids, labels
+    from ptf.models.lm import mask_tokens
+
+    if tokenizer.mask_token_id is None:
+        raise StageError("masked-LM checkpoint whose tokenizer has no mask token")
+    g = torch.Generator().manual_seed(mask_seed)
+    return mask_tokens(ids, tokenizer.mask_token_id, len(tokenizer),
+                       sorted(set(tokenizer.all_special_ids)), mask_prob, g)
+
+
+def block_nll(lm, inputs, labels, objective: str, batch_size: int):
+    """Per-block summed NLL (float64) and number of predicted tokens, in block order."""
+    import torch
+    import torch.nn.functional as F
+
+    sums, counts = [], []
+    lm.eval()
+    with torch.no_grad():
+        for s in range(0, inputs.shape[0], batch_size):
+            x, y = inputs[s:s + batch_size], labels[s:s + batch_size]
+            logits = lm(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
+            if objective == "clm":
+                logits, y = logits[:, :-1], y[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                  ignore_index=-100, reduction="none").view(y.shape)
+            sums.append(nll.double().sum(1))
+            counts.append((y != -100).sum(1))
+    return torch.cat(sums).numpy(), torch.cat(counts).numpy()
+
+
+def objective_of(pretrained: Path) -> str:
+    from transformers import AutoConfig
+
+    arch = (AutoConfig.from_pretrained(pretrained).architectures or [""])[0]
+    return "mlm" if arch.endswith("MaskedLM") else "clm"
+
+
+@dataclass
+class EvalSet:
+    """The held-out blocks every model is scored on, and the pretrained model's scores."""
+
+    pretrained: Path
+    objective: str
+    inputs: object             # LongTensor n x L
+    labels: object             # LongTensor n x L (-100: not scored)
+    indices: list[int]         # the selected blocks' indices in the validation split
+    base_sums: np.ndarray      # per-block summed NLL of the pretrained LM
+    counts: np.ndarray         # per-block number of scored tokens
+    batch_size: int
+
+    @classmethod
+    def build(cls, root: Path, pretrained: Path, max_blocks: int, batch_size: int,
+              mask_prob: float, mask_seed: int) -> EvalSet:
+        import torch
+        from transformers import AutoTokenizer
+
+        from ptf.models.lm import pretrained_lm
+
+        torch.manual_seed(0)
+        objective = objective_of(pretrained)
+        tok = AutoTokenizer.from_pretrained(pretrained)
+        ids, idx = load_eval_blocks(root, max_blocks)
+        inputs, labels = eval_targets(ids, objective, tok, mask_prob, mask_seed)
+        keep = ((labels[:, 1:] if objective == "clm" else labels) != -100).any(1)
+        inputs, labels = inputs[keep], labels[keep]
+        if inputs.shape[0] == 0:
+            raise StageError("no validation block has a target token to score")
+        base, counts = block_nll(pretrained_lm(pretrained), inputs, labels, objective, batch_size)
+        return cls(pretrained, objective, inputs, labels, idx, base, counts, batch_size)
+
+    def measure(self, finetuned: Path) -> np.ndarray:
+        """Per-block summed NLL of a fine-tuned model's backbone under the pretrained LM head."""
+        from ptf.models.artifacts import load_backbone_as_lm
+
+        lm = load_backbone_as_lm(finetuned, self.pretrained)
+        sums, _ = block_nll(lm, self.inputs, self.labels, self.objective, self.batch_size)
+        return sums

@@ -1,0 +1,201 @@
+"""Readers of the outputs of the fine-tune, curves and sequential stages (no CLI).
+
+One reader per file format that a stage writes, shared by the forgetting stage and the results
+page (`scripts/results.py`), and only those formats:
+  data/metrics/finetune/<task>/<strategy>.json   `stages.finetune`: per-seed records under
+      `seeds` (a list, each with `seed`, `test_accuracy`, `test_macro_f1`, `trainable_params`,
+      `trainable_fraction`, optionally `test_predictions`), optionally top-level `test_labels`;
+  data/models/finetuned/<task>/<strategy>/seed<k>/finetune_meta.json   its `label_names`;
+  data/plots/curves.csv + data/metrics/curves.json   `stages.curves`: rows strategy, fraction,
+      n_labels, seed, test_accuracy; the task is the JSON's `task`;
+  data/metrics/sequential.json   `stages.sequential`: one object {order, strategy (a list in
+      task order), matrix, chance, n_classes, majority}.
+
+What is read is exactly the task x strategy matrix that params.yaml declares
+(`finetune.tasks` x `finetune.strategies`, `Matrix`): files of arms that are not declared (left
+over from another params set) are never read, and a declared arm whose metrics or model is
+missing is a `StageError` naming it and the command that makes it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from ptf.common import paths
+from ptf.common.cli import StageError
+from ptf.common.config import StrictModel, parse_section, read_params
+from ptf.models.artifacts import META_FILE
+from ptf.models.strategies import STRATEGIES
+
+FT_METRICS = paths.METRICS / "finetune"
+CURVES_CSV = paths.PLOTS / "curves.csv"
+CURVES_JSON = paths.METRICS / "curves.json"
+SEQUENTIAL_JSON = paths.METRICS / "sequential.json"
+CURVES_COLUMNS = ("strategy", "fraction", "n_labels", "seed", "test_accuracy")
+
+
+class Matrix(StrictModel):
+    """The fine-tune matrix that params.yaml declares: `finetune.tasks` x `finetune.strategies`."""
+
+    tasks: list[str] = Field(min_length=1)
+    strategies: list[str] = Field(min_length=1)
+
+    @field_validator("tasks", "strategies")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate names in {v}")
+        return v
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STRATEGIES]
+        if bad:
+            raise ValueError(f"unknown strategies {bad}; expected names from {', '.join(STRATEGIES)}")
+        return v
+
+    def arms(self) -> list[tuple[str, str]]:
+        return [(t, s) for t in sorted(self.tasks) for s in sorted(self.strategies)]
+
+
+def read_matrix(params_file: Path) -> Matrix:
+    """`finetune.tasks` and `finetune.strategies` of a params file (the keys the forgetting
+    stage lists as DVC params)."""
+    ft = read_params(params_file).get("finetune")
+    if not isinstance(ft, dict):
+        raise StageError(f"{params_file}: no `finetune` section")
+    return parse_section("finetune", {k: ft.get(k) for k in ("tasks", "strategies")}, Matrix)
+
+
+def read_json(path: Path, remedy: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing; {remedy}") from None
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _labels(x: Any, where: str) -> list[int] | None:
+    if x is None:
+        return None
+    if not isinstance(x, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+        raise StageError(f"{where}: expected a list of class ids")
+    return x
+
+
+def parse_finetune(obj: Any, where: str) -> dict[str, Any]:
+    """{"seeds": {"seed<k>": {test_accuracy, macro_f1, trainable_fraction, trainable_params,
+    test_predictions}}, "test_labels": [...] | None} of one fine-tune metrics file."""
+    raw = obj.get("seeds") if isinstance(obj, dict) else None
+    if not isinstance(raw, list) or not raw:
+        raise StageError(f"{where}: expected a non-empty list of per-seed records under `seeds`")
+    labels = _labels(obj.get("test_labels"), f"{where}: test_labels")
+    seeds: dict[str, dict[str, Any]] = {}
+    for i, rec in enumerate(raw):
+        seed = rec.get("seed") if isinstance(rec, dict) else None
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise StageError(f"{where}: seeds[{i}]: expected an object with an integer `seed`")
+        acc = _num(rec.get("test_accuracy"))
+        if acc is None:
+            raise StageError(f"{where}: seed {seed}: no numeric `test_accuracy`")
+        preds = _labels(rec.get("test_predictions"), f"{where}: seed {seed}: test_predictions")
+        if preds is not None and labels is not None:
+            if len(preds) != len(labels):
+                raise StageError(f"{where}: seed {seed}: {len(preds)} test_predictions for "
+                                 f"{len(labels)} test_labels")
+            if abs(sum(p == y for p, y in zip(preds, labels)) / max(1, len(labels)) - acc) > 1e-9:
+                raise StageError(f"{where}: seed {seed}: test_predictions do not give its test_accuracy "
+                                 f"{acc}; rerun `dvc repro` of the stage that wrote it")
+        seeds[f"seed{seed}"] = {"test_accuracy": acc, "macro_f1": _num(rec.get("test_macro_f1")),
+                                "trainable_fraction": _num(rec.get("trainable_fraction")),
+                                "trainable_params": _num(rec.get("trainable_params")),
+                                "test_predictions": preds}
+    return {"seeds": seeds, "test_labels": labels}
+
+
+def finetune_file(root: Path, task: str, strategy: str) -> Path:
+    return Path(root) / FT_METRICS / task / f"{strategy}.json"
+
+
+def model_dir(root: Path, task: str, strategy: str, seed: str) -> Path:
+    return Path(root) / paths.FINETUNED / task / strategy / seed
+
+
+def _remedy(task: str, strategy: str) -> str:
+    return (f"the arm {task}/{strategy} is declared by params.yaml (finetune.tasks x "
+            f"finetune.strategies); run `dvc repro finetune@{task}-{strategy}` (or `dvc pull`)")
+
+
+def read_finetune(root: Path, matrix: Matrix) -> dict[str, dict[str, dict[str, Any]]]:
+    """{task: {strategy: parse_finetune(...)}} for exactly the declared arms."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for t, s in matrix.arms():
+        f = finetune_file(root, t, s)
+        runs.setdefault(t, {})[s] = parse_finetune(read_json(f, _remedy(t, s)), str(f))
+    return runs
+
+
+def read_models(root: Path, runs: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Check that every seed of every arm has its saved model, and set each seed record's
+    `n_classes` from the model's `label_names` (the fine-tune metrics do not record it)."""
+    for t, arms in runs.items():
+        for s, arm in arms.items():
+            for seed, rec in arm["seeds"].items():
+                meta = model_dir(root, t, s, seed) / META_FILE
+                if not meta.is_file():
+                    raise StageError(f"{meta.parent}: the fine-tuned model of {t}/{s} {seed} (listed in "
+                                     f"{finetune_file(root, t, s)}) is missing; {_remedy(t, s)}")
+                names = read_json(meta, _remedy(t, s)).get("label_names") or []
+                rec["n_classes"] = len(names) or None
+
+
+def read_curves(root: Path) -> list[dict[str, Any]]:
+    """Rows of curves.csv with the task of curves.json; [] when the stage wrote neither."""
+    path, summary = Path(root) / CURVES_CSV, Path(root) / CURVES_JSON
+    if not path.is_file():
+        return []
+    task = str(read_json(summary, "run `dvc repro curves`").get("task") or "")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CURVES_COLUMNS:
+            raise StageError(f"{path}: expected columns {list(CURVES_COLUMNS)}, got {reader.fieldnames}")
+        for i, r in enumerate(reader, start=2):
+            try:
+                rows.append({"task": task, "strategy": r["strategy"], "fraction": float(r["fraction"]),
+                             "n_labels": int(r["n_labels"]), "seed": f"seed{int(r['seed'])}",
+                             "test_accuracy": float(r["test_accuracy"])})
+            except (TypeError, ValueError) as e:
+                raise StageError(f"{path}:{i}: {e}") from None
+    return rows
+
+
+def read_sequential(root: Path) -> dict[str, Any] | None:
+    """The sequential run of sequential.json, or None when the file is absent."""
+    path = Path(root) / SEQUENTIAL_JSON
+    if not path.is_file():
+        return None
+    obj = read_json(path, "run `dvc repro sequential`")
+    if not isinstance(obj, dict) or not isinstance(obj.get("matrix"), list):
+        raise StageError(f"{path}: expected an object with `matrix`")
+    if not isinstance(obj.get("strategy"), list) or not isinstance(obj.get("order"), list):
+        raise StageError(f"{path}: expected `order` and `strategy` lists in task order")
+    return obj
+
+
+def sequential_name(run: dict[str, Any]) -> str:
+    """The run's name: its strategy, or its tasks' strategies in order joined by '-'."""
+    names = [str(s) for s in run["strategy"]]
+    uniq = list(dict.fromkeys(names))
+    return uniq[0] if len(uniq) == 1 else "-".join(names)

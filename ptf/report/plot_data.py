@@ -1,0 +1,81 @@
+"""Plot data of the forgetting stage (no CLI, no I/O): the rows of its DVC plot CSVs.
+
+tradeoff.csv: one point per task x strategy with drift (x = delta LM loss, y = gain, mean and
+std over seeds); learning_curves.csv: curves.csv averaged over seeds; accuracy_matrix.csv: the
+sequential accuracy matrix in long format.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from ptf.measures.stats import mean_std
+
+TRADEOFF_COLUMNS = ["task", "strategy", "delta_loss", "delta_loss_std", "gain", "gain_std",
+                    "test_accuracy", "trainable_pct", "seeds"]
+CURVES_COLUMNS = ["series", "task", "strategy", "fraction", "n_labels", "test_accuracy", "std", "seeds"]
+MATRIX_COLUMNS = ["run", "after", "task", "accuracy", "accuracy_chance_adjusted"]
+
+
+def tradeoff_rows(tasks: dict[str, dict[str, Any]], gain: str) -> list[dict[str, Any]]:
+    """One point per task x strategy with drift; `gain` is "chance" or "scratch"."""
+    rows = []
+    gkey = "gain_over_chance" if gain == "chance" else "gain_over_scratch"
+    for task in sorted(tasks):
+        for s in sorted(tasks[task]):
+            a = tasks[task][s]
+            ms = a["mean_std"]
+            if not a["drift_applicable"] or ms["delta_loss"]["mean"] is None or ms[gkey]["mean"] is None:
+                continue
+            rows.append({"task": task, "strategy": s,
+                         "delta_loss": ms["delta_loss"]["mean"], "delta_loss_std": ms["delta_loss"]["std"],
+                         "gain": ms[gkey]["mean"], "gain_std": ms[gkey]["std"],
+                         "test_accuracy": ms["test_accuracy"]["mean"],
+                         "trainable_pct": (100 * ms["trainable_fraction"]["mean"]
+                                           if ms["trainable_fraction"]["mean"] is not None else None),
+                         "seeds": ms["delta_loss"]["n"]})
+    return rows
+
+
+def curve_rows(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """curves.csv averaged over seeds: one row per task x strategy x fraction."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in curves:
+        groups.setdefault((r["task"], r["strategy"], r["fraction"]), []).append(r)
+    out = []
+    for (task, s, frac), rs in sorted(groups.items()):
+        ms = mean_std([r["test_accuracy"] for r in rs])
+        out.append({"series": f"{task}/{s}" if task else s, "task": task, "strategy": s,
+                    "fraction": frac, "n_labels": int(round(float(np.mean([r["n_labels"] for r in rs])))),
+                    "test_accuracy": ms["mean"], "std": ms["std"], "seeds": ms["n"]})
+    return out
+
+
+def matrix_rows(sequential: dict[str, Any]) -> list[dict[str, Any]]:
+    """Long format of every sequential matrix: one row per (after, task) cell."""
+    rows = []
+    for name in sorted(sequential):
+        seq = sequential[name]
+        raw = seq["raw"]["matrix"]
+        adj = seq.get("chance_adjusted", {}).get("matrix")
+        T = len(raw[0])
+        order = seq.get("order") or [f"task{j}" for j in range(T)]
+        after = ["0 before"] + [f"{i} {order[i - 1]}" for i in range(1, T + 1)]
+        for i, row in enumerate(raw):
+            for j, a in enumerate(row):
+                rows.append({"run": name, "after": after[i], "task": f"{j} {order[j]}",
+                             "accuracy": a, "accuracy_chance_adjusted": adj[i][j] if adj else None})
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                    for k in columns})
+    return buf.getvalue()

@@ -1,0 +1,119 @@
+"""Sentences generated from the numbers (no CLI), for the forgetting summary and the results page.
+
+Every sentence that states a finding is built here from the values it is about, so it cannot
+say the opposite of them: the direction of BWT, which tasks barely rose above their
+majority-class rate, how many comparisons of a claim reproduced, which arms were compared, the
+interval and the reason behind each verdict. `tests/test_report_prose.py` feeds contradicting
+numbers and checks each sentence follows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ptf.measures.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from ptf.report.fmt import is_num, names, num, plural, pm
+
+# A task whose accuracy just after learning it is within this of its majority-class rate had
+# little to forget: the sequential measures say little about it.
+LEARNED_MARGIN = 0.05
+
+
+def counts_sentence(claim: dict[str, Any]) -> str:
+    """"Of 4 comparisons, 3 are reproduced, 0 not reproduced and 1 inconclusive." """
+    c = claim.get("counts") or {}
+    n = c.get("total", 0)
+    if not n:
+        return f"No comparison could be made ({claim.get('missing', 'no data')})."
+    return (f"Of {plural(n, 'comparison')}, {c.get(REPRODUCED, 0)} "
+            f"{'is' if c.get(REPRODUCED, 0) == 1 else 'are'} reproduced, "
+            f"{c.get(NOT_REPRODUCED, 0)} not reproduced and {c.get(INCONCLUSIVE, 0)} inconclusive.")
+
+
+def interval(c: dict[str, Any], digits: int = 3) -> str:
+    """"difference +0.262, 97.5 % interval [+0.101, +0.423]" (or why there is none)."""
+    d = f"difference {num(c.get('diff'), digits, sign=True)}"
+    ci = c.get("ci")
+    if not ci:
+        return f"{d}, no interval ({c.get('reason') or 'no data'})"
+    return (f"{d}, Holm-corrected {100 * c['ci_level']:.4g} % interval "
+            f"[{num(ci[0], digits, sign=True)}, {num(ci[1], digits, sign=True)}]")
+
+
+def verdict_phrase(c: dict[str, Any], field: str = "verdict") -> str:
+    """The verdict with its reason when it is inconclusive, and what was resampled."""
+    v = c.get(field) or INCONCLUSIVE
+    why = f": {c['reason']}" if v == INCONCLUSIVE and c.get("reason") and field == "verdict" else ""
+    res = f"; resampled: {c['resampled']}" if c.get("resampled") else ""
+    return f"{v}{why}{res}"
+
+
+def few_labels_line(key: str, c: dict[str, Any], scratch: str) -> str:
+    labels = ", ".join(map(str, c.get("n_labels") or []))
+    return (f"`{key}` with {labels} labels (fraction {c.get('fraction'):g}): accuracy "
+            f"{pm(c.get('accuracy'))} against {pm(c.get('scratch_accuracy'))} for `{scratch}`; "
+            f"{interval(c)} → {verdict_phrase(c)}")
+
+
+def forget_less_line(key: str, c: dict[str, Any], reference: str) -> str:
+    cost = c.get("accuracy_cost") or {}
+    return (f"`{key}`: Δ LM loss {pm(c.get('delta_loss'), 4)} against {pm(c.get('reference_delta_loss'), 4)} "
+            f"for `{reference}`; {interval(c, 4)} → {verdict_phrase(c)}. Accuracy against "
+            f"`{reference}`: {interval(cost)} → lower accuracy "
+            f"{verdict_phrase(cost, 'verdict_lower_accuracy')}")
+
+
+def cost_sentence(claim: dict[str, Any], reference: str) -> str:
+    comps = claim.get("comparisons") or {}
+    paid = sorted(k for k, c in comps.items()
+                  if (c.get("accuracy_cost") or {}).get("verdict_lower_accuracy") == REPRODUCED)
+    return (f"Accuracy paid for it: test accuracy decisively lower than `{reference}` (Holm-corrected, "
+            f"as a family of its own) in {len(paid)} of {len(comps)} comparisons"
+            + (f" ({names(paid)})." if paid else "."))
+
+
+def forget_less_heading(claim: dict[str, Any], reference: str) -> str:
+    compared = sorted({c["strategy"] for c in (claim.get("comparisons") or {}).values()})
+    than = names(compared) if compared else "the other strategies (none of them ran beside it)"
+    return (f"`{reference}` fine-tuning forgets more of the pretraining objective than {than}, "
+            "and they pay for that in some task accuracy")
+
+
+def pretrain_sentence(val_ppl: Any, unigram_ppl: Any) -> str | None:
+    if not (is_num(val_ppl) and is_num(unigram_ppl)):
+        return None
+    below = val_ppl < unigram_ppl
+    return (f"The pretrained model's validation perplexity is {'below' if below else 'NOT below'} the "
+            f"unigram baseline ({num(val_ppl, 2)} vs {num(unigram_ppl, 2)}): it "
+            f"{'learned more' if below else 'did not learn more'} than token frequencies.")
+
+
+def bwt_sentences(measures: dict[str, Any]) -> list[str]:
+    """What the sequential run's BWT says, and where the tasks were barely learned."""
+    raw = measures.get("raw") or {}
+    bwt = raw.get("bwt")
+    out = []
+    if is_num(bwt):
+        what = ("lost accuracy" if bwt < 0 else "gained accuracy" if bwt > 0
+                else "neither lost nor gained accuracy")
+        out.append(f"BWT {num(bwt, sign=True)}: on average, earlier tasks {what} from just after "
+                   "learning them to the end of the sequence.")
+    order = [str(t) for t in measures.get("order") or []]
+    learned = raw.get("learning_accuracy") or []
+    majority = measures.get("majority") or []
+    if order and len(learned) == len(order) == len(majority):
+        margins = [a - m for a, m in zip(learned, majority)]
+        out.append("Just after learning it, each task's test accuracy minus its majority-class rate: "
+                   + ", ".join(f"{t} {num(d, sign=True)}" for t, d in zip(order, margins)) + ".")
+        weak = [t for t, d in zip(order, margins) if d <= LEARNED_MARGIN]
+        if weak:
+            out.append(f"{names(weak)} rose at most {LEARNED_MARGIN:g} above {'its' if len(weak) == 1 else 'their'} "
+                       "majority-class rate: there was little to forget, so BWT and forgetting say little "
+                       f"about {'it' if len(weak) == 1 else 'them'}.")
+    out.append("One run (one seed, one order): these measures have no interval.")
+    return out
+
+
+def out_of_domain_sentence(label: str, task: str | None, label_names: list[str]) -> str:
+    return (f"→ {label}: the `{task or 'task'}` classifier must answer one of its "
+            f"{plural(len(label_names), 'label')} ({', '.join(label_names)}), with no 'none of these', "
+            "so this answer is no evidence that the input belongs to the task.")
