@@ -65,6 +65,36 @@ def test_osf_init_is_identity_to_float_precision(llama, tok):
     assert torch.allclose(after, before, atol=1e-6)
 
 
+def _leak(peft_model) -> float:
+    """|U_high^T (U_low - U_low_init)| / |U_low - U_low_init| of the first q_proj: how much of
+    the update went into the frozen subspace (U_high from a fresh SVD of the base weight)."""
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    du = layer.osf_svd_params["default"]["U_low"] - layer._osf_U_low_init["default"]
+    u, _, _ = torch.linalg.svd(layer.get_base_layer().weight, full_matrices=False)
+    return float((u[:, :layer.effective_rank["default"]].T @ du).norm() / du.norm())
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_osf_projection_keeps_adamw_updates_out_of_the_frozen_subspace(llama, tok, project):
+    model = build("osf", llama)
+    enc = encode(tok)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if project:
+        opt.register_step_post_hook(P.osf_projection_hook(model))
+    first = None
+    for _ in range(5):
+        loss = model(**enc, labels=LABELS).loss
+        first = float(loss) if first is None else first
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if project:
+        assert _leak(model) < 1e-5
+        assert float(model(**enc, labels=LABELS).loss) < first        # it still learns
+    else:
+        assert _leak(model) > 0.1                                     # peft alone, with AdamW
+
+
 @pytest.mark.parametrize("targets,match", [
     (["q_proj", "c_attn"], r"finetune\.arms\.dora\.target_modules: 'c_attn' not found"),
     (["input_layernorm"], r"finetune\.arms\.dora\.target_modules: 'input_layernorm' selects \['LlamaRMSNorm'\]"),
