@@ -183,8 +183,8 @@ def test_bert_export_roundtrip_in_process(bert, tok, tmp_path):
         assert torch.equal(back(**enc).logits, model(**enc).logits)
 
 
-def test_gpt2_conv1d_projections_take_adapters(tok):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+def test_gpt2_conv1d_projections_take_adapters_and_export(tok, tmp_path):
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(GPT2Config(
@@ -195,6 +195,15 @@ def test_gpt2_conv1d_projections_take_adapters(tok):
     assert len(A.add_adapters(model, reduction_factor=8)) == 4
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, before)
+    train(model, enc, steps=1)
+    model.config.classifier_pooling = "mean"
+    A.export_hf(model, tmp_path / "gpt2")
+    back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "gpt2").eval()
+    with torch.no_grad():
+        tok_logits = model.score(model.transformer(**enc).last_hidden_state)
+        mask = enc["attention_mask"][..., None].float()
+        want = (tok_logits * mask).sum(1) / mask.sum(1).clamp(min=1)
+        assert torch.allclose(back(**enc).logits, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -211,6 +220,8 @@ def test_bad_arm_values_name_the_key(llama, kwargs, match):
 
 
 def test_arm_params_model():
-    assert A.AdapterParams(reduction_factor=16).placement == "both"
+    assert A.AdapterParams(reduction_factor=16, placement="ffn", activation="relu").placement == "ffn"
     with pytest.raises(Exception, match="placement"):
-        A.AdapterParams(reduction_factor=16, placement="middle")
+        A.AdapterParams(reduction_factor=16, placement="middle", activation="relu")
+    with pytest.raises(Exception, match="activation"):
+        A.AdapterParams(reduction_factor=16, placement="both")

@@ -101,3 +101,11 @@ def test_mismatched_backbone_and_peft_model_refused(llama, tok):
     lora = get_peft_model(ft, LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match=r"finetune\.arms\.wise_ft: needs a full-weight"):
         W.interpolate(pre_state, lora, 0.5)
+
+
+def test_arm_params_model():
+    assert W.WiseFtParams(alphas=[0.25, 0.5], source="full").alphas == [0.25, 0.5]
+    with pytest.raises(Exception, match=r"alphas"):
+        W.WiseFtParams(alphas=[0.5, 2.0], source="full")
+    with pytest.raises(Exception, match=r"alphas"):
+        W.WiseFtParams(alphas=[], source="full")

@@ -134,6 +134,8 @@ def test_osf_refuses_a_model_peft_cannot_wrap(tok):
 
 
 def test_osf_arm_params():
-    assert P.OsfParams(effective_rank=0.5).target_modules is None
+    assert P.OsfParams(effective_rank=0.5, target_modules=None).target_modules is None
     with pytest.raises(Exception, match="effective_rank"):
-        P.OsfParams(effective_rank=1.0)
+        P.OsfParams(effective_rank=1.0, target_modules=None)
+    with pytest.raises(Exception, match="target_modules"):
+        P.OsfParams(effective_rank=0.5)

@@ -42,10 +42,11 @@ FORMAT = "ptf-bottleneck-adapters/1"
 
 
 class AdapterParams(StrictModel):
-    """The adapter's own arm fields (the registry's arm adds lrs / weight_decay)."""
+    """The adapter's own arm fields (the registry's arm adds lrs / weight_decay); all required,
+    as every value lives in params.yaml."""
     reduction_factor: int = Field(gt=0)         # adapter units = hidden_size // reduction_factor
-    placement: Literal["both", "attention", "ffn"] = "both"
-    activation: str = "relu"                    # a transformers ACT2FN key
+    placement: Literal["both", "attention", "ffn"]
+    activation: str                             # a transformers ACT2FN key (relu, gelu, silu...)
 
 
 def make_spec(model, reduction_factor: int, placement: str = "both",

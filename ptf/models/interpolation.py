@@ -11,7 +11,7 @@ In:  the pretrained backbone's state (`pretrained_backbone_state(pretrained_dir)
      strategy (a plain transformers model, not a peft wrapper), coefficients alpha in [0, 1]
      (`finetune.arms.wise_ft.alphas`; `check_alphas` refuses an empty list or a value outside
      with a `ConfigError` naming that key and the value).
-Out: `interpolate(pre_state, finetuned, alpha)`: a new classifier (a deep copy; the input is left
+Out: `WiseFtParams` (the arm's own fields), `interpolate(pre_state, finetuned, alpha)`: a new classifier (a deep copy; the input is left
      as it is) whose backbone is the mix and whose head is the fine-tuned one; `wise_ft_models`
      yields (alpha, classifier) for a list.
 
@@ -33,11 +33,23 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from pydantic import Field, field_validator
 
 from ptf.common.cli import StageError
-from ptf.common.config import ConfigError
+from ptf.common.config import ConfigError, StrictModel
 
 ARM = "finetune.arms.wise_ft"
+
+
+class WiseFtParams(StrictModel):
+    """WiSE-FT's own arm fields: no training of its own; it mixes the models of `source`."""
+    alphas: list[float] = Field(min_length=1)   # 0 = pretrained backbone, 1 = the source model
+    source: str                                 # a full-weight strategy (full, lower_lr, l2sp...)
+
+    @field_validator("alphas")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        return check_alphas(v)
 
 
 def check_alphas(alphas) -> list[float]:

@@ -49,9 +49,9 @@ OSF_ARM = "finetune.arms.osf"
 
 
 class OsfParams(StrictModel):
-    """OSF's own arm fields."""
+    """OSF's own arm fields (the registry's arm adds lrs / weight_decay); all required."""
     effective_rank: float = Field(gt=0.0, lt=1.0)   # share of each target's smaller dimension FROZEN
-    target_modules: list[str] | None = None         # None: peft's default for the architecture
+    target_modules: list[str] | None                # null: peft's default for the architecture
 
 
 def _types():
