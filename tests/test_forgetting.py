@@ -38,6 +38,20 @@ def cfg(**over) -> fg.Config:
 
 # ---------------------------------------------------------------- fixtures
 
+def store(pre: Path, model, dest: Path, strategy: str, seed: int = 0, task: str = "movies") -> None:
+    """Save `model` in the layout the finetune stage writes (`ptf.models.artifacts.save_classifier`:
+    weights or adapter + base, tokenizer, model card, finetune_meta.json)."""
+    from ptf.models.artifacts import save_classifier as save_artifact
+
+    tok = make_tokenizer()
+    meta = {"strategy": strategy, "task": task, "label_names": LABELS, "pooling": "last",
+            "pretrained_dir": str(pre), "max_length": 16, "padding_side": tok.padding_side,
+            "seed": seed, "lr": 1e-3}
+    results = {"val_accuracy": 0.5, "val_macro_f1": 0.5, "test_accuracy": 0.5, "test_macro_f1": 0.5,
+               "n_validation": 10, "n_test": 10}
+    save_artifact(model, tok, dest, meta, results, {"seed": seed})
+
+
 def save_classifier(pre: Path, dest: Path, strategy: str, noise: float = 0.0, scratch: bool = False,
                     seed: int = 0) -> None:
     """A seq-classification model from the pretrained LM (backbone untouched unless `noise`)."""
@@ -54,11 +68,7 @@ def save_classifier(pre: Path, dest: Path, strategy: str, noise: float = 0.0, sc
         with torch.no_grad():
             for p in model.base_model.parameters():
                 p.add_(noise * torch.randn_like(p))
-    dest.mkdir(parents=True)
-    model.save_pretrained(dest)
-    (dest / "finetune_meta.json").write_text(json.dumps(
-        {"strategy": strategy, "task": "movies", "label_names": LABELS, "pooling": "last",
-         "peft": False, "pretrained_dir": str(pre)}))
+    store(pre, model, dest, strategy, seed)
 
 
 def save_lora(pre: Path, dest: Path, seed: int = 0) -> None:
@@ -75,11 +85,7 @@ def save_lora(pre: Path, dest: Path, seed: int = 0) -> None:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    dest.mkdir(parents=True)
-    model.save_pretrained(dest)
-    (dest / "finetune_meta.json").write_text(json.dumps(
-        {"strategy": "lora", "task": "movies", "label_names": LABELS, "pooling": "last",
-         "peft": True, "pretrained_dir": str(pre)}))
+    store(pre, model, dest, "lora", seed)
 
 
 def validation_blocks(block_size: int = 16, n_blocks: int = 20) -> list[list[int]]:

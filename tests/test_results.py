@@ -1,8 +1,12 @@
 """scripts/results.py on a tiny fake run: metrics in the stages' own formats (forgetting.json built
-with the forgetting stage's helpers), the repo's real dvc.yaml/params.yaml, a 2-layer Llama as the
-pretrained model and one saved classifier. Shows: every number in the page's tables is a value that
-`dvc metrics show` reports for those files; the verdict paragraphs follow `claims`; the notes are
-included verbatim; dvc.lock's hash is stamped; an unclean `dvc status` refuses and writes nothing.
+with the forgetting stage's own library), the repo's real dvc.yaml/params.yaml (matrix pinned to
+what the fake run holds), a 2-layer Llama as the pretrained model and one saved classifier.
+
+Shows: each table cell equals its own source value (validation and test accuracies differ in the
+fake run, so a page quoting the wrong one fails); every table number is one `dvc metrics show`
+reports; the verdict paragraphs follow `claims`; the notes are included verbatim, the history
+whatever the verdict; dvc.lock's hash is stamped; an unclean `dvc status` refuses and writes
+nothing; only the declared matrix is read.
 """
 from __future__ import annotations
 
@@ -15,19 +19,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from scripts import results as rs
-from ptf.measures import cl_metrics as cl
-from ptf.measures.stats import mean_std
-from stages import forgetting as fg
 from ptf.common.config import load_section, read_params
+from ptf.measures import arms as am
+from ptf.measures import claims as cm
+from ptf.measures import cl_metrics as cl
+from ptf.measures import outputs as out
+from ptf.measures.stats import mean_std
+from ptf.report import evidence
+from scripts import results as rs
+from stages import forgetting as fg
 from tests.finetune_fixtures import make_pretrained, make_tokenizer
+from tests.test_forgetting import store
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
-SEEDS = ["seed0", "seed1", "seed2"]
+SEEDS = [0, 1, 2]
 STRATEGIES = ["full", "linear_probe", "lora", "scratch"]
+FRACTIONS = ((0.01, 20), (0.2, 400), (1.0, 2000))
+N_TEST = 40
 R = random.Random(7)
 
 
@@ -42,15 +54,23 @@ def write(root: Path, rel: str, obj) -> None:
     p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def finetune_json(task: str, strategy: str, accs: list[float], frac: float) -> dict:
-    """The shape `stages.finetune.run` writes."""
-    seeds = [{"seed": i, "test_accuracy": a, "test_macro_f1": a - 0.01, "val_accuracy": a,
-              "trainable_params": int(frac * 1e6), "total_params": 1_000_000, "trainable_fraction": frac,
-              "lr": 1e-4, "n_train": 100} for i, a in enumerate(accs)]
-    m = sum(accs) / len(accs)
+def finetune_json(task: str, strategy: str, accs: list[int], frac: float, predictions: bool) -> dict:
+    """The shape `stages.finetune.run` writes; `accs` in correct test answers of N_TEST; the
+    validation accuracy differs from the test accuracy."""
+    labels = [i % 2 for i in range(N_TEST)]
+    seeds = []
+    for i, k in enumerate(accs):
+        rec = {"seed": i, "test_accuracy": k / N_TEST, "test_macro_f1": k / N_TEST - 0.01,
+               "val_accuracy": val(0.3, 0.5), "trainable_params": int(frac * 1e6), "total_params": 1_000_000,
+               "trainable_fraction": frac, "lr": 1e-4, "n_train": 100}
+        if predictions:
+            rec["test_predictions"] = [y if j < k else 1 - y for j, y in enumerate(labels)]
+        seeds.append(rec)
+    ms = mean_std([r["test_accuracy"] for r in seeds])
     return {"task": task, "strategy": strategy, "seeds": seeds, "chosen_lr": 1e-4,
-            "test_accuracy": {"mean": m, "std": 0.01}, "trainable_fraction": frac,
-            "trainable_params": int(frac * 1e6), "n_train": 100}
+            "test_accuracy": {"mean": ms["mean"], "std": ms["std"]}, "val_accuracy": {"mean": 0.4, "std": 0.1},
+            "trainable_fraction": frac, "trainable_params": int(frac * 1e6), "n_train": 100,
+            **({"test_labels": labels} if predictions else {})}
 
 
 def save_classifier(pre: Path, dest: Path, strategy: str) -> None:
@@ -60,18 +80,33 @@ def save_classifier(pre: Path, dest: Path, strategy: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
         pre, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    dest.mkdir(parents=True)
-    model.save_pretrained(dest)
-    (dest / "finetune_meta.json").write_text(json.dumps(
-        {"strategy": strategy, "task": "movies", "label_names": LABELS, "pooling": "last",
-         "peft": False, "pretrained_dir": str(pre), "max_length": 16}))
+    store(pre, model, dest, strategy)
+
+
+def fake_curves(root: Path) -> None:
+    """curves.csv and curves.json as `stages.curves` writes them; pretrained arms clearly above
+    scratch at the smallest fraction."""
+    rows, results = [], {}
+    for s in ("full", "linear_probe", "scratch"):
+        for frac, n in FRACTIONS:
+            lo = 0.45 if s == "scratch" and frac == 0.01 else 0.75 if frac == 0.01 else 0.5
+            accs = [val(lo, lo + 0.05) for _ in SEEDS]
+            rows.append("".join(f"{s},{frac},{n},{i},{a}\n" for i, a in enumerate(accs)))
+            ms = mean_std(accs)
+            results.setdefault(s, {})[f"{frac:g}"] = {"mean": ms["mean"], "std": ms["std"],
+                                                      "n_labels": n, "chosen_lr": 1e-3}
+    (root / "data/plots").mkdir(parents=True, exist_ok=True)
+    (root / "data/plots/curves.csv").write_text("strategy,fraction,n_labels,seed,test_accuracy\n" + "".join(rows))
+    write(root, "data/metrics/curves.json", {"task": "movies", "seeds": SEEDS, "max_steps": 60,
+                                            "results": results})
 
 
 def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    # the fake run is of `movies`, whatever task the default params fine-tune
     params = read_params(REPO / "params.yaml")
     params["finetune"]["tasks"] = ["movies"]
+    params["finetune"]["strategies"] = STRATEGIES
+    params["forgetting"]["bootstrap_resamples"] = 500
     (root / "params.yaml").write_text(json.dumps(params, indent=2))   # JSON is YAML
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n# fake lock\n")
     cfg = load_section("forgetting", fg.Config, root / "params.yaml")
@@ -79,79 +114,56 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
         "objective": "clm", "val_loss": val(3, 4), "val_ppl": val(20, 50), "unigram_ppl": val(300, 600),
         "steps": 500, "tokens_seen": 2048000, "params_total": 4321987, "params_non_embedding": 1234567,
         "train_time_s": val(100, 300), "wall_time_s": 400.0, "distributed_type": "MULTI_CPU"})
-    # curves: the csv rows of stages.curves and its JSON summary
-    rows, results = [], {}
-    for s in ("full", "linear_probe", "scratch"):
-        for frac, n in ((0.01, 20), (0.2, 400), (1.0, 2000)):
-            accs = [val(0.5, 0.9) for _ in SEEDS]
-            rows += [{"task": "movies", "strategy": s, "fraction": frac, "n_labels": n, "seed": i,
-                      "test_accuracy": a} for i, a in enumerate(accs)]
-            ms = mean_std(accs)
-            results.setdefault(s, {})[f"{frac:g}"] = {"mean": ms["mean"], "std": ms["std"],
-                                                      "n_labels": n, "chosen_lr": 1e-3}
-    write(root, "data/metrics/curves.json", {"task": "movies", "seeds": [0, 1, 2], "max_steps": 60,
-                                            "results": results})
-    seq = {"order": ["movies", "tweets"], "strategy": ["full", "full"],
-           "matrix": [[val(0.4, 0.6), val(0.4, 0.6)], [val(0.8, 0.9), val(0.5, 0.7)],
-                      [val(0.6, 0.8), val(0.8, 0.9)]],
-           "chance": [0.5, 0.5], "n_classes": [2, 2], "majority": [0.51, 0.52], "seed": 0}
-    write(root, "data/metrics/sequential.json", seq)
-    # fine-tune metrics and forgetting.json through the forgetting stage's own helpers
-    tasks = {}
+    fake_curves(root)
+    write(root, "data/metrics/sequential.json", {
+        "order": ["movies", "tweets"], "strategy": ["full", "full"],
+        "matrix": [[val(0.4, 0.6), val(0.4, 0.6)], [val(0.8, 0.9), val(0.5, 0.7)], [val(0.6, 0.8), val(0.8, 0.9)]],
+        "chance": [0.5, 0.5], "n_classes": [2, 2], "majority": [0.51, 0.52], "seed": 0, "max_steps": 5})
     for s in STRATEGIES:
-        accs = [val(0.6, 0.95) for _ in SEEDS]
         frac = {"full": 1.0, "linear_probe": 0.00047, "lora": 0.0123, "scratch": 1.0}[s]
-        obj = finetune_json("movies", s, accs, frac)
-        write(root, f"data/metrics/finetune/movies/{s}.json", obj)
-    runs = fg.discover_runs(root)
-    for t in runs:
-        scratch = runs[t].get("scratch")
-        smean = sum(r["test_accuracy"] for r in scratch.values()) / len(scratch)
-        tasks[t] = {}
-        for s, seeds in runs[t].items():
-            per = {}
-            for seed, rec in seeds.items():
-                rec["n_classes"] = 2.0
-                d = val(0.001, 0.2)
-                drift = {"loss_pretrained": 3.5, "loss_finetuned": 3.5 + d, "ppl_pretrained": 33.1,
-                         "ppl_finetuned": 33.1 * (1 + d), "delta_loss": d, "rel_delta_pct": 100 * d / 3.5,
-                         "ppl_ratio": 1 + d, "share_worse": val(0.3, 0.9)}
-                per[seed] = fg.per_model_record(rec, drift, smean, applicable=s != "scratch")
-            tasks[t][s] = fg.aggregate(per)
-    curves = fg.read_curves(_csv(root, rows))
+        accs = [R.randint(22, 38) for _ in SEEDS]
+        write(root, f"data/metrics/finetune/movies/{s}.json",
+              finetune_json("movies", s, accs, frac, predictions=s != "lora"))
+    # another params set's arm, left in the workspace: never read
+    write(root, "data/metrics/finetune/movies/ewc.json", finetune_json("movies", "ewc", [1, 1, 1], 1.0, False))
+    # forgetting.json through the forgetting stage's own library (drift on fabricated block losses)
+    runs = out.read_finetune(root, out.read_matrix(root / "params.yaml"))
+    counts = np.full(16, 63.0)
+    base = 3.5 * counts
+    sums, drifts = {}, {}
+    for s in STRATEGIES[:-1]:
+        for seed in runs["movies"][s]["seeds"]:
+            runs["movies"][s]["seeds"][seed]["n_classes"] = 2
+            d = val(0.001, 0.2)
+            sums[("movies", s, seed)] = base + counts * (d + np.linspace(-0.1, 0.1, 16) * val(0.5, 2))
+            drifts[("movies", s, seed)] = cl.drift(base, sums[("movies", s, seed)], counts)
+    runs["movies"]["scratch"]["seeds"] = {k: {**v, "n_classes": 2}
+                                          for k, v in runs["movies"]["scratch"]["seeds"].items()}
+    tasks = am.task_table(runs, drifts, "scratch")
+    samples = am.claim_samples(runs, sums, base, counts)
     forgetting = {
-        "eval": {"objective": "clm", "blocks": 128, "tokens": 16256, "loss_pretrained": 3.5,
-                 "ppl_pretrained": 33.1},
+        "eval": {"objective": "clm", "blocks": 16, "tokens": 1008, "loss_pretrained": 3.5, "ppl_pretrained": 33.1},
+        "matrix": {"tasks": ["movies"], "strategies": STRATEGIES},
         "tasks": tasks,
-        "sequential": fg.sequential_block(fg.read_sequential(root / "data/metrics/sequential.json")),
-        "claims": {"few_labels": fg.claim_few_labels(curves, cfg), "forget_less": fg.claim_forget_less(tasks, cfg)},
+        "sequential": am.sequential_block(out.read_sequential(root)),
+        "claims": {"few_labels": cm.claim_few_labels(out.read_curves(root), cfg),
+                   "forget_less": cm.claim_forget_less(tasks, samples, cfg)},
     }
     write(root, "data/metrics/forgetting.json", forgetting)
     for name in ("tradeoff", "learning_curves", "accuracy_matrix"):
         p = root / "data/plots" / f"{name}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode())
     pre = root / "data/models/pretrained"
     shutil.copytree(tokenizer_pre, pre)
-    t, s, seed, _ = rs.best_model(forgetting)
+    t, s, seed, _ = evidence.best_model(forgetting)
     save_classifier(pre, root / "data/models/finetuned" / t / s / seed, s)
     return root
 
 
-def _csv(root: Path, rows: list[dict]) -> Path:
-    p = root / "data/plots/curves.csv"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["task", "strategy", "fraction", "n_labels", "seed", "test_accuracy"]
-    p.write_text(",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows))
-    return p
-
-
-def set_verdicts(root: Path, few: str, forget: str) -> None:
-    f = root / "data/metrics/forgetting.json"
-    obj = json.loads(f.read_text())
-    obj["claims"]["few_labels"]["verdict"] = few
-    obj["claims"]["forget_less"]["verdict"] = forget
-    f.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+NOTES = ("# Notes\n\n## history\nThe task was `movies` first, then `source`: *chosen on test numbers*.\n\n"
+         "## few_labels\n<!-- why claim 1 fails -->\n\n## forget_less\n"
+         "Replay mixes only 4 blocks per step: *too few to anchor the backbone*.\n\n"
+         "## general\nThe default run is sized for a 2-core CPU.\n")
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +179,93 @@ def fake(tmp_path_factory, pretrained) -> Path:
 @pytest.fixture(scope="module")
 def page(fake) -> str:
     (fake / "docs").mkdir(exist_ok=True)
-    (fake / "docs/results_notes.md").write_text(
-        "# Notes\n\n## few_labels\n<!-- why claim 1 fails -->\n\n## forget_less\n"
-        "Replay mixes only 4 blocks per step: *too few to anchor the backbone*.\n\n"
-        "## general\nThe default run is sized for a 2-core CPU.\n")
-    set_verdicts(fake, cl.REPRODUCED, cl.NOT_REPRODUCED)
+    (fake / "docs/results_notes.md").write_text(NOTES)
     rs.run(fake, repeats=3, status_fn=lambda root: {})
     return (fake / "docs/results.md").read_text()
 
 
-# ---------------------------------------------------------------- numbers come from the metrics
+def load(fake: Path, name: str):
+    return json.loads((fake / f"data/metrics/{name}.json").read_text())
+
+
+# ---------------------------------------------------------------- each cell is its own source value
+
+def table_rows(page: str, header_start: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the table whose header line starts with `header_start`."""
+    lines = page.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def f(x: float, d: int = 3, sign: bool = False) -> str:
+    return f"{x:{'+' if sign else ''}.{d}f}"
+
+
+def ms(stats: dict, d: int = 3, scale: float = 1, sign: bool = False) -> str:
+    return f"{f(stats['mean'] * scale, d, sign)} ± {f(stats['std'] * scale, d)}"
+
+
+def test_pretrain_cells(fake, page):
+    pre = load(fake, "pretrain")
+    want = [["validation loss (nats/token)", f(pre["val_loss"], 4)],
+            ["validation perplexity", f(pre["val_ppl"], 2)],
+            ["unigram baseline perplexity", f(pre["unigram_ppl"], 2)],
+            ["optimizer steps", "500"], ["tokens seen", "2048000"], ["parameters (total)", "4321987"],
+            ["parameters (non-embedding)", "1234567"], ["train time (s)", f(pre["train_time_s"], 1)]]
+    assert table_rows(page, "| measure | value |") == want
+
+
+def test_curves_cells(fake, page):
+    cur = load(fake, "curves")["results"]
+    rows = table_rows(page, "| fraction | labels |")
+    assert [r[0] for r in rows] == [f"{fr:g}" for fr, _ in FRACTIONS]
+    for row, (frac, n) in zip(rows, FRACTIONS):
+        key = f"{frac:g}"
+        assert row[1] == str(n)
+        assert row[2:] == [ms(cur[s][key]) for s in ("full", "linear_probe", "scratch")], key
+
+
+def test_task_cells(fake, page):
+    fgj = load(fake, "forgetting")["tasks"]["movies"]
+    rows = table_rows(page, "| task | strategy | seeds |")
+    assert [r[:2] for r in rows] == [["movies", s] for s in STRATEGIES]     # the declared arms only
+    for row in rows:
+        s = row[1]
+        m = fgj[s]["mean_std"]
+        source = load(fake, f"finetune/movies/{s}")
+        test = [r["test_accuracy"] for r in source["seeds"]]
+        assert m["test_accuracy"]["mean"] == pytest.approx(sum(test) / 3)   # test, not validation
+        want = [str(m["test_accuracy"]["n"]), ms(m["test_accuracy"]), ms(m["gain_over_chance"], sign=True),
+                ms(m["gain_over_scratch"], sign=True)]
+        if s == "scratch":
+            want += ["n/a (no pretrained backbone)", "n/a", "n/a"]
+        else:
+            want += [ms(m["delta_loss"], 4, sign=True), ms(m["rel_delta_pct"], 2, sign=True),
+                     ms(m["share_worse"], 1, scale=100)]
+        frac = m["trainable_fraction"]["mean"]
+        want.append({"full": "100.00", "scratch": "100.00", "linear_probe": "0.0470", "lora": "1.23"}[s])
+        assert frac * 100 == pytest.approx(float(want[-1]), rel=1e-3)
+        assert row[2:] == want, s
+
+
+def test_sequential_cells(fake, page):
+    seq = load(fake, "sequential")
+    rows = table_rows(page, "|  | movies | tweets |")
+    assert rows == [[lab, *[f(a) for a in r]] for lab, r in zip(["before", "after movies", "after tweets"],
+                                                                 seq["matrix"])]
+    m = load(fake, "forgetting")["sequential"]["full"]
+    r, a = m["raw"], m["chance_adjusted"]
+    assert table_rows(page, "| measure | ACC | BWT |") == [
+        ["raw", f(r["acc"]), f(r["bwt"], sign=True), f(r["fwt"], sign=True), f(r["avg_forgetting"])],
+        ["chance-adjusted", f(a["acc"]), f(a["bwt"], sign=True), f(a["fwt"], sign=True), f(a["avg_forgetting"])]]
+
+
+# ---------------------------------------------------------------- numbers come from git-tracked metrics
 
 def dvc_metrics_leaves(root: Path) -> list[float]:
     """Every number `dvc metrics show --json` reports for the workspace (+ numeric keys)."""
@@ -187,13 +276,13 @@ def dvc_metrics_leaves(root: Path) -> list[float]:
     p = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=work,
                        capture_output=True, text=True, env=env, check=True)
     shown = json.loads(p.stdout)
-    out: list[float] = []
+    leaves: list[float] = []
 
     def walk(x):
         if isinstance(x, dict):
             for k, v in x.items():
                 try:
-                    out.append(float(k))
+                    leaves.append(float(k))
                 except ValueError:
                     pass
                 walk(v)
@@ -201,75 +290,92 @@ def dvc_metrics_leaves(root: Path) -> list[float]:
             for v in x:
                 walk(v)
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            out.append(float(x))
+            leaves.append(float(x))
 
     walk(shown)
     files = json.dumps(shown)
     for rel in ("pretrain.json", "curves.json", "sequential.json", "forgetting.json", "finetune/movies/lora.json"):
         assert f"data/metrics/{rel}" in files, f"dvc metrics show does not report {rel}"
-    return out
+    return leaves
 
 
 NUMBER = re.compile(r"^([+-]?\d+(?:\.\d+)?)(?: ± (\d+(?:\.\d+)?))?$")
 
 
-def table_numbers(page: str, matrix_rows: bool = False) -> list[str]:
-    """Numeric cells of the tables above the evidence card: those of the accuracy-matrix rows
-    (`| before |`, `| after <task> |`) when `matrix_rows`, else all the others."""
-    body = page.split("## Evidence card")[0]
-    cells = []
-    for line in body.splitlines():
-        is_matrix = line.startswith(("| before |", "| after "))
-        if line.startswith("|") and not line.startswith("|---") and is_matrix == matrix_rows:
-            for c in line.strip().strip("|").split(" | "):
-                m = NUMBER.match(c.strip())
-                if m:
-                    cells += [g for g in m.groups() if g is not None]
-    return cells
-
-
-def matches(text: str, leaves: list[float]) -> bool:
-    d = len(text.split(".")[1]) if "." in text else 0
-    want = float(text)
-    return any(abs(float(f"{v * scale:.{d}f}") - want) < 1e-12 for v in leaves for scale in (1, 100))
-
-
 def test_every_table_number_is_a_dvc_metric(fake, page):
     leaves = dvc_metrics_leaves(fake)
-    nums = table_numbers(page)
-    assert len(nums) > 80, nums
-    bad = [n for n in nums if not matches(n, leaves)]
-    assert not bad, f"table numbers not in `dvc metrics show`: {bad}"
-    # `dvc metrics show` leaves lists out: the accuracy matrix is checked against the file itself
-    matrix = json.loads((fake / "data/metrics/sequential.json").read_text())["matrix"]
-    cells = table_numbers(page, matrix_rows=True)
-    assert len(cells) == sum(map(len, matrix))
-    assert all(matches(n, [a for row in matrix for a in row]) for n in cells), cells
+    body = page.split("## Evidence card")[0]
+    nums = []
+    for line in body.splitlines():
+        if line.startswith("|") and not line.startswith(("|---", "| before |", "| after ")):
+            for c in line.strip().strip("|").split(" | "):
+                m = NUMBER.match(c.strip())
+                nums += [g for g in (m.groups() if m else ()) if g is not None]
+    assert len(nums) > 60, nums
+
+    def matches(text: str) -> bool:
+        d = len(text.split(".")[1]) if "." in text else 0
+        return any(abs(float(f"{v * scale:.{d}f}") - float(text)) < 1e-12 for v in leaves for scale in (1, 100))
+
+    assert not [n for n in nums if not matches(n)]
 
 
-def test_tables_hold_the_key_values(fake, page):
-    fgj = json.loads((fake / "data/metrics/forgetting.json").read_text())
-    pre = json.loads((fake / "data/metrics/pretrain.json").read_text())
-    seq = json.loads((fake / "data/metrics/sequential.json").read_text())
-    cur = json.loads((fake / "data/metrics/curves.json").read_text())
-    assert f"| validation perplexity | {pre['val_ppl']:.2f} |" in page
-    assert f"| unigram baseline perplexity | {pre['unigram_ppl']:.2f} |" in page
-    for s in STRATEGIES:
-        ms = fgj["tasks"]["movies"][s]["mean_std"]
-        acc = f"{ms['test_accuracy']['mean']:.3f} ± {ms['test_accuracy']['std']:.3f}"
-        row = next(line for line in page.splitlines() if line.startswith(f"| movies | {s} |"))
-        assert acc in row
-        assert f"{ms['gain_over_chance']['mean']:+.3f}" in row
-        if s != "scratch":
-            assert f"{ms['delta_loss']['mean']:+.4f}" in row
-        else:
-            assert "n/a (no pretrained backbone)" in row
-    assert "| 0.0470 |" in page                      # linear probe's trainable %: 3 significant digits
-    r = cur["results"]["scratch"]["0.01"]
-    assert f"{r['mean']:.3f} ± {r['std']:.3f}" in page
-    assert "| after movies | " + " | ".join(f"{a:.3f}" for a in seq["matrix"][1]) + " |" in page
-    m = fgj["sequential"]["full"]["raw"]
-    assert f"| raw | {m['acc']:.3f} | {m['bwt']:+.3f} | {m['fwt']:+.3f} | {m['avg_forgetting']:.3f} |" in page
+def test_forgetting_json_is_git_tracked():
+    import yaml
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["forgetting"]
+    assert {"data/metrics/forgetting.json": {"cache": False}} in spec["metrics"]
+    assert {"data/metrics/forgetting_summary.md": {"cache": False}} in spec["outs"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "data/metrics/forgetting.json"], cwd=REPO)
+    assert ignored.returncode == 1, "data/metrics/forgetting.json is git-ignored"
+
+
+# ---------------------------------------------------------------- verdicts, notes, stamp
+
+def claims_part(page: str) -> tuple[str, str]:
+    claims = page.split("## Does the run reproduce")[1].split("## Evidence card")[0]
+    c1, c2 = claims.split("### Claim 2")
+    return c1, c2
+
+
+def test_verdicts_follow_claims_and_notes_are_verbatim(fake, page):
+    claims = load(fake, "forgetting")["claims"]
+    c1, c2 = claims_part(page)
+    assert claims["few_labels"]["verdict"] == cm.REPRODUCED            # built so: see fake_curves
+    assert f"**Verdict: {cm.REPRODUCED}.**" in c1 and "Where it does not reproduce" not in c1
+    assert "why claim 1 fails" not in c1
+    v2 = claims["forget_less"]["verdict"]
+    assert f"**Verdict: {v2}.**" in c2
+    assert ("Where it does not reproduce" in c2) == (v2 != cm.REPRODUCED)
+    for k, c in claims["forget_less"]["comparisons"].items():
+        line = next(x for x in c2.splitlines() if x.startswith(f"- `{k}`"))
+        assert f"→ {c['verdict']}" in line
+    assert "The default run is sized for a 2-core CPU." in c2
+    assert "Rule: Each difference gets a paired bootstrap interval (500 resamples, seed 0)" in page
+
+
+def test_history_is_shown_whatever_the_verdict(page):
+    history = page.split("## How this run's task and settings were chosen")[1].split("## Pretraining")[0]
+    assert "The task was `movies` first, then `source`: *chosen on test numbers*." in history
+
+
+def test_verdict_change_changes_the_page(fake, page, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs"))
+    f = root / "data/metrics/forgetting.json"
+    obj = json.loads(f.read_text())
+    c1 = obj["claims"]["few_labels"]
+    for c in c1["comparisons"].values():
+        c.update({"verdict": cm.INCONCLUSIVE, "reason": "the corrected interval contains 0"})
+    c1.update(cm.overall([c["verdict"] for c in c1["comparisons"].values()]))
+    f.write_text(json.dumps(obj))
+    rs.run(root, repeats=1, status_fn=lambda r: {})
+    new = (root / "docs/results.md").read_text()
+    c1_text, _ = claims_part(new)
+    assert f"**Verdict: {cm.INCONCLUSIVE}.**" in c1_text and "Where it does not reproduce" in c1_text
+    assert "2 comparisons, 0 are reproduced, 0 not reproduced and 2 inconclusive" in c1_text
+    assert "No explanation written yet" in c1_text           # no notes file in this copy
+    assert "No history of the task and settings written yet." in new
 
 
 def test_stamp_and_figures(fake, page):
@@ -281,30 +387,8 @@ def test_stamp_and_figures(fake, page):
         assert f"](figures/{name}.png)" in page
         assert (fake / "docs/figures" / f"{name}.png").read_bytes() == \
             (fake / "data/plots" / f"{name}.png").read_bytes()
+    assert "data/metrics/finetune/movies/ewc.json" not in page        # not declared: not a source
     assert not list((fake / "docs").glob(".*tmp-*"))
-
-
-def test_verdicts_follow_claims_and_notes_are_verbatim(fake, page):
-    claims = page.split("## Does the default run")[1].split("## Evidence card")[0]
-    c1, c2 = claims.split("### Claim 2")
-    assert f"**Verdict: {cl.REPRODUCED}.**" in c1 and "Where it does not reproduce" not in c1
-    assert f"**Verdict: {cl.NOT_REPRODUCED}.**" in c2 and "Where it does not reproduce" in c2
-    assert "Replay mixes only 4 blocks per step: *too few to anchor the backbone*." in c2
-    assert "The default run is sized for a 2-core CPU." in c2
-    for k in json.loads((fake / "data/metrics/forgetting.json").read_text())["claims"]["forget_less"]["comparisons"]:
-        assert f"`{k}`" in c2
-
-
-def test_verdict_swap_changes_the_page(fake, page, tmp_path):
-    root = tmp_path / "run"
-    shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs"))
-    set_verdicts(root, cl.WITHIN_STD, cl.REPRODUCED)
-    rs.run(root, repeats=1, status_fn=lambda r: {})
-    claims = (root / "docs/results.md").read_text().split("## Does the default run")[1]
-    c1, c2 = claims.split("### Claim 2")
-    assert f"**Verdict: {cl.WITHIN_STD}.**" in c1 and "Where it does not reproduce" in c1
-    assert "No explanation written yet" in c1           # no notes file in this copy
-    assert f"**Verdict: {cl.REPRODUCED}.**" in c2.split("## Evidence")[0]
 
 
 def test_evidence_card(page):
@@ -314,21 +398,60 @@ def test_evidence_card(page):
     assert re.search(r"\*\*Task result\*\* for the example sentence: \*\*(negative|positive)\*\*", card)
     assert "Longer than the model's maximum" in card and "truncates it to 16 tokens" in card
     assert "Out of domain (code)" in card and "Out of domain (German)" in card
+    assert "the `movies` classifier must answer one of its 2 labels (negative, positive)" in card
+    assert "sentiment" not in card
     assert re.search(r"median \d+\.\d\d ms over 3 repeats", card)
 
 
+def test_evidence_card_predicts_through_classify(fake, monkeypatch):
+    """The card's labels are those of `ptf.models.artifacts.classify`, the pipeline's own path."""
+    import ptf.models.artifacts as artifacts
+
+    calls = []
+
+    def fake_classify(model, tokenizer, texts, max_length=128):
+        calls.append(max_length)
+        return [1 for _ in texts]
+
+    monkeypatch.setattr(artifacts, "classify", fake_classify)
+    t, s, seed, _ = evidence.best_model(load(fake, "forgetting"))
+    card = evidence.evidence_card(fake / "data/models/pretrained", fake / "data/models/finetuned" / t / s / seed,
+                                  repeats=1)
+    assert card["prediction"]["label"] == "positive" and 16 in calls
+    assert all(o["label"] == "positive" for o in card["checks"]["out_of_domain"].values())
+
+
 def test_notes_sections(tmp_path):
+    from ptf.report.sections import read_notes
+
     f = tmp_path / "notes.md"
     f.write_text("intro\n## few_labels\n<!-- only a comment -->\n\n## forget_less\nline 1\n\nline 2\n")
-    assert rs.read_notes(f) == {"forget_less": "line 1\n\nline 2"}
-    assert rs.read_notes(tmp_path / "absent.md") == {}
+    assert read_notes(f) == {"forget_less": "line 1\n\nline 2"}
+    assert read_notes(tmp_path / "absent.md") == {}
 
 
 def test_missing_metric_is_a_clear_error(fake, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs", "models"))
     (root / "data/metrics/curves.json").unlink()
-    with pytest.raises(rs.ResultsError, match="curves.json: missing"):
+    with pytest.raises(rs.ws.ResultsError, match="curves.json: missing"):
+        rs.run(root, status_fn=lambda r: {})
+    assert not (root / "docs/results.md").exists()
+
+
+def test_a_declared_arm_missing_or_undescribed_is_refused(fake, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs", "models"))
+    params = json.loads((root / "params.yaml").read_text())
+    params["finetune"]["strategies"] = STRATEGIES + ["replay"]
+    (root / "params.yaml").write_text(json.dumps(params))
+    with pytest.raises(rs.ws.ResultsError, match=r"finetune/movies/replay.json: missing; the arm movies/replay "
+                                                 r"is declared.*dvc repro finetune@movies-replay"):
+        rs.run(root, status_fn=lambda r: {})
+    params["finetune"]["strategies"] = ["full", "scratch"]
+    (root / "params.yaml").write_text(json.dumps(params))
+    with pytest.raises(rs.ws.ResultsError, match=r"forgetting.json: describes the arms .*movies/lora.* but "
+                                                 r"params.yaml declares \['movies/full', 'movies/scratch'\]"):
         rs.run(root, status_fn=lambda r: {})
     assert not (root / "docs/results.md").exists()
 
@@ -341,20 +464,20 @@ def test_unclean_dvc_status_refuses(tmp_path):
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
-    assert rs.dvc_status(repo) == {}                 # nothing to run: clean
+    assert rs.ws.dvc_status(repo) == {}                 # nothing to run: clean
     (repo / "in.txt").write_text("1\n")
     (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: cp in.txt out.json\n    deps: [in.txt]\n"
                                    "    metrics:\n      - out.json:\n          cache: false\n")
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    with pytest.raises(rs.ResultsError, match=r"dvc status` is not clean.*\bs \(changed"):
+    with pytest.raises(rs.ws.ResultsError, match=r"dvc status` is not clean.*\bs \(changed"):
         rs.run(repo)                                  # a stage never run: stale
     assert not (repo / "docs").exists()
 
 
 def test_check_clean_names_stages_and_files():
-    rs.check_clean({})
-    with pytest.raises(rs.ResultsError, match=r"forgetting \(changed deps: stages/forgetting.py\)"):
-        rs.check_clean({"forgetting": [{"changed deps": {"stages/forgetting.py": "modified"}}]})
+    rs.ws.check_clean({})
+    with pytest.raises(rs.ws.ResultsError, match=r"forgetting \(changed deps: stages/forgetting.py\)"):
+        rs.ws.check_clean({"forgetting": [{"changed deps": {"stages/forgetting.py": "modified"}}]})
 
 
 def test_cli_prints_one_error_line(tmp_path):

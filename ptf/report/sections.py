@@ -1,0 +1,220 @@
+"""The sections of the results page (no CLI, no I/O but `read_notes`): Markdown from the metrics.
+
+Every number in a table is a value of the metrics files (scaled by 100 for the % columns); every
+sentence that states a finding comes from `ptf.report.prose`; the verdicts are the `claims` of
+forgetting.json, never decided here. People's notes (docs/results_notes.md) are copied verbatim
+between markers: `history` always, the claim sections under a claim that is not reproduced,
+`general` after the claims.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ptf.measures.claims import REPRODUCED
+from ptf.measures.outputs import sequential_name
+from ptf.report import prose
+from ptf.report.fmt import is_num, num, pct_digits, pm, table
+
+NOTES = Path("docs/results_notes.md")
+
+
+def read_notes(path: Path) -> dict[str, str]:
+    """`## <name>` sections of docs/results_notes.md, verbatim (HTML comments kept; a section
+    holding only comments or blanks counts as empty and is left out)."""
+    if not path.is_file():
+        return {}
+    found: dict[str, str] = {}
+    name, buf = None, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^##\s+(\S+)\s*$", line)
+        if m:
+            if name is not None:
+                found[name] = "\n".join(buf).strip("\n")
+            name, buf = m.group(1), []
+        elif name is not None:
+            buf.append(line)
+    if name is not None:
+        found[name] = "\n".join(buf).strip("\n")
+    return {k: v for k, v in found.items() if re.sub(r"<!--.*?-->", "", v, flags=re.S).strip()}
+
+
+def quote_notes(name: str, notes: dict[str, str], missing: str) -> list[str]:
+    L = [f"<!-- BEGIN notes: {NOTES.as_posix()}, section `## {name}` (written by people) -->"]
+    L += [notes[name]] if name in notes else [f"*{missing} Add it under `## {name}` in `{NOTES.as_posix()}`.*"]
+    return L + [f"<!-- END notes `## {name}` -->"]
+
+
+def section_history(notes: dict[str, str]) -> list[str]:
+    return (["## How this run's task and settings were chosen", ""]
+            + quote_notes("history", notes, "No history of the task and settings written yet."))
+
+
+def section_pretrain(pre: dict[str, Any]) -> list[str]:
+    L = ["## Pretraining", "",
+         f"Objective `{pre.get('objective', 'n/a')}`; the unigram baseline is the perplexity of the "
+         "same held-out targets under add-one-smoothed token frequencies of the training shards: a "
+         "floor any language model must beat (`data/metrics/pretrain.json`).", ""]
+    rows = [["validation loss (nats/token)", num(pre.get("val_loss"), 4)],
+            ["validation perplexity", num(pre.get("val_ppl"), 2)],
+            ["unigram baseline perplexity", num(pre.get("unigram_ppl"), 2)],
+            ["optimizer steps", num(pre.get("steps"), 0)],
+            ["tokens seen", num(pre.get("tokens_seen"), 0)],
+            ["parameters (total)", num(pre.get("params_total"), 0)],
+            ["parameters (non-embedding)", num(pre.get("params_non_embedding"), 0)],
+            ["train time (s)", num(pre.get("train_time_s"), 1)]]
+    L += table(["measure", "value"], rows)
+    sentence = prose.pretrain_sentence(pre.get("val_ppl"), pre.get("unigram_ppl"))
+    return L + (["", sentence] if sentence else [])
+
+
+def _frac_key(k: str) -> float:
+    try:
+        return float(k)
+    except ValueError:
+        return math.inf
+
+
+def section_curves(curves: dict[str, Any], scratch: str) -> list[str]:
+    res = curves.get("results") or {}
+    n_seeds = len(curves.get("seeds") or []) or None
+    strategies = list(res)
+    fracs = sorted({k for by_f in res.values() for k in by_f}, key=_frac_key)
+    L = ["## Data efficiency", "",
+         f"Task `{curves.get('task', 'n/a')}`: test accuracy (mean ± std over seeds "
+         f"{curves.get('seeds', 'n/a')}) for each fraction of the training labels, pretrained "
+         f"backbone against `{scratch}` (random init, same architecture and budget: "
+         f"{curves.get('max_steps', 'n/a')} steps) (`data/metrics/curves.json`).", ""]
+    rows = []
+    for f in fracs:
+        labels = sorted({res[s][f]["n_labels"] for s in strategies
+                         if f in res[s] and is_num(res[s][f].get("n_labels"))})
+        rows.append([f, " / ".join(str(int(n)) for n in labels) or "n/a"]
+                    + [pm({"n": n_seeds, **res[s][f]}) if f in res[s] else "n/a" for s in strategies])
+    L += table(["fraction", "labels", *strategies], rows)
+    return L + ["", "![Learning curves: test accuracy against the number of labels](figures/learning_curves.png)"]
+
+
+TASK_COLUMNS = ["task", "strategy", "seeds", "test accuracy", "gain vs chance", "gain vs scratch",
+                "Δ LM loss (nats/token)", "Δ LM loss %", "blocks worse %", "trainable %"]
+
+
+def section_tasks(fg: dict[str, Any]) -> list[str]:
+    ev = fg.get("eval") or {}
+    L = ["## Per task and strategy: what fine-tuning bought and what it cost", "",
+         "Gain = test accuracy minus chance (1 / classes) or minus the mean `scratch` accuracy of the "
+         "task. Forgetting = Δ held-out LM loss: the fine-tuned backbone under the pretrained LM head "
+         f"minus the pretrained model, on the same {ev.get('blocks', 'n/a')} held-out blocks "
+         f"({ev.get('tokens', 'n/a')} tokens; pretrained loss {num(ev.get('loss_pretrained'), 4)}); "
+         "> 0 means the pretraining objective got worse. Mean ± std over seeds "
+         "(`data/metrics/forgetting.json`, from `data/metrics/finetune/<task>/<strategy>.json`).", ""]
+    rows = []
+    for task in sorted(fg["tasks"]):
+        for s in sorted(fg["tasks"][task]):
+            a = fg["tasks"][task][s]
+            ms = a.get("mean_std") or {}
+            drift = a.get("drift_applicable", True)
+            tf = (ms.get("trainable_fraction") or {}).get("mean")
+            rows.append([task, s, num((ms.get("test_accuracy") or {}).get("n"), 0),
+                         pm(ms.get("test_accuracy")),
+                         pm(ms.get("gain_over_chance"), sign=True),
+                         pm(ms.get("gain_over_scratch"), sign=True),
+                         pm(ms.get("delta_loss"), 4, sign=True) if drift else "n/a (no pretrained backbone)",
+                         pm(ms.get("rel_delta_pct"), 2, sign=True) if drift else "n/a",
+                         pm(ms.get("share_worse"), 1, scale=100) if drift else "n/a",
+                         num(tf, pct_digits(tf), scale=100)])
+    L += table(TASK_COLUMNS, rows)
+    return L + ["", "![Learning vs forgetting: gain against Δ held-out LM loss](figures/tradeoff.png)"]
+
+
+def section_sequential(run: dict[str, Any] | None, fg: dict[str, Any]) -> list[str]:
+    L = ["## Sequential fine-tuning: the accuracy matrix", ""]
+    if not run:
+        return L + ["No sequential run in `data/metrics/sequential.json`."]
+    L += ["R[i][j] = test accuracy on task j after training the first i tasks of the order (row 0: "
+          "before any training, fresh heads) (`data/metrics/sequential.json`). ACC = mean final "
+          "accuracy; BWT = mean change of each earlier task from just after learning it to the end "
+          "(< 0: forgotten); FWT = accuracy on a task before training it minus row 0; forgetting = "
+          "Chaudhry et al.'s mean drop from the best earlier accuracy; *adj* = the same on "
+          "chance-adjusted accuracies (`data/metrics/forgetting.json`, `sequential`).", ""]
+    name = sequential_name(run)
+    M, order = run["matrix"], [str(t) for t in run["order"]]
+    L += [f"### Run `{name}`: {' → '.join(order)} (strategy {' → '.join(map(str, run['strategy']))})", ""]
+    labels = ["before"] + [f"after {t}" for t in order]
+    L += table(["", *order], [[labels[i] if i < len(labels) else f"row {i}", *[num(a) for a in row]]
+                              for i, row in enumerate(M)])
+    m = (fg.get("sequential") or {}).get(name)
+    if m:
+        r, a = m.get("raw") or {}, m.get("chance_adjusted") or {}
+        L += [""] + table(
+            ["measure", "ACC", "BWT", "FWT", "forgetting"],
+            [["raw", num(r.get("acc")), num(r.get("bwt"), sign=True), num(r.get("fwt"), sign=True),
+              num(r.get("avg_forgetting"))],
+             ["chance-adjusted", num(a.get("acc")), num(a.get("bwt"), sign=True),
+              num(a.get("fwt"), sign=True), num(a.get("avg_forgetting"))]])
+        L += ["", " ".join(prose.bwt_sentences(m))]
+    return L + ["", "![Accuracy matrix of the sequential run](figures/accuracy_matrix.png)"]
+
+
+def _not_reproduced(claim_name: str, claim: dict[str, Any], notes: dict[str, str]) -> list[str]:
+    comps = claim.get("comparisons") or {}
+    bad = {k: c for k, c in comps.items() if c.get("verdict") != REPRODUCED}
+    L = [f"**Where it does not reproduce.** {prose.counts_sentence(claim)}"]
+    if bad:
+        L += ["", *[f"- `{k}`: {prose.verdict_phrase(c)}." for k, c in sorted(bad.items())]]
+    return L + [""] + quote_notes(claim_name, notes, "No explanation written yet.")
+
+
+def section_claims(fg: dict[str, Any], notes: dict[str, str], reference: str, scratch: str) -> list[str]:
+    claims = fg.get("claims") or {}
+    c1, c2 = claims.get("few_labels") or {}, claims.get("forget_less") or {}
+    L = ["## Does the run reproduce the paradigm's claims?", "",
+         "The verdicts are computed by the forgetting stage (`claims` in "
+         f"`data/metrics/forgetting.json`). Rule: {c1.get('rule') or c2.get('rule') or 'n/a'}", "",
+         "### Claim 1 (data efficiency): a pretrained backbone beats scratch when labels are few", "",
+         f"**Verdict: {c1.get('verdict', 'n/a')}.** Tested: {c1.get('claim', 'n/a')}. "
+         + prose.counts_sentence(c1)]
+    comps1 = c1.get("comparisons") or {}
+    L += ([""] + [f"- {prose.few_labels_line(k, comps1[k], scratch)}." for k in sorted(comps1)]
+          if comps1 else [])
+    if c1.get("verdict") != REPRODUCED:
+        L += [""] + _not_reproduced("few_labels", c1, notes)
+    comps2 = c2.get("comparisons") or {}
+    L += ["", f"### Claim 2 (forgetting): {prose.forget_less_heading(c2, reference)}", "",
+          f"**Verdict: {c2.get('verdict', 'n/a')}.** Tested: {c2.get('claim', 'n/a')}. "
+          + prose.counts_sentence(c2)]
+    if comps2:
+        L += [""] + [f"- {prose.forget_less_line(k, comps2[k], reference)}." for k in sorted(comps2)]
+        L += ["", prose.cost_sentence(c2, reference)]
+    if c2.get("verdict") != REPRODUCED:
+        L += [""] + _not_reproduced("forget_less", c2, notes)
+    if "general" in notes:
+        L += ["", "### Notes", ""] + quote_notes("general", notes, "")
+    return L
+
+
+def render_page(metrics: dict[str, Any], stamp: dict[str, Any], notes: dict[str, str],
+                card_lines: list[str], sources: dict[str, str], reference: str, scratch: str) -> str:
+    commit = stamp.get("git_commit")
+    git = (f"git commit `{commit}` (clean tree)" if stamp.get("git_clean")
+           else f"git commit `{commit}` **plus uncommitted changes**" if commit else "no git commit")
+    L = ["# Results of the default run", "",
+         "<!-- Generated by `python -m scripts.results` (make results). Do not edit: edit "
+         "docs/results_notes.md and regenerate. -->", "",
+         f"Generated from `dvc.lock` sha256 `{stamp['lock_sha256']}` with `dvc status` clean; "
+         f"{git}. Every number in the tables below is a value of the metrics files that `dvc.yaml` "
+         "declares (`dvc metrics show`, git-tracked); the verdicts are those computed by the "
+         "forgetting stage.", ""]
+    L += section_history(notes) + [""]
+    L += section_pretrain(metrics["pretrain"]) + [""]
+    L += section_curves(metrics["curves"], scratch) + [""]
+    L += section_tasks(metrics["forgetting"]) + [""]
+    L += section_sequential(metrics["sequential"], metrics["forgetting"]) + [""]
+    L += section_claims(metrics["forgetting"], notes, reference, scratch) + [""]
+    L += card_lines + [""]
+    L += ["## Sources", "", "sha256 of every file this page was made from:", ""]
+    L += [f"- `{k}`: `{v}`" for k, v in sorted(sources.items())]
+    L.append("")
+    return "\n".join(L)
