@@ -1,5 +1,6 @@
 """Test-wide environment (offline, no telemetry, no writes to the home directory) and the one
 reference run of the smoke pipeline that the pipeline-level tests share."""
+import json
 import os
 import tempfile
 import time
@@ -22,23 +23,35 @@ for key, value in {
     os.environ[key] = value
 
 
+def holds_a_stage_lock(repo, pid: int) -> bool:
+    """Whether DVC's rwlock of `repo` shows process `pid` holding a stage's outputs for writing
+    (DVC takes it when a stage starts running and drops the repo lock while its command runs)."""
+    try:
+        lock = json.loads((repo / ".dvc/tmp/rwlock").read_text())
+    except (OSError, ValueError):
+        return False  # not written yet, or caught mid-write
+    return any(info.get("pid") == pid for info in lock.get("write", {}).values())
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> dict:
     """A clean `dvc repro` of the smoke pipeline; a second `dvc repro` is tried while it runs.
 
-    Shared by tests/test_pipeline.py (status, push/pull), tests/test_faults.py (the reference of
-    the interrupted runs) and tests/test_flows.py (the reference of the worker's clean run), so
-    the suite pays for this run once. Those tests only read its outputs.
+    Shared by tests/test_pipeline.py, tests/test_faults.py (the reference of the interrupted
+    runs) and tests/test_flows.py (the reference of the worker's clean run), so the suite pays
+    for this run once. It is read-only: a test that runs a stage, commits or pushes works on its
+    own copy (`tests.smoke.copy_smoke_repo`).
     """
     from tests.smoke import finish, make_smoke_repo, sh, start_repro
 
     repo = make_smoke_repo(tmp_path_factory.mktemp("smoke-run") / "repo")
     first = start_repro(repo)
-    # wait until the first run holds its stage locks (it is inside `download`)
-    end = time.monotonic() + 120
-    while not (repo / ".dvc/tmp/rwlock").is_file() and time.monotonic() < end:
+    # wait until the first run is inside a stage's command (it holds that stage's write lock)
+    end = time.monotonic() + 300
+    while not holds_a_stage_lock(repo, first.pid):
+        assert first.poll() is None, f"dvc repro ended early\n{first.log.read_text()[-4000:]}"
+        assert time.monotonic() < end, f"no stage started in 300 s\n{first.log.read_text()[-4000:]}"
         time.sleep(0.05)
-    time.sleep(1.0)
     second = sh(["dvc", "repro"], repo, check=False, timeout=300)
     out = finish(first)
     assert first.returncode == 0, out[-4000:]

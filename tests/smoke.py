@@ -4,7 +4,9 @@ In:  a destination folder.
 Out: a git repo there holding the project's files (what `git ls-files` would ship, tracked or not,
      never data/ or local state), `configs/smoke.yaml` as its `params.yaml`, one commit, and a
      local DVC remote beside it; plus `pipeline_env()`, the environment its commands run in, and
-     `assert_same_results()`, which compares two runs on everything that is deterministic.
+     `assert_same_results()`, which compares two runs on everything that is deterministic;
+     `copy_smoke_repo()`, a private copy of a finished run for tests that run, commit or push;
+     `free_port()` and `closed_port()`, ports of 127.0.0.1 to serve on or to fail against.
 
 What differs between two clean runs by nature, and is left out of the comparison:
   - metric keys that measure time or speed (`wall_time_s`, `train_time_s`, `tokens_per_s`: any
@@ -16,10 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -32,11 +38,52 @@ GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
 NOT_COPIED = ("data/", "dvc.lock", "docs/")
 
 
+_HANDED_OUT: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+_RANDOM = random.SystemRandom()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (free to serve on, or closed to fail against)."""
+    """A port of 127.0.0.1 for a server that a test starts on a port it is told (Prefect, MLflow,
+    a torchrun rendezvous).
+
+    Never one this process handed out before (two calls never return the same port), and drawn
+    below the kernel's ephemeral range, so no outgoing connection and no `bind(0)` elsewhere is
+    given it while the server starts; it must bind at the moment it is handed out. A test that
+    only needs a port where connections are refused uses `closed_port()`, which holds the port.
+    """
+    lo, _ = _ephemeral_range()
+    first = 20000 if lo > 21000 else 10000
+    with _PORTS_LOCK:
+        for _ in range(1000):
+            port = _RANDOM.randrange(first, lo)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port of 127.0.0.1 in [{first}, {lo})")
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that refuses connections for as long as the block runs: its socket is
+    bound but never listens, so no other process can start serving on it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def pipeline_env(repo: Path, **extra: str) -> dict[str, str]:
@@ -57,8 +104,7 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool
 
 
 def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
+    out = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split("\n")
     return [f for f in out if f and not f.startswith(NOT_COPIED) and (ROOT / f).is_file()]
 
 
@@ -73,6 +119,18 @@ def make_smoke_repo(dest: Path, params: Path = ROOT / "configs" / "smoke.yaml") 
     sh(["dvc", "remote", "add", "-d", "-f", "local", str(dest.parent / "dvc-remote")], dest, env)
     sh(["git", "add", "-A"], dest, env)
     sh(["git", "commit", "-qm", "smoke copy"], dest, env)
+    return dest
+
+
+def copy_smoke_repo(src: Path, dest: Path) -> Path:
+    """A private copy of a finished smoke repo at `dest`: its work tree, git history and DVC cache
+    (not `.dvc/tmp`: DVC's locks and state), with its own DVC remote beside it (committed), so
+    the copy can run stages, commit and push without touching `src`. Far cheaper than a rerun."""
+    shutil.copytree(src, dest, symlinks=True,
+                    ignore=lambda d, names: ["tmp"] if Path(d) == src / ".dvc" else [])
+    env = pipeline_env(dest)
+    sh(["dvc", "remote", "add", "-d", "-f", "local", str(dest.parent / "dvc-remote")], dest, env)
+    sh(["git", "commit", "-qm", "own DVC remote", "--", ".dvc/config"], dest, env)
     return dest
 
 
@@ -127,5 +185,12 @@ def start_repro(repo: Path, **env: str) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
-    proc.wait(timeout=timeout)
+    """Wait for a `start_repro` process; its log. Past `timeout` its process group is killed and
+    the failure quotes the end of the log."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise AssertionError(f"dvc repro still running after {timeout} s\n{proc.log.read_text()[-4000:]}")
     return proc.log.read_text()

@@ -4,7 +4,8 @@ Shows: the whole DAG runs; afterwards `dvc status` is clean and a second `dvc re
 nothing; `dvc push` then `dvc pull` in a fresh clone restores byte-identical outputs.
 (That two clean runs give the same outputs is shown by tests/test_flows.py, whose Prefect worker
 makes the second clean run, and by tests/test_faults.py for a run killed six times.)
-The run is the session fixture `smoke_run` of tests/conftest.py.
+The run is the session fixture `smoke_run` of tests/conftest.py; these tests rerun, commit and
+push, so they work on a copy of it (`copy_smoke_repo`: its files, git history and DVC cache).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.smoke import pipeline_env, sh
+from tests.smoke import copy_smoke_repo, pipeline_env, sh
 
 
 def file_digests(repo: Path) -> dict[str, str]:
@@ -30,8 +31,8 @@ def file_digests(repo: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ran(smoke_run) -> Path:
-    return smoke_run["repo"]
+def ran(smoke_run, tmp_path_factory) -> Path:
+    return copy_smoke_repo(smoke_run["repo"], tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def test_repro_runs_every_stage_and_then_nothing(ran):

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from ptf.common.cli import StageError
 from ptf.common.config import ConfigError, parse_section
 from ptf.models.lm import mask_tokens
 from stages.pretrain import Config, run, unigram_perplexity
-from tests.smoke import free_port
+from tests.smoke import closed_port, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -164,12 +163,10 @@ def test_mlm_needs_mask_token(tmp_path):
 
 def test_unreachable_tracking_fails_before_training(tmp_path, monkeypatch):
     make_data(tmp_path, "bpe")
-    port = free_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    t = time.perf_counter()
-    with pytest.raises(StageError, match=f"http://127.0.0.1:{port} is not reachable"):
-        run(_cfg(), tmp_path)
-    assert time.perf_counter() - t < 10
+    with closed_port() as port:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        with pytest.raises(StageError, match=f"http://127.0.0.1:{port} is not reachable"):
+            run(_cfg(), tmp_path)
     assert not (tmp_path / "data/checkpoints").exists() and not (tmp_path / "data/models").exists()
 
 
@@ -181,36 +178,60 @@ def _env_for(mlflow_uri: str, **extra) -> dict:
     return env
 
 
+# Runs the pretrain stage's `__main__` and SIGKILLs the process in the middle of optimizer step
+# DIE_AT_STEP: after its forward and backward pass, before the update (torch's global
+# optimizer-step pre-hook; the stage has one optimizer and takes one step per training step).
+DIE_AT_STEP = """
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+calls = 0
+def die(optimizer, args, kwargs):
+    global calls
+    calls += 1
+    if calls == int(os.environ["DIE_AT_STEP"]):
+        sys.stdout.flush(); sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_pre_hook(die)
+sys.argv = ["stages.pretrain"]
+runpy.run_module("stages.pretrain", run_name="__main__", alter_sys=True)
+"""
+
+
+def _failed(name: str, proc, log: Path) -> str:
+    return f"{name} exited {proc.returncode}\n{log.read_text()[-3000:]}"
+
+
 def test_resume_after_sigkill_is_bit_exact(tmp_path, mlflow_uri):
-    steps = 30
+    """12 steps, a checkpoint every 4; the killed run dies inside step 7 (SIGKILL), resumes from
+    the step-4 checkpoint and ends with the uninterrupted run's weights, bit for bit."""
+    steps, every, die_at = 12, 4, 7
     roots = {}
     for name in ("ref", "killed"):
         roots[name] = tmp_path / name
         make_data(roots[name], "bpe")
-        write_params(roots[name], max_steps=steps, checkpoint_every=5, eval_every=20,
-                     log_every=5, experiment="resume-test")
+        write_params(roots[name], max_steps=steps, checkpoint_every=every, eval_every=6,
+                     log_every=2, experiment=f"resume-{name}")
     cmd = [sys.executable, "-m", "stages.pretrain"]
     env = _env_for(mlflow_uri)
-    ref = subprocess.Popen(cmd, cwd=roots["ref"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(cmd, cwd=roots["killed"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    ck_root = roots["killed"] / "data/checkpoints/pretrain"
-    deadline = time.time() + 240
-    while time.time() < deadline and victim.poll() is None:
-        if list(ck_root.glob("*/step-*/COMPLETE")):
-            break
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    logs = {n: tmp_path / f"{n}.log" for n in ("ref", "victim", "again")}
+
+    def start(name: str, root: Path, argv: list[str], **extra) -> subprocess.Popen:
+        with open(logs[name], "w") as log:
+            return subprocess.Popen(argv, cwd=root, env={**env, **extra}, stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    ref = start("ref", roots["ref"], cmd)
+    victim = start("victim", roots["killed"], [sys.executable, "-c", DIE_AT_STEP],
+                   DIE_AT_STEP=str(die_at))
+    assert victim.wait(timeout=300) == -signal.SIGKILL, _failed("victim", victim, logs["victim"])
+    ck = roots["killed"] / "data/checkpoints/pretrain"
+    assert [p.parent.name for p in ck.glob("*/step-*/COMPLETE")] == ["step-00000004"]
     assert not (roots["killed"] / "data/models/pretrained").exists()
-    again = subprocess.run(cmd, cwd=roots["killed"], env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    again = start("again", roots["killed"], cmd)
+    assert again.wait(timeout=300) == 0, _failed("rerun", again, logs["again"])
+    assert ref.wait(timeout=300) == 0, _failed("reference", ref, logs["ref"])
     m = json.loads((roots["killed"] / "data/metrics/pretrain.json").read_text())
-    assert m["resumed_from_step"] is not None and 5 <= m["resumed_from_step"] < steps
+    assert m["resumed_from_step"] == 4 and m["steps"] == steps
     m_ref = json.loads((roots["ref"] / "data/metrics/pretrain.json").read_text())
     assert m_ref["resumed_from_step"] is None and m["val_loss"] == m_ref["val_loss"]
     want = _weights(roots["ref"] / "data/models/pretrained")

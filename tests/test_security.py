@@ -182,15 +182,10 @@ def test_mlflow_run_records_no_secret_from_the_environment(tmp_path, monkeypatch
 
 
 def test_unreachable_uri_with_credentials_is_reported_without_the_password():
-    import socket
-
     from ptf.common.cli import StageError
     from ptf.training.tracking import check_reachable
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    with pytest.raises(StageError) as e:
+    from tests.smoke import closed_port
+    with closed_port() as port, pytest.raises(StageError) as e:
         check_reachable(f"http://user:{SECRET}@127.0.0.1:{port}", timeout=2)
     assert f"127.0.0.1:{port}" in str(e.value)
     assert SECRET not in str(e.value)
