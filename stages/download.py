@@ -16,6 +16,9 @@ Out: data/raw/<sha256>/<name>            the verified source files (a cache: kep
                                          id (str), text (str), label (ClassLabel)
      data/manifests/download.json        counts, label counts, hashes of sources and outputs,
                                          and (with `tasks.dedup_across_splits`) what was moved
+     data/foundation/                    with `foundation`: the model's files (config, safetensors,
+                                         tokenizer) and foundation.json (name, revision, sha256,
+                                         architecture); without: only foundation.json {"foundation": null}
      Every output is built in a temporary sibling and renamed into place at the end, so a
      failure leaves the previous good outputs intact; the same inputs give the same bytes.
 Run: python -m stages.download   (or `dvc repro download`)
@@ -44,12 +47,14 @@ from ptf.common.cli import StageError, main_guard
 from ptf.common.config import StrictModel, load_section
 from ptf.data.corpus_formats import CORPUS_FORMATS, CorpusFormatCfg, read_corpus
 from ptf.data.dedup import dedup_splits
+from ptf.data.foundation import FoundationConfig, materialise, write_none
 from ptf.data.fetch import (FileSource, HfSource, PypiSource, UrlSource, fetch, load_hf,
                             read_member, sha256_file)
 from ptf.data.tables import read_table, table_input
 from ptf.data.task_formats import (SPLITS, Fraction, TasksConfig, build_task, describe_rows,
                                    read_rows, save_task, table_splits)
 from ptf.data.trees import DirSource, fetch_dir
+from ptf.models.modeling import FOUNDATION_DIR
 
 SECTION = "download"
 MANIFEST = paths.MANIFESTS / "download.json"
@@ -81,6 +86,7 @@ class Config(StrictModel):
     max_bytes: Annotated[int, Field(gt=0)]  # bound on every fetched, extracted or decompressed file
     corpus: CorpusConfig
     tasks: TasksConfig
+    foundation: FoundationConfig | None  # a model to start from (ptf/data/foundation.py); null: none
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,12 +202,17 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         raw = stack.enter_context(atomic_dir(root / paths.RAW))
         corpus_dir = stack.enter_context(atomic_dir(root / paths.CORPUS))
         tasks_dir = stack.enter_context(atomic_dir(root / paths.TASKS))
+        found_dir = stack.enter_context(atomic_dir(root / FOUNDATION_DIR))
         manifest_tmp = stack.enter_context(atomic_file(root / MANIFEST))
         stack.enter_context(_hf_cache_elsewhere())
-        for d in (raw, corpus_dir, tasks_dir):
+        for d in (raw, corpus_dir, tasks_dir, found_dir):
             d.chmod(0o755)  # mkdtemp makes 0700; the outputs are ordinary shared directories
         manifest_tmp.chmod(0o644)
         sources = _Sources(raw, root, old_raw, cfg.max_bytes)
+        if cfg.foundation is None:  # first: a refused foundation fails before the long parts
+            write_none(found_dir)
+        else:
+            materialise(cfg.foundation, found_dir, raw, cache=[old_raw], root=root, max_bytes=cfg.max_bytes)
 
         tc, cc = cfg.tasks, cfg.corpus
         file_entries, task_entries, task_docs, dedup = build_tasks(

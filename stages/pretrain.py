@@ -1,4 +1,4 @@
-"""Stage `pretrain`: train a language model from scratch on the packed shards.
+"""Stage `pretrain`: train a language model on the packed shards, from scratch or from a foundation.
 
 In:  data/shards/{train,validation}/ + manifest.json (packed blocks, stage `tokenize`),
      data/tokenizer/ (stage `tokenizer`); params: the `pretrain` section of params.yaml.
@@ -10,6 +10,18 @@ Out: data/models/pretrained/   HF model directory (safetensors + config) plus th
      data/checkpoints/pretrain/<fingerprint>/step-*/  Accelerate state to resume from (transient:
                                git-ignored, not a DVC output, never pushed)
      one MLflow run (ptf/training/tracking.py): params, train/val metrics over steps, input hashes.
+Init (`init`):
+- `scratch`: the architecture of `model`, randomly initialised (seeded).
+- `foundation`: the model the download stage laid out in data/foundation (`download.foundation`;
+  `model` must be null: the architecture is the foundation's), whose tokenizer the tokenizer stage
+  passed through. `max_steps: 0` uses it as it is (its files are copied; val loss only if it has
+  the objective's LM head); `max_steps > 0` continues pretraining it on the corpus (domain- or
+  task-adaptive pretraining, Gururangan et al. 2020). A checkpoint without the objective's LM
+  head (e.g. a bare `BertModel` sentence encoder such as all-MiniLM-L6-v2) gets a fresh, seeded
+  head (`lm_head: fresh` in the metrics; `ptf.models.modeling.load_foundation`). Refused before
+  any training, naming both sides: an objective the architecture cannot serve (an encoder with
+  `clm`), a tokenizer that is not the foundation's, blocks longer than its positions. Its name,
+  revision and sha256 go into the metrics and the MLflow run's tags.
 Run: accelerate launch --config_file accelerate/default.yaml -m stages.pretrain
      (2 CPU processes, DDP over gloo:
       ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m stages.pretrain)
@@ -56,12 +68,14 @@ from ptf.common import paths
 from ptf.common.atomic import atomic_dir, write_json, write_text
 from ptf.common.cli import StageError, main_guard
 from ptf.common.config import StrictModel, load_section
-from ptf.models.modeling import ModelConfig, build_model, flops_per_token, param_counts
+from ptf.models.modeling import (FOUNDATION_DIR, FOUNDATION_RECORD, ModelConfig, build_model,
+                                 flops_per_token, foundation_entry, foundation_model,
+                                 foundation_tags, open_foundation, param_counts)
 from ptf.data.shards import load_blocks
 from ptf.training.tracking import check_reachable, input_hashes, start_run, tracking_uri
 from ptf.models.lm import mask_tokens
-from ptf.training.trainer import (LoopConfig, Trainer, adamw, make_accelerator, param_groups,
-                                  perplexity, warmup_cosine)
+from ptf.training.trainer import (LoopConfig, Trainer, TrainResult, adamw, make_accelerator,
+                                  param_groups, perplexity, warmup_cosine)
 
 SECTION = "pretrain"
 # params that do not change the training trajectory (left out of the checkpoint fingerprint)
@@ -70,11 +84,12 @@ _NOT_TRAJECTORY = {"log_every", "checkpoint_every", "keep_checkpoints", "experim
 
 class Config(StrictModel):
     objective: Literal["clm", "mlm"]
+    init: Literal["scratch", "foundation"] = "scratch"  # foundation: data/foundation (download.foundation)
     seed: int = Field(ge=0)
-    model: ModelConfig
+    model: ModelConfig | None                # scratch: the architecture; foundation: null (its own)
     batch_size: int = Field(gt=0)            # blocks per micro-batch per process
     grad_accum: int = Field(gt=0)            # micro-batches per optimizer step
-    max_steps: int = Field(gt=0)             # optimizer steps
+    max_steps: int = Field(ge=0)             # optimizer steps; 0 (foundation only): used as it is
     lr: float = Field(gt=0, le=1.0)
     min_lr_ratio: float = Field(ge=0, le=1.0)  # cosine floor as a fraction of lr
     weight_decay: float = Field(ge=0)
@@ -94,8 +109,13 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if self.warmup_steps >= self.max_steps:
+        if self.max_steps and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
+        if self.init == "scratch" and (self.model is None or self.max_steps == 0):
+            raise ValueError("init scratch needs a `model` and max_steps > 0")
+        if self.init == "foundation" and self.model is not None:
+            raise ValueError("model must be null with init foundation: the architecture is the "
+                             "foundation's (data/foundation/config.json)")
         return self
 
 
@@ -165,6 +185,21 @@ def _read_inputs(root: Path):
     return manifest, tok
 
 
+def _copy_files(src: Path, dest: Path) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != FOUNDATION_RECORD:
+            shutil.copy2(f, dest / f.name)
+
+
+def _as_is(acc, eval_fn) -> TrainResult:
+    """The result of zero training steps: one evaluation if the model has an LM head."""
+    last = eval_fn() if eval_fn is not None else {"val_loss": None, "val_ppl": None}
+    return TrainResult(steps=0, tokens=0, train_time_s=0.0, train_cpu_s=0.0, tokens_per_s=0.0,
+                       best=last["val_loss"], best_step=0, stopped_early=False, resumed_from=None,
+                       last_eval=last, history=[{"step": 0, **last}] if eval_fn else [],
+                       distributed_type=str(acc.distributed_type.value), num_processes=acc.num_processes)
+
+
 def run(cfg: Config, root: Path = Path(".")) -> dict:
     root = Path(root)
     t_start = time.perf_counter()
@@ -172,16 +207,21 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
     check_reachable(uri)  # before any work: a wrong tracking URI fails in a second, not an hour
     manifest, tok = _read_inputs(root)
     block = int(manifest["train"]["block_size"])
-    if block > cfg.model.max_positions:
-        raise StageError(f"block_size {block} (data/shards/manifest.json) exceeds "
-                         f"pretrain.model.max_positions={cfg.model.max_positions}")
+    found, fconfig = (open_foundation(root / FOUNDATION_DIR, cfg.objective, tok, root / paths.TOKENIZER)
+                      if cfg.init == "foundation" else (None, None))
+    max_pos = cfg.model.max_positions if found is None else fconfig.max_position_embeddings
+    if block > max_pos:
+        where = "pretrain.model.max_positions" if found is None else \
+            f"the foundation's max_position_embeddings ({root / FOUNDATION_DIR}/config.json)"
+        raise StageError(f"block_size {block} (data/shards/manifest.json) exceeds {where}={max_pos}")
     if cfg.objective == "mlm" and tok.mask_token_id is None:
         raise StageError(f"{root / paths.TOKENIZER}: pretrain.objective=mlm needs a tokenizer with a "
                          "mask token (tokenizer.kind: wordpiece)")
 
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.seed)
     is_main = acc.is_main_process
-    inputs = input_hashes(root, {"shards": paths.SHARDS, "tokenizer": paths.TOKENIZER})
+    deps = {"shards": paths.SHARDS, "tokenizer": paths.TOKENIZER}
+    inputs = input_hashes(root, deps if found is None else {**deps, "foundation": FOUNDATION_DIR})
     fp = fingerprint(cfg, acc.num_processes, inputs)
     ckpt_dir = root / paths.CHECKPOINTS / "pretrain" / fingerprint_key(fp)
 
@@ -211,16 +251,20 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
     unigram_ppl = unigram_perplexity(counts, targets)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.objective, tok)
+    model, head = ((build_model(cfg.model, cfg.objective, tok), None) if found is None else
+                   foundation_model(root / FOUNDATION_DIR, cfg.objective, cfg.seed, fconfig, cfg.max_steps > 0))
     counts_p = param_counts(model)
     flops = flops_per_token(model, block)
-    optimizer = adamw(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
-                      betas=(cfg.adam_beta1, cfg.adam_beta2))
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, acc.num_processes,
-                              cfg.min_lr_ratio)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                                         drop_last=True, collate_fn=_collate)
-    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    if cfg.max_steps:
+        optimizer = adamw(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                          betas=(cfg.adam_beta1, cfg.adam_beta2))
+        scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, acc.num_processes,
+                                  cfg.min_lr_ratio)
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
+                                             drop_last=True, collate_fn=_collate)
+        model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    else:  # a foundation used as it is: nothing to train
+        model = acc.prepare(model)
     trainer_ref: dict = {}
 
     def loss_fn(m, batch):
@@ -257,19 +301,23 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         loss = float(tot[0] / tot[1])
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
-    loop = LoopConfig(max_steps=cfg.max_steps, grad_clip=cfg.grad_clip or None,
-                      eval_every=cfg.eval_every, log_every=cfg.log_every, metric="val_loss",
-                      mode="min", checkpoint_dir=ckpt_dir if cfg.checkpoint_every else None,
-                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                      desc=f"pretrain {cfg.objective}")
-    with start_run(SECTION, cfg.model_dump(), {**inputs, "objective": cfg.objective,
-                                               "checkpoint.fingerprint": fingerprint_key(fp)},
-                   root=root, experiment=cfg.experiment, uri=uri, enabled=is_main) as mlrun:
+    tags = {**inputs, "objective": cfg.objective, "checkpoint.fingerprint": fingerprint_key(fp),
+            **foundation_tags(found, head)}
+    with start_run(SECTION, cfg.model_dump(), tags, root=root, experiment=cfg.experiment, uri=uri,
+                   enabled=is_main) as mlrun:
         mlrun.log({"unigram_ppl": unigram_ppl}, step=0)
-        trainer = Trainer(acc, model, optimizer, loader, scheduler, loss_fn, loop,
-                          eval_fn=eval_fn, log_fn=mlrun.log, fingerprint=fp)
-        trainer_ref["t"] = trainer
-        result = trainer.fit()
+        if cfg.max_steps:
+            loop = LoopConfig(max_steps=cfg.max_steps, grad_clip=cfg.grad_clip or None,
+                              eval_every=cfg.eval_every, log_every=cfg.log_every, metric="val_loss",
+                              mode="min", checkpoint_dir=ckpt_dir if cfg.checkpoint_every else None,
+                              checkpoint_every=cfg.checkpoint_every,
+                              keep_checkpoints=cfg.keep_checkpoints, desc=f"pretrain {cfg.objective}")
+            trainer = Trainer(acc, model, optimizer, loader, scheduler, loss_fn, loop,
+                              eval_fn=eval_fn, log_fn=mlrun.log, fingerprint=fp)
+            trainer_ref["t"] = trainer
+            result = trainer.fit()
+        else:
+            result = _as_is(acc, eval_fn if head == "pretrained" else None)
         acc.wait_for_everyone()
         metrics = {
             "objective": cfg.objective,
@@ -290,13 +338,16 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
             "distributed_type": result.distributed_type,
             "num_processes": result.num_processes,
         }
+        if found is not None:
+            metrics.update(init="foundation", lm_head=head, foundation=foundation_entry(found))
         if is_main:
             out = root / paths.PRETRAINED
             with atomic_dir(out) as tmp:
-                acc.unwrap_model(model).save_pretrained(str(tmp), safe_serialization=True)
-                for f in (root / paths.TOKENIZER).iterdir():  # the tokenizer exactly as trained
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
+                if cfg.max_steps:
+                    acc.unwrap_model(model).save_pretrained(str(tmp), safe_serialization=True)
+                else:  # the foundation's own files, unchanged
+                    _copy_files(root / FOUNDATION_DIR, tmp)
+                _copy_files(root / paths.TOKENIZER, tmp)  # the tokenizer exactly as trained
             write_json(root / paths.METRICS / "pretrain.json", metrics)
             write_text(root / paths.PLOTS / "pretrain_loss.csv", loss_csv(result.history))
             mlrun.log({k: v for k, v in metrics.items()

@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ptf.common import paths
 from ptf.common.atomic import atomic_dir
 from ptf.common.cli import StageError, main_guard
 from ptf.common.config import StrictModel, load_section
 from ptf.data.corpus import iter_batches, iter_texts
+from ptf.models.modeling import FOUNDATION_DIR, read_foundation
 
 # Roles each kind needs in `special_tokens`, exactly (no more, no less).
 ROLES = {
@@ -41,18 +42,41 @@ ROLES = {
 _ID_ORDER = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 
 
+_TRAINED = ("vocab_size", "min_frequency", "lowercase", "model_max_length", "special_tokens",
+            "batch_docs")
+
+
+def _opt(**kw):
+    """A key the trained kinds need and kind `foundation` must not have (checked per kind)."""
+    return Field(default=None, validate_default=True, **kw)
+
+
 class Config(StrictModel):
-    kind: Literal["bpe", "wordpiece"]
-    vocab_size: int = Field(ge=64, le=1_000_000)
-    min_frequency: int = Field(ge=1)
-    lowercase: bool
-    model_max_length: int = Field(ge=8, le=1_048_576)
+    kind: Literal["bpe", "wordpiece", "foundation"]
+    vocab_size: int | None = _opt(ge=64, le=1_000_000)
+    min_frequency: int | None = _opt(ge=1)
+    lowercase: bool | None = _opt()
+    model_max_length: int | None = _opt(ge=8, le=1_048_576)
     # role -> token string; roles required per kind: see ROLES
-    special_tokens: dict[str, str]
-    batch_docs: int = Field(ge=1, le=1_000_000)  # documents per batch fed to the trainer
+    special_tokens: dict[str, str] | None = _opt()
+    batch_docs: int | None = _opt(ge=1, le=1_000_000)  # documents per batch fed to the trainer
+    max_docs: int | None = Field(default=None, ge=1)  # train on this many documents, evenly spaced; null: all
+
+    @field_validator(*_TRAINED)
+    @classmethod
+    def _per_kind(cls, v, info: ValidationInfo):
+        kind = info.data.get("kind")
+        if kind == "foundation" and v is not None:
+            raise ValueError("not used by kind 'foundation' (the foundation's own tokenizer is "
+                             "passed through); remove it")
+        if kind in ROLES and v is None:
+            raise ValueError(f"missing key; kind {kind!r} needs it")
+        return v
 
     @model_validator(mode="after")
     def _check_special_tokens(self) -> Config:
+        if self.kind == "foundation" or self.special_tokens is None:
+            return self
         need = set(ROLES[self.kind])
         have = set(self.special_tokens)
         if have != need:
@@ -219,19 +243,48 @@ def wrap(tok, cfg: Config):
         padding_side="right", clean_up_tokenization_spaces=False, **kw)
 
 
+def evenly_spaced(n: int, k: int | None) -> range | list[int]:
+    """Indices of `k` documents spread evenly over `n` (all of them if k is None or >= n)."""
+    if k is None or k >= n:
+        return range(n)
+    return [i * n // k for i in range(k)]
+
+
+def pass_through(root: Path) -> None:
+    """Kind `foundation`: the foundation's own tokenizer (data/foundation), saved unchanged in
+    content as data/tokenizer (re-serialised by `transformers`, key-sorted)."""
+    from transformers import AutoTokenizer
+
+    d = root / FOUNDATION_DIR
+    rec = read_foundation(d)
+    if rec is None:
+        raise StageError(f"{d}: tokenizer.kind is 'foundation' but the download stage fetched no "
+                         "foundation (download.foundation is null)")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    with atomic_dir(root / paths.TOKENIZER) as tmp:
+        tok.save_pretrained(str(tmp))
+        _normalise_saved(tmp)
+    print(f"tokenizer: the foundation's ({rec['name']}), {len(tok)} tokens -> {root / paths.TOKENIZER}")
+
+
 def run(cfg: Config, root: Path = Path(".")) -> None:
     root = Path(root)
+    if cfg.kind == "foundation":
+        pass_through(root)
+        return
     src = root / paths.CORPUS / "train.jsonl"
     # Validate the whole file before training (the trainer would otherwise see a partial corpus
     # if the error surfaced inside its iterator, and Rust would obscure the message).
-    n_docs = sum(1 for _ in iter_texts(src))
+    n_all = sum(1 for _ in iter_texts(src))
+    keep = set(evenly_spaced(n_all, cfg.max_docs)) if cfg.max_docs is not None else None
+    n_docs = n_all if keep is None else len(keep)
     from tqdm import tqdm
 
     passes = 1 if cfg.kind == "bpe" else 2
     bar = tqdm(total=n_docs * passes, desc=f"tokenizer: train {cfg.kind}", unit="doc")
 
     def corpus():
-        for b in iter_batches(src, cfg.batch_docs):
+        for b in iter_batches(src, cfg.batch_docs, keep):
             bar.update(len(b))
             yield b
 

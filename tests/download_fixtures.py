@@ -122,6 +122,7 @@ def make_sources(d: Path) -> dict[str, Any]:
             "max_train": None,
             "dedup_across_splits": False,
         },
+        "foundation": None,
     }
 
 

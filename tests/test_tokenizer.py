@@ -186,7 +186,9 @@ VALID = tok_config().model_dump()
 
 @pytest.mark.parametrize("change, key", [
     ({"vocab_sise": 100}, "tokenizer.vocab_sise: unknown key"),
-    ({"vocab_size": None}, "tokenizer.vocab_size: missing key"),
+    ({"vocab_size": None}, "tokenizer.vocab_size: got None; expected: Value error, missing key; kind 'bpe' needs it"),
+    ({"kind": "foundation"}, "tokenizer.vocab_size: got 400; expected: Value error, not used by kind 'foundation'"),
+    ({"max_docs": 0}, "tokenizer.max_docs"),
     ({"kind": "unigram"}, "tokenizer.kind"),
     ({"vocab_size": "8192"}, "tokenizer.vocab_size"),
     ({"lowercase": "no"}, "tokenizer.lowercase"),

@@ -6,7 +6,7 @@ Out: the documents' texts, streamed (`iter_texts`), or in lists (`iter_batches`)
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 
 from ptf.common.cli import StageError
@@ -43,10 +43,13 @@ def iter_texts(path: Path, on_bytes: Callable[[int], object] | None = None) -> I
         raise StageError(f"{path}: empty corpus (no document with non-empty text)")
 
 
-def iter_batches(path: Path, batch_docs: int) -> Iterator[list[str]]:
-    """`iter_texts` grouped into lists of at most `batch_docs` texts."""
+def iter_batches(path: Path, batch_docs: int, keep: Container[int] | None = None) -> Iterator[list[str]]:
+    """`iter_texts` grouped into lists of at most `batch_docs` texts; with `keep`, only the
+    documents whose index (from 0, among the non-empty ones) is in it."""
     batch: list[str] = []
-    for text in iter_texts(path):
+    for i, text in enumerate(iter_texts(path)):
+        if keep is not None and i not in keep:
+            continue
         batch.append(text)
         if len(batch) >= batch_docs:
             yield batch

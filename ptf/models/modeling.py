@@ -1,8 +1,13 @@
-"""Model construction from params, by objective (no CLI; used by pretrain and the benchmark).
+"""Model construction from params, by objective, or from a foundation (no CLI; used by pretrain,
+the tokenizer stage and the benchmark).
 
 In:  a `ModelConfig` (sizes from the `pretrain.model` params section), the objective and a
-     tokenizer (vocab size and special-token ids come from it, never from params).
-Out: a freshly initialised `transformers` model:
+     tokenizer (vocab size and special-token ids come from it, never from params); or the
+     foundation laid out by the download stage in data/foundation (ptf/data/foundation.py).
+Out: `read_foundation`, `open_foundation` (record + config after the checks that refuse a
+     foundation before training, naming both sides), `foundation_model` / `load_foundation`
+     (the foundation under the objective's LM head, a fresh seeded head where it has none), and
+     a freshly initialised `transformers` model:
      - `clm` -> `LlamaForCausalLM` (RMSNorm, SwiGLU, rotary positions, tied input/output
        embeddings, sdpa attention);
      - `mlm` -> `BertForMaskedLM` (post-LN, learned positions, GELU; HF BERT has no pre-LN
@@ -34,10 +39,14 @@ Llama is kept for `clm`: bias-free, RMSNorm, fused SiLU, rotary positions: the u
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from ptf.common import paths
+from ptf.common.cli import StageError
 from ptf.common.config import StrictModel
 
 Objective = Literal["clm", "mlm"]
@@ -134,3 +143,118 @@ def flops_per_token(model, seq_len: int) -> dict[str, Any]:
             f"6 x (non_embedding {c['non_embedding']:,} + output {c['output']:,}) "
             f"+ 12 x layers {cfg.num_hidden_layers} x seq_len {seq_len} x hidden {cfg.hidden_size}"
             f" = {dense + attn:,}"}
+
+
+# --------------------------------------------------------------------------- a foundation
+# The download stage lays a foundation out under data/foundation (ptf/data/foundation.py); the
+# tokenizer, tokenize and pretrain stages read it through these helpers.
+FOUNDATION_DIR = paths.DATA / "foundation"
+FOUNDATION_RECORD = "foundation.json"
+
+
+def read_foundation(d: Path) -> dict[str, Any] | None:
+    """The record of data/foundation (name, source, revision, sha256, architecture, sizes), or
+    None when the run has no foundation; `StageError` if the download stage has not run."""
+    f = Path(d) / FOUNDATION_RECORD
+    if not f.is_file():
+        raise StageError(f"{f}: missing; run `dvc repro download` (data/foundation is its output)")
+    return json.loads(f.read_text(encoding="utf-8"))["foundation"]
+
+
+def is_encoder(config) -> bool:
+    """A bidirectional encoder (BERT, RoBERTa, ...): a masked-LM architecture not set up as a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def check_objective(config, objective: Objective, where: str) -> None:
+    """The objective must fit the foundation's architecture (refused naming both sides)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    arch = (config.architectures or [config.model_type])[0]
+    if objective == "clm" and (is_encoder(config) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        raise StageError(f"pretrain.objective=clm needs a causal decoder, but the foundation "
+                         f"{where} is an encoder ({arch}, model_type {config.model_type!r}); "
+                         "use objective mlm")
+    if objective == "mlm" and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise StageError(f"pretrain.objective=mlm needs a masked-LM architecture, but the foundation "
+                         f"{where} is {arch} (model_type {config.model_type!r}); use objective clm")
+
+
+def check_tokenizer(tok, tok_dir: Path, foundation_tok, foundation_dir: Path, vocab_size: int) -> None:
+    """The pipeline's tokenizer must be the foundation's own, and fit its embedding table."""
+    if tok.get_vocab() != foundation_tok.get_vocab():
+        raise StageError(f"{tok_dir} ({len(tok)} tokens) is not the tokenizer of the foundation "
+                         f"{foundation_dir} ({len(foundation_tok)} tokens): set tokenizer.kind: "
+                         "foundation and rerun the tokenizer stage")
+    if len(tok) > vocab_size:
+        raise StageError(f"{tok_dir} has {len(tok)} tokens but the foundation {foundation_dir}/config.json "
+                         f"has vocab_size {vocab_size}: ids without an embedding row")
+
+
+def load_foundation(d: Path, objective: Objective, seed: int):
+    """The foundation under the LM head of `objective`, and "pretrained" or "fresh": a checkpoint
+    without that head (e.g. a bare `BertModel` sentence encoder) gets a newly initialised one,
+    drawn after `torch.manual_seed(seed)` (BERT's MLM head: dense + LayerNorm + decoder tied to
+    the input embeddings + bias), so continued pretraining starts from the foundation's encoder
+    and a reproducible head."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model, info = cls.from_pretrained(str(d), output_loading_info=True)
+    head = "fresh" if any(not k.startswith(model.base_model_prefix + ".") for k in info["missing_keys"]) \
+        else "pretrained"
+    missing_body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]
+    if missing_body:
+        raise StageError(f"{d}: the foundation's weights lack {missing_body[:5]} of {type(model).__name__}")
+    return model, head
+
+
+def has_lm_head(config, objective: Objective) -> bool:
+    """Whether the saved architecture carries the LM head of `objective` (e.g. BertForMaskedLM)."""
+    arch = (config.architectures or [""])[0]
+    return arch.endswith("MaskedLM" if objective == "mlm" else ("CausalLM", "LMHeadModel"))
+
+
+def open_foundation(d: Path, objective: Objective, tok, tok_dir: Path):
+    """(record, transformers config) of the foundation in `d`, after the checks that refuse it
+    before any training: none fetched, an objective its architecture cannot serve, a tokenizer
+    (`tok`, from `tok_dir`) that is not its own."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    found = read_foundation(d)
+    if found is None:
+        raise StageError(f"{d}: pretrain.init is 'foundation' but the download stage fetched none "
+                         "(download.foundation is null)")
+    fconfig = AutoConfig.from_pretrained(str(d))
+    check_objective(fconfig, objective, f"{found['name']} ({d}/config.json)")
+    check_tokenizer(tok, tok_dir, AutoTokenizer.from_pretrained(str(d)), d, fconfig.vocab_size)
+    return found, fconfig
+
+
+def foundation_model(d: Path, objective: Objective, seed: int, fconfig, train: bool):
+    """The foundation to train (under the objective's LM head: "pretrained" or "fresh") or to use
+    as it is ("none" when it has no such head: then the bare `AutoModel`)."""
+    if train or has_lm_head(fconfig, objective):
+        return load_foundation(d, objective, seed)
+    from transformers import AutoModel
+    return AutoModel.from_pretrained(str(d)), "none"
+
+
+def foundation_entry(found: dict) -> dict:
+    """What the pretrain metrics record of the foundation."""
+    keys = ("name", "revision", "sha256", "source", "subdir", "architecture", "model_type",
+            "vocab_size", "hidden_size", "layers")
+    return {k: found.get(k) for k in keys}
+
+
+def foundation_tags(found: dict | None, head: str | None) -> dict[str, Any]:
+    """MLflow tags: the init, and the foundation's name, revision and sha256."""
+    if found is None:
+        return {"init": "scratch"}
+    return {"init": "foundation", "foundation.name": found["name"], "lm_head": head,
+            "foundation.revision": found["revision"], "foundation.sha256": found["sha256"]}
