@@ -98,9 +98,13 @@ def split_articles(n: int, val_frac: float, seed: int) -> set[int]:
     return set(idx[:n_val])
 
 
-def _jsonl(docs: list[dict]) -> str:
-    return "".join(json.dumps({"id": d["id"], "title": d["title"], "text": d["text"]},
-                              ensure_ascii=False, sort_keys=True) + "\n" for d in docs)
+def write_jsonl(path: Path, docs: list[dict]) -> None:
+    """One `{"id", "title", "text"}` object per line, key-sorted, streamed (a corpus of billions
+    of characters is never one string)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d["id"], "title": d["title"], "text": d["text"]},
+                               ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def _source_entry(src: Any, stored: Path | None, root_raw: Path) -> dict:
@@ -231,8 +235,8 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         val_idx = split_articles(len(articles), cc.validation_fraction, cfg.seed)
         train = [a for i, a in enumerate(articles) if i not in val_idx]
         val = [a for i, a in enumerate(articles) if i in val_idx]
-        (corpus_dir / "train.jsonl").write_text(_jsonl(train + task_docs), encoding="utf-8")
-        (corpus_dir / "validation.jsonl").write_text(_jsonl(val), encoding="utf-8")
+        write_jsonl(corpus_dir / "train.jsonl", train + task_docs)
+        write_jsonl(corpus_dir / "validation.jsonl", val)
 
         def split_entry(docs: list[dict], extra: list[dict], name: str) -> dict:
             return {"articles": len(docs), "task_docs": len(extra),

@@ -209,3 +209,20 @@ def test_invalid_params(change, key):
     raw = {k: v for k, v in raw.items() if v is not None}
     with pytest.raises(ConfigError, match=re.escape(key)):
         parse_section("tokenizer", raw, Config)
+
+
+def test_max_docs_trains_on_an_evenly_spaced_sample(tmp_path):
+    from stages.tokenizer import evenly_spaced
+
+    docs = make_docs(120, seed=1)
+    sample = set(evenly_spaced(120, 12))
+    for i, d in enumerate(docs):
+        if i not in sample:  # a word only the documents left out of the sample hold
+            d["text"] += " zyxwzyxw zyxwzyxw zyxwzyxw"
+    for name, over in (("all", {}), ("sample", {"max_docs": 12})):
+        root = tmp_path / name
+        write_jsonl(root / "data/corpus/train.jsonl", docs)
+        run(tok_config("bpe", **over), root=root)
+    learned = {n: json.loads((tmp_path / n / "data/tokenizer/tokenizer.json").read_text())["model"]["vocab"]
+               for n in ("all", "sample")}
+    assert "Ġzyxwzyxw" in learned["all"] and not any("zyx" in t for t in learned["sample"])
