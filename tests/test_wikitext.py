@@ -20,3 +20,12 @@ def test_plain_text_drops_markup_keeps_link_text():
         "== Head ==\n{|\n| cell\n|}\n* item one\n<math>x^2</math>__NOTOC__ [https://x.org link] &nbsp;end")
     assert text == "Bold and it shown plain cat link (from )\n\nHead\n\nitem one\nlink end"
     assert to_plain_text("{{only template}}") == ""
+
+
+def test_tidy_is_the_shared_whitespace_cleaning():
+    from ptf.data.wikitext import tidy
+
+    raw = "  One \t two\u00a0three ,  four !\r\n\n\n\n   \nFive  \n"
+    assert tidy(raw) == "One two three , four !\n\nFive"
+    assert tidy(raw, space_before_punct=True) == "One two three, four!\n\nFive"
+    assert tidy(" \n\t\n") == ""
