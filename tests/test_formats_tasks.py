@@ -81,7 +81,7 @@ def test_jsonl_int_labels_given_splits_and_map(tmp_path):
     assert dd["train"].features["label"].names == ["0", "1", "2"]
     assert dd["test"]["text"] == POS[:6]
     # a mapping renames and drops (null) values; its values give the class order
-    p2 = with_(p, "tasks.labels.lab", {"kind": "column", "column": "y", "map": {"2": "b", "1": None, "0": "a"}})
+    p2 = with_(p, "tasks.labels.lab", {"kind": "column", "column": "y", "map": {2: "b", "1": None, 0: "a"}})
     download.run(cfg_of(p2), tmp_path / "r2")
     dd = load(tmp_path / "r2")
     assert dd["train"].features["label"].names == ["b", "a"] and sum(len(dd[s]) for s in dd) == 16
@@ -184,7 +184,8 @@ def test_jsonl_line_not_an_object_and_bad_given_split(tmp_path):
 @pytest.mark.parametrize("dotted, value, match", [
     ("tasks.files.tab.group", {"column": "doc"}, r"`group` applies to the seeded split"),
     ("tasks.files.tab.split", {"column": "s", "value": "test"}, r"give exactly one of `column` and `value`"),
-    ("tasks.files.tab.format", {"kind": "hf"}, r"format 'hf' does not fit a source of kind 'file'"),
+    ("tasks.files.tab.format", {"kind": "hf"}, r"files.tab: format 'hf' does not fit a source of kind 'file'"),
+    ("tasks.files.tab.source", None, r"files.tab: no `source`, and tasks.source is null"),
     ("tasks.labels.lab", {"kind": "bins", "column": "x", "range": [0, 1], "classes": {"a": [0, 1]}},
      r"download.tasks.labels.lab.bins.classes: .*at least 2 items"),
 ])

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ptf.common.cli import StageError
 from ptf.common.config import StrictModel
@@ -82,9 +82,6 @@ class TableSpec(StrictModel):
             raise ValueError("`member` and `sha256` go together (the sha256 pins the member)")
         if self.group is not None and self.split is not None:
             raise ValueError("`group` applies to the seeded split; a table with given `split`s has none")
-        if self.source is not None and (self.source.kind == "hf") != (self.format.kind == "hf"):
-            raise ValueError(f"format {self.format.kind!r} does not fit a source of kind "
-                             f"{self.source.kind!r} (an hf source needs format hf, and only it)")
         return self
 
 
@@ -108,8 +105,13 @@ class ColumnLabels(StrictModel):
 
     kind: Literal["column"]
     column: ColumnName
-    map: dict[str, str | None] | None = None
+    map: dict[str | int, str | None] | None = None   # raw value (as written) -> name; null drops
     names: list[str] | None = None       # class order; default: map values, else sorted values
+
+    @field_validator("map")
+    @classmethod
+    def _str_keys(cls, v):
+        return None if v is None else {str(k): x for k, x in v.items()}
 
     def label_names(self, rows: list[tuple[str, TaskRow]], where: dict[str, str]) -> list[str]:
         if self.names is not None:
@@ -215,12 +217,12 @@ class TasksConfig(StrictModel):
             raise ValueError(f"validation_fraction + test_fraction must be below 1, got "
                              f"{self.validation_fraction} + {self.test_fraction}")
         for name, t in self.files.items():
-            if t.source is None and (self.source is None or t.member is None):
-                raise ValueError(f"files.{name}: without its own `source` it must name a `member` "
-                                 "of tasks.source")
-            if t.source is None and (self.source.kind == "hf") != (t.format.kind == "hf"):
-                raise ValueError(f"files.{name}: format {t.format.kind!r} does not fit tasks.source "
-                                 f"of kind {self.source.kind!r}")
+            src = t.source or self.source
+            if src is None:
+                raise ValueError(f"files.{name}: no `source`, and tasks.source is null")
+            if (src.kind == "hf") != (t.format.kind == "hf") or (src.kind == "hf" and t.member):
+                raise ValueError(f"files.{name}: format {t.format.kind!r} does not fit a source of kind "
+                                 f"{src.kind!r} (an hf source needs format hf and no member, and only it)")
         for name, spec in self.tasks.items():
             unknown = [f for f in spec.files if f not in self.files]
             if unknown:
