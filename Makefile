@@ -22,8 +22,8 @@ repro: setup
 test: setup
 	pytest -q --durations=10 tests
 
-.PHONY: dashboard schedule results
-dashboard: setup   # the MLflow UI on http://127.0.0.1:5000 over mlflow.db
+.PHONY: dashboard schedule results screenshots
+dashboard: setup   # the MLflow UI on http://127.0.0.1:5000 over mlflow.db; prints the pages to open
 	python -m flows.dashboard
 
 schedule: setup    # serve the nightly deployment of prefect.yaml from this process
@@ -31,3 +31,9 @@ schedule: setup    # serve the nightly deployment of prefect.yaml from this proc
 
 results: setup     # docs/results.md + docs/figures from the current (clean) run
 	python -m scripts.results
+
+# The README's screenshots (docs/screenshots/): the smoke pipeline, its MLflow landing page and runs
+# table, and `dvc plots show` with the network off, in headless Chromium (Debian: apt-get install
+# chromium), each checked through the page's DOM (tests/test_dashboard.py; about 6 minutes).
+screenshots: setup
+	PTF_SCREENSHOTS=$(CURDIR)/docs/screenshots pytest -q -p no:cacheprovider tests/test_dashboard.py

@@ -2,7 +2,10 @@
 
 In:  the project's store, `<repo>/mlflow.db` (SQLite; where the stages log by default) and
      `<repo>/mlartifacts/` (artifacts), both git-ignored.
-Out: `mlflow server` on http://127.0.0.1:5000 (local only), one worker, until Ctrl-C.
+Out: `mlflow server` on http://127.0.0.1:5000 (local only), one worker, until Ctrl-C; first it
+     prints the two links a reviewer opens: the experiment's training runs, and the runs table of
+     the latest pipeline execution (filtered to it, with the metric columns; flows/mlflow_view.py).
+     `serving(store, port)`: the same server for a `with` block (tests, screenshots).
 
     python -m flows.dashboard                  # http://127.0.0.1:5000
     python -m flows.dashboard --port 5001 --store /elsewhere
@@ -13,8 +16,14 @@ flow); the pipeline flow's summary then links each stage to its run in this UI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +49,66 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def serving(store: Path, port: int, log: Path, timeout: float = 120.0) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1:`port` over `store` while the block runs; yields its URL.
+    Waits for /health (the server's own answer, polled), stops the server's process group."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(server_command(store, port=port), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=server_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:  # noqa: S310 (localhost)
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not up after {timeout} s: {log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server ignores SIGINT
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def links(store: Path, ui: str) -> list[str]:
+    """The landing page and the latest pipeline execution's runs table, if the store has them."""
+    db = store.resolve() / "mlflow.db"
+    if not db.is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    from flows import mlflow_view as view
+    from flows.mlflow_record import experiment_of
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment_of(ROOT))
+    if exp is None:
+        return []
+    out = [f"training runs:  {view.landing_url(ui, exp.experiment_id)}"]
+    latest = view.latest_pipeline(client, exp.experiment_id)
+    if latest is not None:
+        key = view.share_key(latest.info.run_id)
+        if view.SHARE_PREFIX + key in exp.tags:
+            out.append(f"latest pipeline run ({latest.info.run_name}): "
+                       f"{view.runs_url(ui, exp.experiment_id, key)}")
+        else:
+            out.append(f"latest pipeline run ({latest.info.run_name}) not completed: "
+                       "`python -m flows.mlflow_record close` adds its summary and runs-table view")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.dashboard", description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, default=ROOT,
@@ -48,8 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
     cmd = server_command(args.store, args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {args.store.resolve()}); Ctrl-C stops it",
-          flush=True)
+    ui = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {ui} (store {args.store.resolve()}); Ctrl-C stops it", flush=True)
+    for line in links(args.store, ui):
+        print(line, flush=True)
     os.execvpe(cmd[0], cmd, server_env())
 
 

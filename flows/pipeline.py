@@ -4,9 +4,13 @@ In:  a DVC repository (default: the one containing the working directory; the de
      `prefect.yaml` set it with a `set_working_directory` pull step), its `dvc.yaml`,
      `params.yaml` and `dvc.lock`.
 Out: the stages' outputs, exactly as `dvc repro` would leave them (`dvc.lock` and DVC's cache stay
-     the truth), `dvc push` to the default remote when one is configured, and a summary (returned,
-     logged and saved as the Prefect artifact `pipeline-summary`) of which stages ran, which were
-     up to date and which failed, with links to the stages' MLflow runs.
+     the truth), `dvc push` to the default remote when one is configured, one MLflow pipeline run
+     for this flow run (flows/mlflow_record.py: opened before the first stage, so a tracking store
+     that cannot take it stops the flow before any compute; every stage's runs nest under it
+     through `PTF_PIPELINE_RUN_ID`; completed at the end with the stages DVC did not run, the
+     summary and the verdicts), and a summary (returned, logged and saved as the Prefect artifact
+     `pipeline-summary`) of which stages ran, which were up to date and which failed, with links
+     to the stages' MLflow runs and to this execution's runs table.
 
 Run it:
     python -m flows.pipeline                    # once, now, on this checkout
@@ -50,6 +54,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+
+from flows import mlflow_record as record
+from flows import mlflow_view as view
+from ptf.training.tracking import tracking_uri
+from ptf.training.tracking_tree import PIPELINE_ENV, pipelines_enabled
 
 # The tag every stage's MLflow run carries (ptf/training/tracking.py): the stage's name. `dvc repro`
 # gives each stage command its full name in the variable DVC_STAGE (e.g. finetune@movies-lora).
@@ -147,11 +156,12 @@ class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message quotes the end of its output."""
 
 
-def stream(cmd: list[str], cwd: Path, logger: Any) -> tuple[int, list[str]]:
+def stream(cmd: list[str], cwd: Path, logger: Any,
+           extra_env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run `cmd`, sending each line of its merged stdout/stderr to `logger` as it comes."""
     lines: list[str] = []
     with subprocess.Popen(
-        cmd, cwd=cwd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd, cwd=cwd, env={**stage_env(), **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
     ) as proc:
         assert proc.stdout is not None
@@ -168,13 +178,15 @@ def stream(cmd: list[str], cwd: Path, logger: Any) -> tuple[int, list[str]]:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}", log_prints=True)
-def repro_stage(stage: str, root: str, pull: bool = False) -> dict[str, Any]:
+def repro_stage(stage: str, root: str, pull: bool = False, pipeline_run: str | None = None) -> dict[str, Any]:
     """`dvc repro --single-item <stage>`: DVC runs it only if it is stale (with `pull`, it first
-    tries to fetch missing outputs of an unchanged stage from the remote instead)."""
+    tries to fetch missing outputs of an unchanged stage from the remote instead). Its MLflow
+    runs nest under the pipeline run `pipeline_run`."""
     logger = get_run_logger()
     started = time.time()
     args = ["repro", "--single-item", *(["--pull"] if pull else []), stage]
-    rc, lines = stream(dvc_command(*args), Path(root), logger)
+    rc, lines = stream(dvc_command(*args), Path(root), logger,
+                       {PIPELINE_ENV: pipeline_run} if pipeline_run else None)
     ended = time.time()
     seconds = round(ended - started, 1)
     if rc != 0:
@@ -205,11 +217,6 @@ def dvc_push(root: str) -> None:
 
 
 # ------------------------------------------------------------------------------ MLflow links
-def tracking_uri(root: Path) -> str:
-    """Where the stages log: `MLFLOW_TRACKING_URI`, or the project's `mlflow.db`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-
-
 def ui_url(uri: str) -> str | None:
     """The MLflow UI to link to: `MLFLOW_UI_URL`, or the tracking server itself."""
     explicit = os.environ.get("MLFLOW_UI_URL")
@@ -220,44 +227,17 @@ def ui_url(uri: str) -> str | None:
     return None
 
 
-def mlflow_runs(uri: str, results: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]]:
-    """Per stage, its MLflow runs. A stage that ran in this flow: every run that carries the stage
-    tag and started while its task ran (stages run one at a time, so the time window tells
-    foreach/matrix items apart even where the tag is only the group name, and finds every run of a
-    stage that logs several). A stage that was up to date: the latest run tagged with its name
-    (the run that made what is there now)."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return {}  # nothing logged yet; don't create an empty store
-    from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    if not experiments:
-        return {}
-    ui = ui_url(uri)
-    found: dict[str, list[dict[str, str]]] = {}
-    for r in results:
-        stage = r["stage"]
-        if r["status"] == RAN:
-            start, end = int(r["started"] * 1000), int(r["ended"] * 1000)
-            runs = client.search_runs(
-                experiments,
-                f"attributes.start_time >= {start} and attributes.start_time <= {end}",
-                order_by=["attributes.start_time ASC"], max_results=1000)
-            runs = [x for x in runs if STAGE_TAG in x.data.tags]
-        elif r["status"] in (UP_TO_DATE, RESTORED):
-            runs = client.search_runs(experiments, f"tags.`{STAGE_TAG}` = '{stage}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
-        else:
-            continue
-        if runs:
-            found[stage] = [
-                {"run_id": x.info.run_id, "experiment_id": x.info.experiment_id,
-                 "url": f"{ui}/#/experiments/{x.info.experiment_id}/runs/{x.info.run_id}" if ui else ""}
-                for x in runs
-            ]
-    return found
+def mlflow_links(uri: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    """Per stage, its run under the pipeline run (as `close_pipeline` returned them), with URLs
+    into the UI when there is one; the runs table of this execution under `"_table"`."""
+    ui, exp = ui_url(uri), recorded.get("experiment_id")
+    links: dict[str, Any] = {
+        stage: [{"run_id": run_id, "experiment_id": exp,
+                 "url": view.run_url(ui, exp, run_id) if ui else ""}]
+        for stage, run_id in recorded.get("stages", {}).items()}
+    if ui and exp:
+        links["_table"] = view.runs_url(ui, exp, recorded.get("share_key"))
+    return links
 
 
 # ------------------------------------------------------------------------------ the flow
@@ -270,8 +250,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     head = (f"**{len(summary['ran'])} ran, {len(summary['up_to_date'])} up to date, "
             f"{len(summary['restored'])} restored from the run cache, {len(summary['failed'])} "
             f"failed, {len(summary['not_run'])} not run**; dvc push: {summary['pushed']}; "
-            f"MLflow: {summary['tracking_uri']}")
-    return head + "\n\n" + "\n".join(rows)
+            f"MLflow: {summary['tracking_uri']}, pipeline run {summary['mlflow_pipeline_run']}")
+    table = summary["mlflow_runs"].get("_table")
+    return head + (f" ([runs table]({table}))" if table else "") + "\n\n" + "\n".join(rows)
 
 
 @flow(name="dvc-pipeline", persist_result=False, log_prints=True)
@@ -296,6 +277,16 @@ def pipeline(
     order, upstream = stage_graph(root)
     stages = select(order, upstream, targets)
     logger.info("DVC pipeline in %s: %d stages: %s", root, len(stages), ", ".join(stages))
+    uri = tracking_uri(root)
+    # the MLflow pipeline run, before any stage: a store that cannot take it stops the flow here
+    from prefect.runtime import flow_run
+
+    pipeline_run = None
+    if pipelines_enabled():  # PTF_PIPELINE=off: stage runs not grouped, no summary run
+        pipeline_run = record.open_pipeline(root, f"prefect {flow_run.name or 'flow run'}",
+                                            {"prefect.flow_run_id": str(flow_run.id or ""),
+                                             "prefect.flow_run_name": str(flow_run.name or "")})
+        logger.info("MLflow pipeline run %s in %s", pipeline_run, uri)
 
     results: list[dict[str, Any]] = []
     broken: set[str] = set()  # failed, or downstream of a failure
@@ -310,7 +301,7 @@ def pipeline(
         if stage.split("@", 1)[0] in RETRIED_STAGES and download_retries:
             runner = repro_stage.with_options(retries=download_retries,
                                               retry_delay_seconds=retry_delay_seconds)
-        state = runner(stage, str(root), pull, return_state=True)
+        state = runner(stage, str(root), pull, pipeline_run, return_state=True)
         if state.is_completed():
             results.append(state.result())
         else:
@@ -323,12 +314,14 @@ def pipeline(
         dvc_push(str(root))
         pushed = True
 
-    uri = tracking_uri(root)
+    links: dict[str, Any] = {}
     try:
-        links = mlflow_runs(uri, results)
-    except Exception as e:  # the links are a convenience; never fail a pipeline over them
-        logger.warning("could not look up MLflow runs in %s: %s", uri, e)
-        links = {}
+        if pipeline_run:
+            recorded = record.close_pipeline(root, pipeline_run, {r["stage"]: r["status"] for r in results},
+                                             "FAILED" if failed else "FINISHED", stages)
+            links = mlflow_links(uri, recorded)
+    except Exception as e:  # the summary is a convenience; never fail a pipeline over it
+        logger.warning("could not complete the MLflow pipeline run %s in %s: %s", pipeline_run, uri, e)
     summary = {
         "repo": str(root),
         "stages": results,
@@ -339,6 +332,7 @@ def pipeline(
         "not_run": [r["stage"] for r in results if r["status"] == NOT_RUN],
         "pushed": pushed,
         "tracking_uri": uri,
+        "mlflow_pipeline_run": pipeline_run,
         "mlflow_runs": links,
     }
     text = summary_markdown(summary)

@@ -1,14 +1,15 @@
-"""The MLflow dashboard command and the flow's links into it (no server needed here).
+"""The MLflow dashboard command, its links, and the flow's links into it (no server needed here).
 
-The real MLflow server is started from `flows.dashboard.server_command` by tests/test_flows.py,
-where the smoke pipeline logs to it over HTTP and the flow links every stage to its run.
+The real MLflow server is started with `flows.dashboard.serving` by tests/test_flows.py (the smoke
+pipeline logs to it over HTTP) and tests/test_dashboard.py (the run tree of one execution).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from flows.dashboard import ROOT, server_command
-from flows.pipeline import tracking_uri, ui_url
+from flows import mlflow_view as view
+from flows.dashboard import ROOT, links, server_command
+from flows.pipeline import mlflow_links, ui_url
 
 
 def test_dashboard_serves_the_project_store_on_localhost_only():
@@ -24,13 +25,10 @@ def test_dashboard_serves_the_project_store_on_localhost_only():
     }
 
 
-def test_flow_reads_the_same_store_as_the_stages(monkeypatch, tmp_path):
-    import ptf.training.tracking
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(tmp_path) == ptf.training.tracking.tracking_uri(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking_uri(tmp_path) == ptf.training.tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5001"
+def test_stages_keep_artifacts_where_the_dashboard_serves_them(tmp_path):
+    from ptf.training.tracking_store import artifact_location
+    assert artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000") is None
 
 
 def test_ui_links(monkeypatch):
@@ -39,3 +37,32 @@ def test_ui_links(monkeypatch):
     assert ui_url(f"sqlite:///{Path('/x/mlflow.db')}") is None
     monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5000/")
     assert ui_url("sqlite:////x/mlflow.db") == "http://127.0.0.1:5000"
+    got = mlflow_links("sqlite:////x/mlflow.db", {"experiment_id": "3", "stages": {"pretrain": "abc"},
+                                                  "share_key": "pipeline-p"})
+    assert got["pretrain"] == [{"run_id": "abc", "experiment_id": "3",
+                                "url": "http://127.0.0.1:5000/#/experiments/3/runs/abc"}]
+    # MLflow 3.17 opens an experiment on its GenAI pages unless the workflow switch says otherwise
+    assert got["_table"] == ("http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+                             "&viewStateShareKey=pipeline-p")
+    assert view.landing_url("http://h:1/", "3") == "http://h:1/#/experiments/3?workflowType=machine_learning"
+
+
+def test_dashboard_prints_nothing_for_an_empty_store(tmp_path):
+    assert links(tmp_path, "http://127.0.0.1:5000") == []
+
+
+def test_the_pinned_mlflow_ui_knows_the_kind_and_the_workflow_switch_we_use():
+    """Read from the installed UI bundle: the experiment kind its selector writes for "Machine
+    learning", and the URL switch that opens an experiment on its training runs."""
+    import re
+
+    import mlflow
+
+    from ptf.training.tracking_store import GENAI_KIND, KIND_TAG, TRAINING_KIND
+    bundle = "\n".join(p.read_text(errors="replace") for p in
+                       (Path(mlflow.__file__).parent / "server/js/build/static/js").glob("main.*.js"))
+    kinds = dict(re.findall(r'\.([A-Z_]+)="([a-z_]+)"', bundle))
+    assert kinds["CUSTOM_MODEL_DEVELOPMENT"] == TRAINING_KIND
+    assert kinds["GENAI_DEVELOPMENT"] == GENAI_KIND
+    assert f'"{KIND_TAG}"' in bundle
+    assert 'MACHINE_LEARNING="machine_learning"' in bundle and '"workflowType"' in bundle

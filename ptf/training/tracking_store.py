@@ -97,6 +97,14 @@ def check_kind(client: Any, name: str) -> Any:
     return exp
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: `mlartifacts/` beside the
+    database (what `flows.dashboard` serves), not `mlruns/` under whatever directory the first
+    process ran in. None for other stores (the server decides)."""
+    db = sqlite_path(uri)
+    return (db.resolve().parent / "mlartifacts").as_uri() if db else None
+
+
 def ensure_experiment(client: Any, name: str) -> str:
     """The id of the experiment `name`, created when absent (safe when processes race), tagged as
     model training. Raises `StageError` before creating anything when it cannot be used."""
@@ -105,7 +113,8 @@ def ensure_experiment(client: Any, name: str) -> str:
     exp = check_kind(client, name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags={KIND_TAG: TRAINING_KIND})
+            return client.create_experiment(name, tags={KIND_TAG: TRAINING_KIND},
+                                            artifact_location=artifact_location(client.tracking_uri))
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

@@ -261,6 +261,11 @@ def keyed_run(client: Any, exp_id: str, key: str, name: str, tags: Mapping[str, 
     return first
 
 
+def pipelines_enabled() -> bool:
+    """False when `PTF_PIPELINE` is off/0/false/no: runs are then not grouped by execution."""
+    return os.environ.get(SWITCH_ENV, "").lower() not in ("0", "off", "false", "no")
+
+
 def resolve_pipeline(client: Any, exp_id: str, root: Path, shown: str,
                      created: list[str]) -> tuple[str | None, bool]:
     """(pipeline run id or None, whether this pipeline's stages set its status)."""
@@ -268,7 +273,7 @@ def resolve_pipeline(client: Any, exp_id: str, root: Path, shown: str,
     if given:
         check_pipeline_run(client, given, shown, exp_id)
         return given, False
-    if os.environ.get(SWITCH_ENV, "").lower() in ("0", "off", "false", "no"):
+    if not pipelines_enabled():
         return None, False
     inv = dvc_invocation()
     if inv is None:
