@@ -55,4 +55,23 @@ def smoke_run(tmp_path_factory) -> dict:
     second = sh(["dvc", "repro"], repo, check=False, timeout=300)
     out = finish(first)
     assert first.returncode == 0, out[-4000:]
-    return {"repo": repo, "second": second, "first_out": out}
+    before = repo_state(repo)
+    yield {"repo": repo, "second": second, "first_out": out}
+    changed = {k for k in before if repo_state(repo)[k] != before[k]}
+    assert not changed, (f"a test changed the shared smoke run ({', '.join(sorted(changed))}); "
+                         "work on a copy: tests.smoke.copy_smoke_repo")
+
+
+def repo_state(repo) -> dict:
+    """What a test that only reads the smoke run leaves as it was: the git commit and status,
+    the DVC remote, and every file (size, mtime) outside .git and DVC's own .dvc/tmp."""
+    from tests.smoke import sh
+
+    files = {str(p.relative_to(repo)): (p.stat().st_size, p.stat().st_mtime_ns)
+             for p in repo.rglob("*") if p.is_file()
+             and p.relative_to(repo).parts[0] != ".git" and p.relative_to(repo).parts[:2] != (".dvc", "tmp")}
+    remote = repo.parent / "dvc-remote"
+    return {"git commit": sh(["git", "rev-parse", "HEAD"], repo).stdout,
+            "git status": sh(["git", "status", "--porcelain"], repo).stdout,
+            "files": files,
+            "DVC remote": sorted(str(p) for p in remote.rglob("*")) if remote.exists() else []}
