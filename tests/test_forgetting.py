@@ -13,6 +13,7 @@ import pytest
 
 from ptf.common.cli import StageError
 from ptf.common.config import ConfigError, parse_section
+from ptf.measures import arms as am
 from ptf.measures import claims as cm
 from ptf.measures import cl_metrics as cl
 from ptf.measures import drift as dr
@@ -387,6 +388,18 @@ def test_only_the_finetune_format_is_read():
     wrong["seeds"][0]["test_accuracy"] = 0.5
     with pytest.raises(StageError, match="do not give its test_accuracy"):
         out.parse_finetune(wrong, "f.json")
+
+
+def test_predictions_are_paired_only_on_one_test_set():
+    import numpy as np
+
+    def arm(labels):
+        return {"seeds": {"seed0": {"test_accuracy": 1.0, "test_predictions": labels}}, "test_labels": labels}
+
+    same = am.claim_samples({"t": {"full": arm([0, 1]), "lora": arm([0, 1])}}, {}, np.zeros(1), np.ones(1))
+    assert same[("t", "lora")]["accuracy"].units == "test examples" and same[("t", "lora")]["delta"] is None
+    with pytest.raises(StageError, match="task t: .* record different test_labels"):
+        am.claim_samples({"t": {"full": arm([0, 1]), "lora": arm([1, 0])}}, {}, np.zeros(1), np.ones(1))
 
 
 def test_matrix_params():

@@ -92,6 +92,10 @@ def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[t
     """{(task, strategy): {"accuracy": Sample, "delta": Sample | None (no drift)}}."""
     out: dict[tuple[str, str], dict[str, Sample | None]] = {}
     for t, arms in runs.items():
+        labels = {s: arm["test_labels"] for s, arm in arms.items() if arm.get("test_labels") is not None}
+        if len({tuple(v) for v in labels.values()}) > 1:
+            raise StageError(f"task {t}: the fine-tune metrics of {sorted(labels)} record different "
+                             "test_labels; their test predictions cannot be paired (rerun `dvc repro finetune`)")
         for s, arm in arms.items():
             sums = {seed: block_sums[(t, s, seed)] for seed in arm["seeds"] if (t, s, seed) in block_sums}
             out[(t, s)] = {"accuracy": accuracy_sample(arm),

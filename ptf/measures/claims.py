@@ -299,6 +299,7 @@ def claim_forget_less(tasks: dict[str, dict[str, Any]], samples: dict[tuple[str,
     for key, cost in costs.items():
         comps[key]["accuracy_cost"] = cost
     compared = sorted({c["strategy"] for c in comps.values()})
-    return _claim(f"{', '.join(compared) or 'the other strategies'} forget less than {ref} "
+    return _claim(f"{', '.join(compared) or 'the other strategies'} "
+                  f"{'forgets' if len(compared) == 1 else 'forget'} less than {ref} "
                   "(smaller Δ held-out LM loss)", comps, cfg,
                   f"{ref} or every compared strategy is not in the declared matrix")

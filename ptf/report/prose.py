@@ -93,8 +93,9 @@ def bwt_sentences(measures: dict[str, Any]) -> list[str]:
     bwt = raw.get("bwt")
     out = []
     if is_num(bwt):
-        what = ("lost accuracy" if bwt < 0 else "gained accuracy" if bwt > 0
-                else "neither lost nor gained accuracy")
+        shown = round(bwt, 3)               # the direction of the number the sentence prints
+        what = ("lost accuracy" if shown < 0 else "gained accuracy" if shown > 0
+                else "neither lost nor gained accuracy (to 3 decimals)")
         out.append(f"BWT {num(bwt, sign=True)}: on average, earlier tasks {what} from just after "
                    "learning them to the end of the sequence.")
     order = [str(t) for t in measures.get("order") or []]
