@@ -50,7 +50,7 @@ class BrowserError(RuntimeError):
 
 
 class Browser:
-    def __init__(self, width: int = 1600, height: int = 1000, timeout: float = 60.0):
+    def __init__(self, width: int = 1920, height: int = 1080, timeout: float = 60.0):
         exe = chromium()
         if exe is None:
             raise BrowserError("no chromium on PATH (Debian: apt-get install -y chromium)")

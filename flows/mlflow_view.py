@@ -36,6 +36,7 @@ METRIC_COLUMNS = ("test_accuracy", "gain_over_scratch", "gain_over_majority", "g
 TAG_COLUMNS = ("task", "strategy", "seed", "configuration", "objective", "foundation", "dvc.status")
 VERDICT_SCORE = {"reproduced": 1.0, "partly reproduced": 0.5, "not reproduced": 0.0}
 SHARE_PREFIX = "mlflow.sharedViewState."
+NAME_COLUMN = "attributes.`Run Name`"
 
 
 def _number(v: Any) -> bool:
@@ -66,8 +67,8 @@ def forgetting_measures(result: dict[str, Any]) -> dict[str, Any]:
     for task, by_strategy in (result.get("tasks") or {}).items():
         for strategy, arm in by_strategy.items():
             arms[(task, strategy)] = stable_metrics(arm.get("mean_std") or {})
-            for seed, rec in (arm.get("seeds") or {}).items():
-                seeds[(task, strategy, str(seed))] = stable_metrics(rec)
+            for seed, rec in (arm.get("seeds") or {}).items():  # keyed "seed0", "seed1", ...
+                seeds[(task, strategy, str(seed).removeprefix("seed"))] = stable_metrics(rec)
     for name, block in (result.get("sequential") or {}).items():
         m = {k: float(v) for k, v in (block.get("raw") or {}).items() if _number(v)}
         m.update({f"{k}_chance_adjusted": float(v)
@@ -98,11 +99,13 @@ def view_state(pipeline_id: str, runs: list[Any]) -> dict[str, Any]:
     """The runs table of one pipeline execution: filtered to it, oldest first, every run with
     children expanded, the metric and tag columns its runs fill."""
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs} - {None}
+    columns = columns_of(runs)
     return {
         "searchFilter": f"tags.`{PIPELINE_TAG}` = '{pipeline_id}'",
         "orderByKey": "attributes.start_time", "orderByAsc": True, "startTime": "ALL",
         "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": columns_of(runs),
+        "selectedColumns": columns,
+        "columnOrder": [NAME_COLUMN, *columns], "columnWidths": {NAME_COLUMN: 360},
         "runsExpanded": {r.info.run_id: True for r in runs if r.info.run_id in parents},
         "runsHiddenMode": "SHOW_ALL", "groupBy": None, "viewMaximized": False,
         "runListHidden": False,

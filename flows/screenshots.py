@@ -44,6 +44,7 @@ def mlflow_pages(ui: str, experiment_id: str, share_key: str, names: list[str], 
                f"document.body.innerText.includes({_js(names[0])})",
                "the experiment to open on its training runs")
         b.eval(TIDY_JS)
+        b.expand_runs()
         shots["landing"] = b.screenshot(out / "mlflow-landing.png")
         b.open(view.runs_url(ui, experiment_id, share_key))
         b.wait(f"document.body.innerText.includes({_js(names[0])})", "the pipeline run")
@@ -64,7 +65,7 @@ def plots_page(index: Path, out: Path | None = None) -> int:
     if not ids:
         raise AssertionError(f"{index}: no DVC plot in the page")
     state = f"({PLOTS_JS})({_js(ids)})"
-    with Browser(width=1400, height=2400) as b:
+    with Browser(width=1400, height=1150) as b:
         b.open(index.resolve().as_uri())
         b.wait(f"{state}.every(p => p.rendered || p.error)", f"the plots {ids} to render or fail")
         plots = b.eval(state)

@@ -66,3 +66,19 @@ def test_the_pinned_mlflow_ui_knows_the_kind_and_the_workflow_switch_we_use():
     assert kinds["GENAI_DEVELOPMENT"] == GENAI_KIND
     assert f'"{KIND_TAG}"' in bundle
     assert 'MACHINE_LEARNING="machine_learning"' in bundle and '"workflowType"' in bundle
+
+
+def test_what_dvc_repro_did_with_each_stage_and_the_one_experiment(tmp_path):
+    import pytest
+
+    from flows.mlflow_record import experiment_of, statuses_from
+    from ptf.common.cli import StageError
+    lines = ["Running stage 'pretrain':", "Stage 'finetune@movies-full' is cached - skipping run, "
+             "checking out outputs", "Stage 'download' didn't change, skipping"]
+    assert statuses_from(lines) == {"pretrain": "ran", "finetune@movies-full": "restored",
+                                    "download": "up to date"}
+    (tmp_path / "params.yaml").write_text("a: {experiment: e}\nb: {experiment: e}\nc: {x: 1}\n")
+    assert experiment_of(tmp_path) == "e"
+    (tmp_path / "params.yaml").write_text("a: {experiment: e}\nb: {experiment: f}\n")
+    with pytest.raises(StageError, match="several MLflow experiments"):
+        experiment_of(tmp_path)
