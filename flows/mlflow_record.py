@@ -75,15 +75,17 @@ def client_for(root: Path) -> tuple[Any, str]:
     return MlflowClient(tracking_uri=uri), uri
 
 
-def open_pipeline(root: Path, source: str, tags: dict[str, str] | None = None) -> str:
-    """Create the pipeline run of an execution about to start (`source`: what runs it)."""
+def open_pipeline(root: Path, source: str, tags: dict[str, str] | None = None,
+                  owner: str = "flows.mlflow_record") -> str:
+    """Create the pipeline run of an execution about to start (`source`: what runs it, in its
+    name; `owner`: what completes it)."""
     root = Path(root).resolve()
     client, uri = client_for(root)
     try:
         with store.store_lock(uri):
             exp_id = store.ensure_experiment(client, experiment_of(root))
             when = time.strftime("%Y-%m-%d %H:%M")
-            all_tags = {**pipeline_tags(root), **(tags or {}), OWNER_TAG: source.split()[0]}
+            all_tags = {**pipeline_tags(root), **(tags or {}), OWNER_TAG: owner}
             run = client.create_run(exp_id, run_name=f"{source} · {when}", tags=all_tags)
             client.set_tag(run.info.run_id, PIPELINE_TAG, run.info.run_id)
     except StageError:

@@ -285,7 +285,8 @@ def pipeline(
     if pipelines_enabled():  # PTF_PIPELINE=off: stage runs not grouped, no summary run
         pipeline_run = record.open_pipeline(root, f"prefect {flow_run.name or 'flow run'}",
                                             {"prefect.flow_run_id": str(flow_run.id or ""),
-                                             "prefect.flow_run_name": str(flow_run.name or "")})
+                                             "prefect.flow_run_name": str(flow_run.name or "")},
+                                            owner="prefect")
         logger.info("MLflow pipeline run %s in %s", pipeline_run, uri)
 
     results: list[dict[str, Any]] = []
