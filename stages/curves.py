@@ -31,7 +31,6 @@ from ptf.training.finetune_config import CurvesKeys, load_stage_config
 from ptf.training.finetuning import Context, preflight, run_arm
 
 
-
 class Config(CurvesKeys):
     """The keys of the `finetune` section this stage reads (`curves` + the shared ones)."""
 

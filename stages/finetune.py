@@ -3,13 +3,17 @@
 In:  data/models/pretrained (HF model + tokenizer; the architecture is read from it, never from
      params), data/tasks/<task>/ (DatasetDict train/validation/test, columns id/text/label),
      data/shards/ (replay and ewc only), params section `finetune` (`FinetuneKeys`).
-Out: data/models/finetuned/<task>/<strategy>/seed<k>/ for every seed (an HF directory loadable
-     with AutoModelForSequenceClassification, or a peft adapter loadable with
-     AutoPeftModelForSequenceClassification; LoRA also merged under seed<k>/merged/), each with
-     `finetune_meta.json` and a model card; data/metrics/finetune/<task>/<strategy>.json (per
-     seed and mean/std: test accuracy and macro-F1 at the best validation point, val accuracy,
-     chosen LR, LR search, trainable parameters, train time); one MLflow run per seed tagged
-     task, strategy, seed.
+Out: data/models/finetuned/<task>/<strategy>/seed<k>/ for every seed, in the strategy's layout
+     (ptf.models.artifacts: an HF directory for AutoModelForSequenceClassification and
+     pipeline("text-classification"); a peft adapter with its `base/` classifier for
+     AutoPeftModelForSequenceClassification; LoRA also merged under seed<k>/merged/), each
+     with its tokenizer, a model card README.md and `finetune_meta.json`;
+     data/metrics/finetune/<task>/<strategy>.json (per seed and mean/std: test accuracy and
+     macro-F1 at the best validation point, val accuracy, chosen LR, LR search, trainable
+     parameters, train time; per seed also `val_predictions` / `test_predictions`, the predicted
+     class ids in split order, and `replay_blocks`; top level `validation_labels` /
+     `test_labels`, the gold ids in the same order); one MLflow run per seed tagged task,
+     strategy, seed.
 
 Protocol: the LR of every arm is chosen on the validation split from its grid
 (`finetune.arms.<strategy>.lrs`) with the first seed; the other seeds run at the chosen LR
@@ -42,7 +46,7 @@ class Config(FinetuneKeys):
 def run(cfg: Config, task: str, strategy: str, root: Path = Path(".")) -> dict[str, Any]:
     from ptf.training.tracking import check_reachable, tracking_uri
 
-    check_strategy(strategy)
+    check_strategy(strategy, "--strategy")
     ctx = Context.create(root, cfg)
     data = load_task(root, task, ctx.tokenizer, cfg.data)
     preflight(ctx, strategy, data)
@@ -50,7 +54,8 @@ def run(cfg: Config, task: str, strategy: str, root: Path = Path(".")) -> dict[s
     t0 = time.perf_counter()
     out = root / paths.FINETUNED / task / strategy
     with atomic_dir(out) as tmp:
-        res = run_arm(ctx, data, strategy, cfg.seeds, cfg.train.max_steps, save_dir=tmp)
+        res = run_arm(ctx, data, strategy, cfg.seeds, cfg.train.max_steps, save_dir=tmp,
+                      publish_dir=out)
         maybe_die("finetune")  # fault-injection point (tests/test_faults.py)
     metrics = {"task": task, "pooling": cfg.pooling, "max_steps": cfg.train.max_steps,
                "wall_time_s": time.perf_counter() - t0, **res}
@@ -65,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
 
     def go():
-        check_strategy(args.strategy)
+        check_strategy(args.strategy, "--strategy")   # before reading params
         cfg = load_stage_config(Config)
         m = run(cfg, args.task, args.strategy)
         print(f"{args.task}/{args.strategy}: test accuracy {m['test_accuracy']['mean']:.4f} "

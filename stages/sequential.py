@@ -11,9 +11,11 @@ Out: data/metrics/sequential.json {"order", "strategy", "matrix", "chance", "n_c
 
 Every task keeps its own classification head (created at the start, seeded, kept); the backbone
 is shared and updated by each task in turn with that task's strategy (the best-validation
-weights of each task are kept before moving on). L2-SP and EWC anchor at the pretrained
-weights. LoRA is merged into the backbone after its task. prompt_tuning and scratch are not
-sequential strategies (a ConfigError).
+weights of each task are kept before moving on). Each task trains through its strategy's registry
+entry (ptf.models.strategies), as in the finetune stage: what trains, the peft wrapper, the
+regulariser (L2-SP and EWC anchor at the pretrained weights) and, after the task, the merge of a
+peft adapter into the backbone (LoRA). Strategies whose entry is not `sequential`
+(prompt_tuning, scratch) are refused by the config.
 
 Run: python -m stages.sequential
 """
@@ -23,59 +25,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ptf.common import paths
 from ptf.common.atomic import write_json
 from ptf.common.cli import main_guard
-from ptf.common.config import ConfigError
 from ptf.data.tasks import load_task
+from ptf.models.strategies import build_classifier, check_strategy, unwrap_hf
 from ptf.training.finetune_config import SequentialKeys, load_stage_config
-from ptf.training.finetuning import Context, evaluate, fit
-from ptf.models.strategies import Penalty, build_classifier, check_strategy, unwrap_hf
-
+from ptf.training.finetuning import Context, evaluate, fit, preflight
 
 
 class Config(SequentialKeys):
     """The keys of the `finetune` section this stage reads (`sequential` + the shared ones)."""
 
 
-UNSUPPORTED = ("prompt_tuning", "scratch")
-
-
-def check_plan(cfg: Config) -> dict[str, str]:
-    sc = cfg.sequential
-    plan = {}
-    for t in sc.order:
-        if t not in sc.strategy:
-            raise ConfigError(f"finetune.sequential.strategy: no strategy for task {t!r}")
-        s = check_strategy(sc.strategy[t])
-        if s in UNSUPPORTED:
-            raise ConfigError(f"finetune.sequential.strategy.{t}: {s!r} is not a sequential "
-                              f"strategy (not one of {UNSUPPORTED})")
-        plan[t] = s
-    if len(set(sc.order)) != len(sc.order):
-        raise ConfigError(f"finetune.sequential.order: a task is repeated: {sc.order}")
-    return plan
-
-
 def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification
+    from accelerate import PartialState
 
     from ptf.training.tracking import check_reachable, start_run, tracking_uri
 
     sc = cfg.sequential
-    plan = check_plan(cfg)
+    plan = {t: sc.strategy[t] for t in sc.order}     # names and usability checked by the config
     ctx = Context.create(root, cfg)
     datas = [load_task(root, t, ctx.tokenizer, cfg.data) for t in sc.order]
-    for t, s in plan.items():
-        if s in ("replay", "ewc"):
-            ctx.blocks(getattr(cfg.arms, s).block_len)
-        if s == "lora":
-            from ptf.models.strategies import check_lora_targets
-            check_lora_targets(AutoModelForSequenceClassification.from_pretrained(ctx.pretrained),
-                               cfg.arms.lora.target_modules)
+    for d in datas:
+        preflight(ctx, plan[d.name], d)
     check_reachable(tracking_uri(root))
     t0 = time.perf_counter()
-    # one classifier per task, all sharing the first one's backbone module
+    # one classifier per task (seeded head), all sharing the first one's backbone module
     clfs = [build_classifier(ctx.pretrained, d.label_names, "full", cfg.arms.full,
                              seed=sc.seed + j, pooling=cfg.pooling) for j, d in enumerate(datas)]
     prefix = clfs[0].base_model_prefix
@@ -84,7 +62,6 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
         setattr(c, prefix, shared)
     anchor = build_classifier(ctx.pretrained, datas[0].label_names, "full", cfg.arms.full,
                               seed=0, pooling=cfg.pooling).base_model
-    from accelerate import PartialState
     device = PartialState().device       # the device the loop's Accelerator trains on
     for c in clfs:
         c.to(device)
@@ -99,31 +76,18 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
                    "strategy": ",".join(plan[t] for t in sc.order)}, root=root,
                    experiment=cfg.experiment) as mlrun:
         for i, (t, d) in enumerate(zip(sc.order, datas)):
-            s, arm = plan[t], getattr(cfg.arms, plan[t])
-            clf = clfs[i]
-            penalty = None
-            if s in ("l2sp", "ewc"):
-                penalty = Penalty(anchor, arm.lam if s == "ewc" else arm.alpha,
-                                  ctx.fisher(arm) if s == "ewc" else None)
-            if s == "lora":
-                from peft import LoraConfig, TaskType, get_peft_model
-                clf = get_peft_model(clf, LoraConfig(
-                    task_type=TaskType.SEQ_CLS, r=arm.r, lora_alpha=arm.alpha,
-                    lora_dropout=arm.dropout, target_modules=list(arm.target_modules)))
-            else:
-                from ptf.models.strategies import set_trainable
-                set_trainable(clf, s, arm)
-            r = fit(ctx, clf, s, arm, arm.lrs[0], sc.seed, d, d.train, sc.max_steps,
-                    desc=f"sequential {i + 1}/{len(datas)} {t}/{s}", penalty=penalty,
-                    log_fn=lambda m, step, i=i: mlrun.log({f"task{i}.{k}": v for k, v in m.items()},
-                                                          step))
-            if s == "lora":
-                clfs[i] = clf.merge_and_unload()
+            entry, arm = check_strategy(plan[t]), getattr(cfg.arms, plan[t])
+            torch.manual_seed(sc.seed + i)   # a peft wrapper's init (LoRA) is this task's own
+            clf = entry.prepare(clfs[i], arm)
+            fit(ctx, clf, entry.name, arm, arm.lrs[0], sc.seed, d, d.train, sc.max_steps,
+                desc=f"sequential {i + 1}/{len(datas)} {t}/{entry.name}", anchor=anchor,
+                log_fn=lambda m, step, i=i: mlrun.log({f"task{i}.{k}": v for k, v in m.items()},
+                                                      step))
+            clfs[i] = entry.merge(clf) if entry.merge is not None else clf
             for p in clfs[i].parameters():
                 p.requires_grad_(True)
             matrix.append(row())
             mlrun.log({f"acc_after_{i + 1}.{u}": a for u, a in zip(sc.order, matrix[-1])}, step=i + 1)
-            del r
     n_classes = [d.n_classes for d in datas]
     majority = [max(d.test.labels.count(c) for c in set(d.test.labels)) / len(d.test)
                 for d in datas]

@@ -1,69 +1,25 @@
-"""The finetune, curves and sequential stages end to end on a tiny 2-layer Llama: every strategy
-trains through the shared loop, saves a loadable model, freezes what it should (bitwise), and
-bad inputs fail before any training."""
+"""The finetune, curves and sequential stages end to end on a tiny 2-layer Llama: every registry
+strategy trains through the shared loop, saves a loadable model, freezes what it should
+(bitwise), records its predictions; replay and the EWC / L2-SP penalties do what they promise;
+curves and sequential train through the same registry entries; bad inputs fail before training."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from finetune_fixtures import make_root
-from stages import curves, sequential
+from finetune_fixtures import STEPS, cfg_of, make_root, params
 from ptf.common.cli import StageError
 from ptf.common.config import ConfigError, parse_section
 from ptf.data.tasks import stratified_fraction
-from ptf.training.finetune_config import FinetuneSection
-from stages.finetune import Config, run
+from ptf.models import strategies as S
 from ptf.models.artifacts import classify, load_backbone_as_lm, load_classifier
+from ptf.models.lm import lm_loss, load_pretraining_blocks
 from ptf.models.strategies import STRATEGIES
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 3
-
-
-def params(**over):
-    lr = lambda v: {"lrs": v, "weight_decay": 0.0}  # noqa: E731
-    p = {
-        "tasks": ["movies"], "strategies": list(STRATEGIES), "seeds": [0], "pooling": "last",
-        "data": {"max_train": 48, "max_eval": 24, "max_length": 16, "seed": 0},
-        "train": {"batch_size": 8, "eval_batch_size": 24, "grad_accum": 1, "max_steps": STEPS,
-                  "warmup_steps": 1, "eval_every": STEPS, "patience": None, "grad_clip": 1.0,
-                  "mixed_precision": "no"},
-        "arms": {
-            "full": lr([1e-3]), "lower_lr": lr([1e-4]), "linear_probe": lr([1e-2]),
-            "freeze_bottom": {**lr([1e-3]), "layers": 1},
-            "gradual_unfreeze": {**lr([1e-3]), "every": 1, "factor": 2.6},
-            "lora": {**lr([1e-2]), "r": 2, "alpha": 4.0, "dropout": 0.0,
-                     "target_modules": ["q_proj", "v_proj"]},
-            "prompt_tuning": {**lr([1e-2]), "virtual_tokens": 3},
-            "replay": {**lr([1e-3]), "weight": 1.0, "batch_size": 2, "block_len": 8},
-            "ewc": {**lr([1e-3]), "lam": 1.0, "fisher_blocks": 2, "fisher_batch_size": 1,
-                    "block_len": 8, "normalize": True},
-            "l2sp": {**lr([1e-3]), "alpha": 0.1},
-            "scratch": lr([1e-3]),
-        },
-        "curves": {"task": "movies", "strategies": ["full", "scratch"], "fractions": [0.1, 1.0],
-                   "seeds": [0, 1], "max_steps": 2, "lr_search": False},
-        "sequential": {"order": ["movies", "source"],
-                       "strategy": {"movies": "full", "source": "l2sp"}, "seed": 0, "max_steps": 2},
-    }
-    for k, v in over.items():
-        sect, _, key = k.partition(".")
-        (p[sect].__setitem__(key, v) if key else p.__setitem__(sect, v))
-    return p
-
-
-def cfg_of(p, model=Config):
-    """The section validated whole (as the stages load it), then the keys `model` reads."""
-    parse_section("finetune", p, FinetuneSection)
-    return parse_section("finetune", p, model)
+from stages import curves, sequential
+from stages.finetune import Config, run
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +32,7 @@ def trained(root):
     """Every strategy once (1 seed, 3 steps); LR grid of 2 for `full` to exercise the search."""
     p = params()
     p["arms"]["full"]["lrs"] = [1e-3, 1e-4]
-    p["seeds"] = [0]
-    cfg = cfg_of(p)
+    cfg = cfg_of(p, Config)
     return {s: run(cfg, "movies", s, root=root) for s in STRATEGIES}
 
 
@@ -85,9 +40,9 @@ def pretrained_weights(root):
     return load_file(root / "data/models/pretrained/model.safetensors")
 
 
-def saved_backbone(root, strategy):
+def saved_backbone(root, strategy, task="movies"):
     """The backbone state as the forgetting stage sees it (`model.*` keys of a CausalLM)."""
-    lm = load_backbone_as_lm(root / f"data/models/finetuned/movies/{strategy}/seed0",
+    lm = load_backbone_as_lm(root / f"data/models/finetuned/{task}/{strategy}/seed0",
                              root / "data/models/pretrained")
     return {f"model.{k}": v for k, v in lm.model.state_dict().items()}
 
@@ -95,8 +50,7 @@ def saved_backbone(root, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_trains_saves_loads_and_freezes(root, trained, strategy):
     m = trained[strategy]
-    metrics_file = root / f"data/metrics/finetune/movies/{strategy}.json"
-    on_disk = json.loads(metrics_file.read_text())
+    on_disk = json.loads((root / f"data/metrics/finetune/movies/{strategy}.json").read_text())
     assert on_disk["strategy"] == strategy and len(on_disk["seeds"]) == 1
     for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s"):
         assert set(on_disk[k]) == {"mean", "std"}
@@ -104,17 +58,15 @@ def test_strategy_trains_saves_loads_and_freezes(root, trained, strategy):
     assert 0 < m["trainable_fraction"] <= 1
 
     d = root / f"data/models/finetuned/movies/{strategy}/seed0"
-    model = load_classifier(d, root / "data/models/pretrained")
-    if strategy in ("lora", "prompt_tuning"):
+    model = load_classifier(d)
+    if S.REGISTRY[strategy].peft is not None:
         from peft import PeftModel
         assert isinstance(model, PeftModel) and (d / "adapter_config.json").is_file()
+        assert (d / "base" / "config.json").is_file()
     else:
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(d)
+        assert (d / "config.json").is_file() and not (d / "base").exists()
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(d)
-    pred = classify(model, tok, ["the movie was really good"])
-    assert pred[0] in (0, 1)
+    assert classify(model, AutoTokenizer.from_pretrained(d), ["the movie was really good"])[0] in (0, 1)
 
     pre = pretrained_weights(root)
     got = saved_backbone(root, strategy)
@@ -137,10 +89,25 @@ def test_strategy_trains_saves_loads_and_freezes(root, trained, strategy):
         assert emb in changed and any(k.startswith(l0) for k in changed)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_metrics_record_predictions_in_split_order(root, trained, strategy):
+    """Per seed: the predicted class ids of validation and test; top level: the gold ids in the
+    same order; the recorded accuracies are those of these predictions."""
+    m = json.loads((root / f"data/metrics/finetune/movies/{strategy}.json").read_text())
+    gold = m["test_labels"]
+    assert len(gold) == m["n_test"] and len(m["validation_labels"]) == m["n_validation"]
+    for r in m["seeds"]:
+        for split, labels in (("test", gold), ("val", m["validation_labels"])):
+            pred = r[f"{split}_predictions"]
+            assert len(pred) == len(labels) and set(pred) <= {0, 1}
+            acc = sum(p == g for p, g in zip(pred, labels)) / len(labels)
+            assert acc == pytest.approx(r[f"{split}_accuracy"])
+
+
 def test_lora_merged_dir_matches_adapter(root, trained):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     d = root / "data/models/finetuned/movies/lora/seed0"
-    peft_model = load_classifier(d, root / "data/models/pretrained").eval()
+    peft_model = load_classifier(d).eval()
     merged = AutoModelForSequenceClassification.from_pretrained(d / "merged").eval()
     tok = AutoTokenizer.from_pretrained(d)
     enc = tok(["the film was dull", "a great plot"], padding=True, return_tensors="pt")
@@ -148,7 +115,7 @@ def test_lora_merged_dir_matches_adapter(root, trained):
         assert torch.allclose(peft_model(**enc).logits, merged(**enc).logits, atol=1e-5)
 
 
-def test_lr_search_recorded_and_replay_used_blocks(trained):
+def test_lr_search_recorded(trained):
     full = trained["full"]
     assert set(full["lr_search_val_accuracy"]) == {"0.001", "0.0001"}
     assert full["chosen_lr"] in (1e-3, 1e-4)
@@ -156,10 +123,68 @@ def test_lr_search_recorded_and_replay_used_blocks(trained):
     assert trained["linear_probe"]["trainable_fraction"] < 0.05
 
 
+def test_replay_blocks_are_counted_per_seed(root, trained):
+    """Issue 17 item 1: every optimizer step of replay mixes `batch_size` pretraining blocks,
+    and the metrics say how many; no other strategy replays."""
+    for s, m in trained.items():
+        on_disk = json.loads((root / f"data/metrics/finetune/movies/{s}.json").read_text())
+        blocks = [r["replay_blocks"] for r in on_disk["seeds"]]
+        assert blocks == ([STEPS * params()["arms"]["replay"]["batch_size"]] if s == "replay"
+                          else [0]), s
+
+
+# ---------------------------------------------------------------- regularisers do their job
+
+REG_LR, REG_STEPS = 3e-3, 8
+
+
+@pytest.fixture(scope="module")
+def regularised(tmp_path_factory):
+    """full, replay, l2sp and ewc at the same seed and LR, long and strong enough to tell apart."""
+    r = make_root(tmp_path_factory.mktemp("reg"))
+    p = params()
+    p["train"].update(max_steps=REG_STEPS, eval_every=REG_STEPS)
+    for s in ("full", "replay", "l2sp", "ewc"):
+        p["arms"][s]["lrs"] = [REG_LR]
+    p["arms"]["l2sp"]["alpha"] = 100.0
+    p["arms"]["ewc"]["lam"] = 100.0
+    cfg = cfg_of(p, Config)
+    for s in ("full", "replay", "l2sp", "ewc"):
+        run(cfg, "movies", s, root=r)
+    return r
+
+
+def _distance(root, strategy) -> float:
+    pre, got = pretrained_weights(root), saved_backbone(root, strategy)
+    return sum(float(((got[k] - pre[k]) ** 2).sum()) for k in got if k in pre) ** 0.5
+
+
+def test_l2sp_and_ewc_end_closer_to_the_pretrained_weights_than_full(regularised):
+    """Issue 17 item 1: same seed, LR and steps; the penalty must pull the backbone back."""
+    d = {s: _distance(regularised, s) for s in ("full", "l2sp", "ewc")}
+    assert d["full"] > 0
+    assert d["l2sp"] < d["full"] and d["ewc"] < d["full"], d
+
+
+def test_replay_keeps_the_pretraining_loss_lower_than_full(regularised):
+    """Issue 17 item 1: replay's LM-loss term is in the gradient, so at the same seed and LR its
+    backbone models the pretraining blocks better than full fine-tuning's does."""
+    blocks = load_pretraining_blocks(regularised, 16)[0]
+    ids = torch.tensor(blocks[list(range(len(blocks)))]["input_ids"], dtype=torch.long)
+    pre = regularised / "data/models/pretrained"
+    with torch.no_grad():
+        loss = {s: float(lm_loss(load_backbone_as_lm(
+            regularised / f"data/models/finetuned/movies/{s}/seed0", pre), ids))
+            for s in ("full", "replay")}
+    assert loss["replay"] < loss["full"], loss
+
+
+# ---------------------------------------------------------------- seeds, curves, sequential
+
 def test_seeds_mean_std(root):
     p = params(seeds=[0, 1])
     p["train"]["max_steps"] = 2
-    m = run(cfg_of(p), "movies", "linear_probe", root=root)
+    m = run(cfg_of(p, Config), "movies", "linear_probe", root=root)
     accs = [r["test_accuracy"] for r in m["seeds"]]
     assert [r["seed"] for r in m["seeds"]] == [0, 1]
     assert m["test_accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
@@ -167,14 +192,39 @@ def test_seeds_mean_std(root):
 
 
 def test_curves_and_sequential(root):
-    c = curves.run(parse_section("finetune", params(), curves.Config), root)
+    c = curves.run(cfg_of(params(), curves.Config), root)
     lines = (root / "data/plots/curves.csv").read_text().splitlines()
     assert lines[0] == "strategy,fraction,n_labels,seed,test_accuracy" and len(lines) == 1 + 2 * 2 * 2
     assert c["results"]["full"]["0.1"]["n_labels"] < c["results"]["full"]["1"]["n_labels"]
-    s = sequential.run(parse_section("finetune", params(), sequential.Config), root)
+    s = sequential.run(cfg_of(params(), sequential.Config), root)
     assert len(s["matrix"]) == 3 and all(len(r) == 2 for r in s["matrix"])
     assert s["n_classes"] == [2, 3] and s["chance"] == pytest.approx([0.5, 1 / 3])
     assert json.loads((root / "data/metrics/sequential.json").read_text())["order"] == ["movies", "source"]
+
+
+def test_sequential_trains_each_task_through_its_registry_entry(root, monkeypatch):
+    """The same entries as the finetune stage: LoRA wraps and merges back into the shared
+    backbone, EWC's regulariser anchors at the PRETRAINED backbone (not the moved one)."""
+    calls = []
+    lora, ewc = S.REGISTRY["lora"], S.REGISTRY["ewc"]
+
+    def merge(m):
+        calls.append(("merge", type(m).__name__))
+        return lora.merge(m)
+
+    def regulariser(ctx, backbone, anchor, arm, seed):
+        calls.append(("anchor", anchor is backbone, anchor.embed_tokens.weight.clone()))
+        return ewc.regulariser(ctx, backbone, anchor, arm, seed)
+
+    monkeypatch.setitem(S.REGISTRY, "lora", S.Strategy(**{**lora.__dict__, "merge": merge}))
+    monkeypatch.setitem(S.REGISTRY, "ewc", S.Strategy(**{**ewc.__dict__, "regulariser": regulariser}))
+    p = params(**{"sequential.strategy": {"movies": "lora", "source": "ewc"}})
+    s = sequential.run(cfg_of(p, sequential.Config), root)
+    assert s["strategy"] == ["lora", "ewc"] and len(s["matrix"]) == 3
+    assert calls[0] == ("merge", "PeftModelForSequenceClassification")
+    _, same, anchor_emb = calls[1]
+    assert not same
+    assert torch.equal(anchor_emb, pretrained_weights(root)["model.embed_tokens.weight"])
 
 
 def test_stratified_fraction():
@@ -191,40 +241,45 @@ def test_bad_fraction_is_config_error():
     p = params()
     p["curves"]["fractions"] = [0.5, 1.5]
     with pytest.raises(ConfigError, match=r"finetune\.curves\.fractions.*\(0, 1\]"):
-        cfg_of(p)
+        cfg_of(p, Config)
     p["curves"]["fractions"] = [0.0]
     with pytest.raises(ConfigError):
-        cfg_of(p)
+        cfg_of(p, Config)
 
 
-def test_unknown_strategy_in_params_is_config_error():
-    with pytest.raises(ConfigError, match="finetune.strategies.*unknown strategy 'nope'"):
-        cfg_of(params(strategies=["full", "nope"]))
+@pytest.mark.parametrize("stage", ["finetune", "curves", "sequential"])
+def test_mean_pooling_on_llama_is_refused_before_any_output(root, stage):
+    """Llama's HF head cannot mean-pool: every stage stops at its start, naming the key, the
+    value and the model type, and writes nothing."""
+    p = params(pooling="mean")
+    before = sorted(x for x in (root / "data").rglob("*"))
+    with pytest.raises(ConfigError, match=r"finetune\.pooling: 'mean' cannot be saved "
+                                          r"faithfully for model type 'llama'"):
+        if stage == "finetune":
+            run(cfg_of(p, Config), "movies", "full", root=root)
+        else:
+            mod = curves if stage == "curves" else sequential
+            mod.run(cfg_of(p, mod.Config), root)
+    assert sorted(x for x in (root / "data").rglob("*")) == before
 
 
 def test_missing_task_and_bad_lora_fail_before_training(root):
     out = root / "data/models/finetuned/nosuch"
     with pytest.raises(StageError, match="nosuch.*task data not found"):
-        run(cfg_of(params()), "nosuch", "full", root=root)
+        run(cfg_of(params(), Config), "nosuch", "full", root=root)
     assert not out.exists()
     p = params()
     p["arms"]["lora"]["target_modules"] = ["q_proj", "c_attn"]
-    before = sorted((root / "data/models/finetuned/movies").iterdir()) if (root / "data/models/finetuned/movies").exists() else []
+    movies = root / "data/models/finetuned/movies"
+    before = sorted(movies.iterdir()) if movies.exists() else []
     with pytest.raises(ConfigError, match="c_attn.*not found"):
-        run(cfg_of(p), "movies", "lora", root=root)
-    after = sorted((root / "data/models/finetuned/movies").iterdir()) if (root / "data/models/finetuned/movies").exists() else []
-    assert before == after
-    p = params()
-    p["sequential"]["strategy"] = {"movies": "prompt_tuning", "source": "full"}
-    with pytest.raises(ConfigError, match="not a sequential strategy"):
+        run(cfg_of(p, Config), "movies", "lora", root=root)
+    assert (sorted(movies.iterdir()) if movies.exists() else []) == before
+    p["sequential"]["strategy"] = {"movies": "lora", "source": "full"}
+    with pytest.raises(ConfigError, match="c_attn.*not found"):
         sequential.run(cfg_of(p, sequential.Config), root)
 
 
-def test_cli_unknown_strategy_exits_1(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune": params()}))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "stages.finetune", "--task", "movies",
-                        "--strategy", "dropout"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown strategy 'dropout'")
+def test_unknown_strategy_in_params_is_config_error():
+    with pytest.raises(ConfigError, match="finetune.strategies.*unknown strategy 'nope'"):
+        parse_section("finetune", params(strategies=["full", "nope"]), Config)

@@ -1,5 +1,6 @@
-"""Strategy logic on a tiny 2-layer Llama: trainability, gradual unfreezing, penalties, replay
-mixing, pooling, LoRA target validation, backbone extraction."""
+"""Strategy mechanics on a tiny 2-layer Llama: trainability per registry entry, gradual
+unfreezing, penalties, replay mixing, pooling (native HF heads only; prompt tuning's virtual
+tokens), LoRA target validation."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 from finetune_fixtures import make_pretrained, make_tokenizer
 from ptf.common.config import ConfigError
 from ptf.models import lm as L
+from ptf.models import pooling as P
 from ptf.models import strategies as S
+from ptf.models import trainable as T
 
 LABELS = ["neg", "pos"]
 
@@ -52,7 +55,11 @@ EXPECT_FROZEN = {  # (predicate on the HF parameter name) -> frozen
 }
 
 
-@pytest.mark.parametrize("strategy", list(S.STRATEGIES))
+def test_every_registry_entry_has_a_test_arm():
+    assert set(ARMS) == set(S.STRATEGIES)
+
+
+@pytest.mark.parametrize("strategy", S.STRATEGIES)
 def test_trainable_sets(pre, strategy):
     path, _ = pre
     m = S.build_classifier(path, LABELS, strategy, ARMS[strategy], seed=0)
@@ -68,21 +75,31 @@ def test_trainable_sets(pre, strategy):
         assert not any(".layers." in n for n in names)
     else:
         assert len(names) == len(list(m.named_parameters()))
-    frac = S.count_trainable(m)["trainable_fraction"]
+    frac = T.count_trainable(m)["trainable_fraction"]
     assert 0 < frac <= 1
+
+
+def test_scratch_is_random_init_and_the_others_pretrained(pre):
+    path, _ = pre
+    # seed 1: the fixture's "pretrained" weights are themselves a seed-0 random init
+    emb = {s: S.build_classifier(path, LABELS, s, ARMS[s], seed=1).get_input_embeddings().weight
+           for s in ("full", "scratch")}
+    from safetensors.torch import load_file
+    pretrained = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(emb["full"], pretrained) and not torch.equal(emb["scratch"], pretrained)
 
 
 def test_gradual_unfreeze_schedule_and_lrs(pre):
     path, _ = pre
     m = S.build_classifier(path, LABELS, "gradual_unfreeze", ARMS["gradual_unfreeze"], seed=0)
-    hook = S.GradualUnfreeze(m, every=2)
+    hook = S.REGISTRY["gradual_unfreeze"].step_hook(m, arm(S.GradualUnfreezeArm, every=2, factor=2.6))
     seen = []
     for step in range(8):
         hook(step)
         seen.append(sum(p.requires_grad for p in m.parameters()))
     assert seen == sorted(seen) and seen[0] < seen[-1]
     assert all(p.requires_grad for p in m.parameters())          # depth 3 reached at step 6
-    lr_for = S.discriminative_lr(m, 1.0, 2.6)
+    lr_for = S.REGISTRY["gradual_unfreeze"].lr_for(m, 1.0, ARMS["gradual_unfreeze"])
     assert lr_for("score.weight") == 1.0
     assert lr_for("model.layers.1.mlp.up_proj.weight") == pytest.approx(1 / 2.6)
     assert lr_for("model.layers.0.mlp.up_proj.weight") == pytest.approx(1 / 2.6 ** 2)
@@ -113,6 +130,19 @@ def test_penalty_zero_at_anchor_and_grows(pre, with_fisher):
     assert values[2] / values[1] == pytest.approx(100, rel=1e-3)     # quadratic
 
 
+def test_ewc_penalty_leaves_out_what_the_objective_does_not_use(pre):
+    """BERT's classifier has a pooler that its masked LM lacks: no Fisher, so no EWC weight
+    (it used to be a KeyError)."""
+    path, _ = pre
+    bb = S.build_classifier(path, LABELS, "full", ARMS["full"], seed=0).base_model
+    names = [n for n, _ in bb.named_parameters()]
+    weights = {n: torch.ones_like(p) for n, p in bb.named_parameters() if n != names[0]}
+    pen = L.Penalty(bb, coef=2.0, weights=weights)
+    with torch.no_grad():
+        dict(bb.named_parameters())[names[0]].add_(1.0)        # moves only the unweighted one
+    assert float(pen(bb)) == 0.0
+
+
 def test_fisher_is_nonnegative_and_normalized(pre, tmp_path):
     path, tok = pre
     lm = L.pretrained_lm(path)
@@ -140,34 +170,63 @@ def test_replay_mixes_pretraining_loss_into_backbone_grads(pre):
     replay = torch.tensor([tok("the film was dull and boring so")["input_ids"][:6]] * 2)
     grads = {}
     for w in (0.0, 1.0):
-        tm = S.TaskModel(clf, lm=lm, replay_weight=w)
+        tm = S.TaskModel(clf, S.Regulariser(lm=lm, weight=w))
         clf.zero_grad()
         loss, logs = tm(ids, mask, labels, replay_ids=replay)
         assert logs["replay_lm_loss"] > 0 and logs["replay_blocks"] == 2
+        if w:
+            assert float(loss) == pytest.approx(float(logs["task_loss"] + logs["replay_lm_loss"]))
         loss.backward()
         grads[w] = clf.model.layers[0].mlp.up_proj.weight.grad.clone()
     assert not torch.equal(grads[0.0], grads[1.0])
 
 
-def test_mean_pooling_equals_head_on_mean_hidden(pre):
+# ---------------------------------------------------------------- pooling
+
+@pytest.mark.parametrize("model_type", ["llama", "bert", "gpt2"])
+def test_mean_pooling_is_refused_where_the_hf_head_cannot_do_it(model_type):
+    with pytest.raises(ConfigError) as e:
+        P.check_pooling("mean", model_type)
+    msg = str(e.value)
+    assert msg.startswith("finetune.pooling: 'mean' cannot be saved faithfully for model type "
+                          f"'{model_type}'") and "use 'last'" in msg
+    assert P.check_pooling("last", model_type) is P.POOLINGS["last"]
+
+
+def test_mean_pooling_is_set_in_the_config_of_heads_that_implement_it():
+    from transformers import ModernBertConfig
+    cfg = ModernBertConfig()
+    P.apply_pooling(cfg, "mean")
+    assert cfg.classifier_pooling == "mean"
+
+
+def test_build_refuses_mean_on_llama(pre):
+    path, _ = pre
+    with pytest.raises(ConfigError, match="finetune.pooling: 'mean'.*'llama'"):
+        S.build_classifier(path, LABELS, "full", ARMS["full"], seed=0, pooling="mean")
+
+
+def test_prompt_tuning_pooled_token_sees_the_virtual_tokens(pre):
+    """Issue 17 item 2 for `last` pooling: the logits are the head on the LAST position of
+    [soft prompt; text], whose causal attention covers the virtual tokens; without them (or
+    with the prompt changed) the logits change."""
     path, tok = pre
-    m = S.build_classifier(path, LABELS, "full", ARMS["full"], seed=0, pooling="mean").eval()
-    ids, mask = batch(tok)
+    m = S.build_classifier(path, LABELS, "prompt_tuning", ARMS["prompt_tuning"], seed=0).eval()
+    ids = torch.tensor([tok("the movie was good")["input_ids"]])
+    base = m.get_base_model()
     with torch.no_grad():
-        got = S.pooled_logits(m, ids, mask, "mean")
-        h = m.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        mf = mask[..., None].float()
-        want = m.score((h * mf).sum(1) / mf.sum(1))
-        last = S.pooled_logits(m, ids, mask, "last")
-    assert torch.allclose(got, want, atol=1e-5)
-    assert not torch.allclose(got, last)
-
-
-def test_prompt_tuning_mean_pooling_covers_virtual_tokens(pre):
-    path, tok = pre
-    m = S.build_classifier(path, LABELS, "prompt_tuning", ARMS["prompt_tuning"], seed=0, pooling="mean")
-    ids, mask = batch(tok)
-    assert S.pooled_logits(m, ids, mask, "mean").shape == (2, 2)
+        got = P.pooled_logits(m, ids, torch.ones_like(ids))
+        prompt = m.get_prompt(batch_size=1)
+        text = base.get_input_embeddings()(ids)
+        h = base.model(inputs_embeds=torch.cat([prompt, text], 1)).last_hidden_state
+        want = base.score(h[:, -1])
+        no_prompt = base.score(base.model(inputs_embeds=text).last_hidden_state[:, -1])
+        m.prompt_encoder["default"].embedding.weight.add_(1.0)
+        moved = P.pooled_logits(m, ids, torch.ones_like(ids))
+    assert prompt.shape[1] == 3
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, no_prompt, atol=1e-4)
+    assert not torch.allclose(got, moved, atol=1e-4)
 
 
 def test_bad_lora_target_and_layers(pre):
@@ -177,7 +236,5 @@ def test_bad_lora_target_and_layers(pre):
         S.build_classifier(path, LABELS, "lora", bad, seed=0)
     with pytest.raises(ConfigError, match="layers"):
         S.build_classifier(path, LABELS, "freeze_bottom", arm(S.FreezeBottomArm, layers=5), seed=0)
-    with pytest.raises(ConfigError, match="unknown strategy"):
-        S.check_strategy("dropout")
     with pytest.raises(Exception, match="lr"):
         S.Arm(lrs=[0.0], weight_decay=0.0)

@@ -153,6 +153,10 @@ class Penalty(torch.nn.Module):
     def forward(self, backbone) -> torch.Tensor:
         total = None
         for n, p in backbone.named_parameters():
+            if self._weights is not None and n not in self._weights:
+                # no Fisher: the pretraining objective does not use it (BERT's pooler, which a
+                # masked LM lacks), so its weight is zero
+                continue
             d = (p - self._anchor[n]) ** 2
             if self._weights is not None:
                 d = d * self._weights[n]

@@ -1,58 +1,48 @@
-"""Fine-tuning strategies: which weights train, at which LR, with which extra loss (no CLI).
+"""The strategy registry: every fine-tuning strategy is one `Strategy` entry (no CLI).
 
-In:  the pretrained HF directory (its config gives the architecture), a strategy name and its
-     typed hyperparameters (the `finetune.arms.<strategy>` params).
-Out: a `TaskModel` (the classifier, plus for replay/ewc/l2sp the pieces its extra loss needs)
-     whose `forward(batch)` returns `(loss, logs)`, AdamW param groups, an optional per-step
-     hook (gradual unfreezing), and the loaders used by the forgetting stage:
-     `load_classifier(dir)` and `load_backbone_as_lm(finetuned_dir, pretrained_dir)`.
+In:  a strategy name (from params `finetune.strategies`, `finetune.curves.strategies`,
+     `finetune.sequential.strategy`, or `--strategy`), its typed arm (`finetune.arms.<name>`),
+     the pretrained HF directory and the task's label names.
+Out: `REGISTRY` / `STRATEGIES` (the names), `check_strategy` (the one place a name is validated,
+     with the known names in the error), `StrategyName` (the same check as a pydantic type),
+     `Arms` (the `finetune.arms` params model, derived from the registry), `build_classifier`
+     (the model of one arm, ready to train) and `TaskModel` (task loss + the entry's regulariser).
 
-Strategies (hand-written only where no library does it: freezing, gradual unfreezing, replay
-mixing, EWC and L2-SP penalties; LoRA and prompt tuning are `peft`):
-  full             all weights, usual LR
-  lower_lr         all weights, much lower LR (its own LR grid)
-  linear_probe     backbone frozen, head only
-  freeze_bottom    embeddings + lowest `layers` transformer layers frozen
-  gradual_unfreeze ULMFiT: head first, one more layer group from the top every `every` steps,
-                   discriminative LRs lr / factor**depth (depth 0 = head and final norm)
-  lora             peft LoRA (task_type SEQ_CLS: the head trains in full), `target_modules`
-  prompt_tuning    peft prompt tuning, `virtual_tokens` soft tokens (+ the head)
-  replay           task loss + weight x pretraining-objective loss on pretraining blocks, every
-                   step, through the backbone and a frozen copy of the pretrained LM head
-  ewc              task loss + lam/2 sum F_i (theta_i - theta*_i)^2 over the backbone, F the
-                   diagonal empirical Fisher of the pretraining objective on `fisher_blocks`
-  l2sp             task loss + alpha/2 ||theta_backbone - theta*||^2
-  scratch          same architecture, random init
+One entry says, for its strategy:
+  arm          typed hyperparameters (`Arm` subclass: strict, `lrs` grid + its own knobs)
+  init         "pretrained" backbone or "random" (same architecture, scratch)
+  trainable    which parameters train (a rule of `ptf.models.trainable`), if not peft
+  peft         the peft config that wraps the model (LoRA, prompt tuning)
+  merge        how a trained peft model folds into plain HF weights (LoRA), for the `merged/`
+               directory, the sequential run and the forgetting measures
+  regulariser  what joins the task loss (replay, EWC, L2-SP): see `Regulariser`
+  lr_for, step_hook   per-parameter LRs and a per-step hook (gradual unfreezing)
+  sequential   usable as one task of the sequential run
+  blocks       reads the pretraining shards (replay, EWC: checked before training)
+How the model is saved and loaded follows from `peft` and `merge` (`Strategy.artifact`,
+implemented in `ptf.models.artifacts`). Adding a strategy = one `register(Strategy(...))` here
+plus its `finetune.arms.<name>` params (docs/DEVELOPING.md).
 
-Pooling: `last` is the HF head (Llama: the last non-pad token; BERT: the [CLS] pooler);
-`mean` is the masked mean over tokens of the per-token head output (exactly the head applied to
-the mean hidden state, the head being linear), for heads that run per token (Llama's `score`).
-A model saved with `mean` carries `classifier_pooling: mean` in its config; classify with
-`classify()` / `pooled_logits()` which read it (a bare `AutoModel...(**x).logits` is last-token).
+Hand-written only where no library does it (freezing, gradual unfreezing, replay mixing, the
+EWC / L2-SP penalties); LoRA and prompt tuning are `peft`.
 """
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, create_model, field_validator
 
-from ptf.common.cli import StageError
 from ptf.common.config import ConfigError, StrictModel
-from ptf.models.lm import Penalty, lm_loss, pretrained_lm
-
-STRATEGIES = ("full", "lower_lr", "linear_probe", "freeze_bottom", "gradual_unfreeze", "lora",
-              "prompt_tuning", "replay", "ewc", "l2sp", "scratch")
-PEFT_STRATEGIES = ("lora", "prompt_tuning")
-HEAD_NAMES = ("score", "classifier")
-Pooling = Literal["last", "mean"]
+from ptf.models import trainable as T
+from ptf.models.lm import Penalty, block_batches, lm_loss, pretrained_lm
+from ptf.models.pooling import apply_pooling, pooled_logits
 
 
-# --------------------------------------------------------------------------- hyperparameters
+# --------------------------------------------------------------------------- typed arms
 
 class Arm(StrictModel):
     lrs: list[float] = Field(min_length=1)      # grid; the best on validation is kept
@@ -104,118 +94,41 @@ class L2spArm(Arm):
     alpha: float = Field(ge=0.0)
 
 
-class Arms(StrictModel):
-    full: Arm
-    lower_lr: Arm
-    linear_probe: Arm
-    freeze_bottom: FreezeBottomArm
-    gradual_unfreeze: GradualUnfreezeArm
-    lora: LoraArm
-    prompt_tuning: PromptTuningArm
-    replay: ReplayArm
-    ewc: EwcArm
-    l2sp: L2spArm
-    scratch: Arm
+# --------------------------------------------------------------------------- regularisers
+
+@dataclass
+class Regulariser:
+    """What a strategy adds to the task loss. Replay: `weight` x the pretraining objective of
+    `lm` (the pretrained LM head on the classifier's own backbone) on `batches` of pretraining
+    blocks, every step. EWC / L2-SP: `penalty(backbone)`."""
+    lm: Any = None
+    weight: float = 0.0
+    batches: Iterator[torch.Tensor] | None = None
+    penalty: Penalty | None = None
 
 
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; expected one of: {', '.join(STRATEGIES)}")
-    return name
+# A regulariser factory gets the stage's context (`.pretrained`, `.blocks(block_len)`,
+# `.fisher(arm)`: ptf.training.finetuning.Context), the backbone being trained, the backbone
+# whose current weights are the anchor (the same one in `finetune`; the pretrained one in
+# `sequential`, where the shared backbone has moved), the arm and the seed.
+RegulariserFactory = Callable[[Any, Any, Any, Any, int], Regulariser]
 
 
-# --------------------------------------------------------------------------- parameter naming
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+def replay(ctx, backbone, anchor, arm: ReplayArm, seed: int) -> Regulariser:
+    return Regulariser(lm=pretrained_lm(ctx.pretrained, backbone=backbone), weight=arm.weight,
+                       batches=block_batches(ctx.blocks(arm.block_len), arm.block_len,
+                                             arm.batch_size, seed))
 
 
-def is_embedding(name: str) -> bool:
-    return "embed" in name or ".wte." in name or ".wpe." in name
+def l2sp(ctx, backbone, anchor, arm: L2spArm, seed: int) -> Regulariser:
+    return Regulariser(penalty=Penalty(anchor, arm.alpha))
 
 
-def backbone_prefix(model) -> str:
-    return model.base_model_prefix + "."
+def ewc(ctx, backbone, anchor, arm: EwcArm, seed: int) -> Regulariser:
+    return Regulariser(penalty=Penalty(anchor, arm.lam, ctx.fisher(arm)))
 
 
-def is_head(model, name: str) -> bool:
-    """A parameter outside the backbone (Llama `score`, BERT `classifier`)."""
-    return not name.startswith(backbone_prefix(model))
-
-
-def depth(model, name: str) -> int:
-    """Layer-group depth from the top: 0 head (and final norm / pooler), 1 top layer, ...,
-    n_layers bottom layer, n_layers + 1 embeddings."""
-    n = model.config.num_hidden_layers
-    if is_head(model, name):
-        return 0
-    i = layer_index(name)
-    if i is not None:
-        return n - i
-    if is_embedding(name):
-        return n + 1
-    return 0
-
-
-def set_trainable(model, strategy: str, arm: Arm) -> None:
-    """requires_grad per strategy for the non-peft strategies (peft sets its own)."""
-    n = model.config.num_hidden_layers
-    for name, p in model.named_parameters():
-        if strategy == "linear_probe":
-            p.requires_grad_(is_head(model, name))
-        elif strategy == "freeze_bottom":
-            if arm.layers > n:
-                raise ConfigError(f"finetune.arms.freeze_bottom.layers: {arm.layers} > the model's "
-                                  f"{n} layers")
-            i = layer_index(name)
-            frozen = not is_head(model, name) and (
-                is_embedding(name) or (i is not None and i < arm.layers))
-            p.requires_grad_(not frozen)
-        elif strategy == "gradual_unfreeze":
-            p.requires_grad_(depth(model, name) == 0)
-        else:
-            p.requires_grad_(True)
-
-
-class GradualUnfreeze:
-    """Step hook: at step s the groups of depth <= s // every are trainable (a function of the
-    step alone, so a resumed run reconstructs it)."""
-
-    def __init__(self, model, every: int):
-        self.model, self.every = model, every
-
-    def __call__(self, step: int, _model=None) -> None:
-        top = step // self.every
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(depth(self.model, name) <= top)
-
-
-def discriminative_lr(model, lr: float, factor: float):
-    return lambda name: lr / factor ** depth(model, name)
-
-
-def count_trainable(model) -> dict[str, float]:
-    seen, total, train = set(), 0, 0
-    for _, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        train += p.numel() if p.requires_grad else 0
-    return {"trainable_params": train, "total_params": total,
-            "trainable_fraction": train / total if total else 0.0}
-
-
-# --------------------------------------------------------------------------- building
-
-def labels_kwargs(label_names: list[str]) -> dict[str, Any]:
-    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-            "label2id": {n: i for i, n in enumerate(label_names)}}
-
+# --------------------------------------------------------------------------- peft wrappers
 
 def check_lora_targets(model, targets: list[str]) -> None:
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -228,34 +141,153 @@ def check_lora_targets(model, targets: list[str]) -> None:
                           f"({model.config.model_type}); its linear modules are: {linear}")
 
 
-def build_classifier(pretrained_dir: Path, label_names: list[str], strategy: str, arm: Arm,
-                     seed: int, pooling: Pooling = "last"):
-    """The classifier for one arm: pretrained backbone + new head (or random init for scratch),
-    trainability set, wrapped in peft for lora/prompt_tuning."""
+def lora(model, arm: LoraArm):
+    """peft LoRA, task_type SEQ_CLS (peft then trains the head in full too)."""
+    from peft import LoraConfig, TaskType
+    check_lora_targets(model, arm.target_modules)
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=arm.r, lora_alpha=arm.alpha,
+                      lora_dropout=arm.dropout, target_modules=list(arm.target_modules))
+
+
+def prompt_tuning(model, arm: PromptTuningArm):
+    """peft prompt tuning: `virtual_tokens` soft tokens before the text (+ the head)."""
+    from peft import PromptTuningConfig, TaskType
+    return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=arm.virtual_tokens)
+
+
+# --------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    arm: type[Arm]
+    doc: str
+    init: Literal["pretrained", "random"] = "pretrained"
+    trainable: Callable[[Any, Any], None] = T.train_all
+    peft: Callable[[Any, Any], Any] | None = None
+    merge: Callable[[Any], Any] | None = None
+    regulariser: RegulariserFactory | None = None
+    lr_for: Callable[[Any, float, Any], Callable[[str], float]] | None = None
+    step_hook: Callable[[Any, Any], Callable[[int], None]] | None = None
+    sequential: bool = True
+    blocks: bool = False
+
+    @property
+    def artifact(self) -> Literal["model", "adapter", "adapter+merged"]:
+        """How its trained model is saved (ptf.models.artifacts)."""
+        if self.peft is None:
+            return "model"
+        return "adapter+merged" if self.merge is not None else "adapter"
+
+    def prepare(self, model, arm):
+        """Set what trains on a fresh classifier: wrap it in peft, or set `requires_grad`."""
+        if self.peft is not None:
+            from peft import get_peft_model
+            return get_peft_model(model, self.peft(model, arm))
+        self.trainable(model, arm)
+        return model
+
+
+REGISTRY: dict[str, Strategy] = {}
+
+
+def register(entry: Strategy) -> Strategy:
+    if entry.name in REGISTRY:
+        raise ValueError(f"strategy {entry.name!r} registered twice")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+register(Strategy("full", Arm, "all weights, usual LR"))
+register(Strategy("lower_lr", Arm, "all weights, much lower LR (its own LR grid)"))
+register(Strategy("linear_probe", Arm, "backbone frozen, head only", trainable=T.head_only))
+register(Strategy("freeze_bottom", FreezeBottomArm,
+                  "embeddings + lowest `layers` transformer layers frozen",
+                  trainable=T.freeze_bottom))
+register(Strategy("gradual_unfreeze", GradualUnfreezeArm,
+                  "ULMFiT: head first, one more layer group from the top every `every` steps, "
+                  "discriminative LRs lr / factor**depth", trainable=T.head_and_top_norm,
+                  lr_for=lambda m, lr, arm: T.discriminative_lr(m, lr, arm.factor),
+                  step_hook=lambda m, arm: T.GradualUnfreeze(m, arm.every)))
+register(Strategy("lora", LoraArm, "peft LoRA on `target_modules` (the head trains in full)",
+                  peft=lora, merge=lambda m: m.merge_and_unload()))
+register(Strategy("prompt_tuning", PromptTuningArm,
+                  "peft prompt tuning: `virtual_tokens` soft tokens (+ the head)",
+                  peft=prompt_tuning, sequential=False))   # a per-task prompt: no shared backbone
+register(Strategy("replay", ReplayArm,
+                  "task loss + weight x pretraining-objective loss on pretraining blocks, every "
+                  "step, through the backbone and a frozen copy of the pretrained LM head",
+                  regulariser=replay, blocks=True))
+register(Strategy("ewc", EwcArm,
+                  "task loss + lam/2 sum F_i (theta_i - theta*_i)^2 over the backbone, F the "
+                  "diagonal empirical Fisher of the pretraining objective on `fisher_blocks`",
+                  regulariser=ewc, blocks=True))
+register(Strategy("l2sp", L2spArm, "task loss + alpha/2 ||theta_backbone - theta*||^2",
+                  regulariser=l2sp))
+register(Strategy("scratch", Arm, "same architecture, random init", init="random",
+                  sequential=False))                       # it would re-initialise the backbone
+
+STRATEGIES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def unknown_strategy(name: str, where: str = "strategy") -> str:
+    return f"{where}: unknown strategy {name!r}; known strategies: {', '.join(REGISTRY)}"
+
+
+def check_strategy(name: str, where: str = "strategy") -> Strategy:
+    """The registry entry of `name`, or a `ConfigError` naming `where` and the known names."""
+    if name not in REGISTRY:
+        raise ConfigError(unknown_strategy(name, where))
+    return REGISTRY[name]
+
+
+def _known(name: str) -> str:
+    if name not in REGISTRY:   # pydantic prefixes the params key
+        raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(REGISTRY)}")
+    return name
+
+
+StrategyName = Annotated[str, AfterValidator(_known)]
+
+def arms_model(registry: dict[str, Strategy]) -> type[StrictModel]:
+    """The `finetune.arms` params model: one required, typed field per registry entry."""
+    return create_model("Arms", __base__=StrictModel,
+                        **{name: (e.arm, ...) for name, e in registry.items()})
+
+
+Arms = arms_model(REGISTRY)
+
+
+# --------------------------------------------------------------------------- building
+
+def labels_kwargs(label_names: list[str]) -> dict[str, Any]:
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+            "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def new_classifier(pretrained_dir: Path, label_names: list[str], random_init: bool = False,
+                   pooling: str = "last"):
+    """`AutoModelForSequenceClassification` on the pretrained backbone with a new head (or the
+    same architecture at random init), labels named, pooling set in its config."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    check_strategy(strategy)
-    torch.manual_seed(seed)
-    if strategy == "scratch":
+    if random_init:
         config = AutoConfig.from_pretrained(pretrained_dir, **labels_kwargs(label_names))
         model = AutoModelForSequenceClassification.from_config(config)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
             pretrained_dir, **labels_kwargs(label_names))
-    model.config.classifier_pooling = pooling
-    if strategy == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-        check_lora_targets(model, arm.target_modules)
-        model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=arm.r, lora_alpha=arm.alpha, lora_dropout=arm.dropout,
-            target_modules=list(arm.target_modules)))
-    elif strategy == "prompt_tuning":
-        from peft import PromptTuningConfig, TaskType, get_peft_model
-        model = get_peft_model(model, PromptTuningConfig(
-            task_type=TaskType.SEQ_CLS, num_virtual_tokens=arm.virtual_tokens))
-    else:
-        set_trainable(model, strategy, arm)
+    apply_pooling(model.config, pooling)
     return model
+
+
+def build_classifier(pretrained_dir: Path, label_names: list[str], strategy: str, arm: Arm,
+                     seed: int, pooling: str = "last"):
+    """The classifier for one arm, seeded (head init, LoRA init, soft prompt), ready to train."""
+    entry = check_strategy(strategy)
+    torch.manual_seed(seed)
+    model = new_classifier(pretrained_dir, label_names, entry.init == "random", pooling)
+    return entry.prepare(model, arm)
 
 
 def unwrap_hf(model):
@@ -264,72 +296,24 @@ def unwrap_hf(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _head_module(model):
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
-            return m
-    raise StageError(f"{type(model).__name__}: no classification head named {HEAD_NAMES}")
-
-
-def pooled_logits(model, input_ids, attention_mask, pooling: Pooling | None = None):
-    """Class logits (batch, n_labels) with `last` (the HF head) or `mean` pooling."""
-    if pooling is None:
-        pooling = getattr(unwrap_hf(model).config, "classifier_pooling", "last")
-    if pooling == "last":
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-    captured: dict[str, torch.Tensor] = {}
-    hook = _head_module(model).register_forward_hook(lambda m, i, o: captured.__setitem__("o", o))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        hook.remove()
-    tok = captured["o"]
-    if tok.ndim != 3:
-        raise ConfigError("finetune.pooling: mean needs a head applied per token (Llama `score`); "
-                          f"{unwrap_hf(model).config.model_type} pools before its head: use last")
-    mask = attention_mask.to(tok.dtype)
-    if tok.shape[1] > mask.shape[1]:      # prompt tuning prepends virtual tokens
-        extra = torch.ones(mask.shape[0], tok.shape[1] - mask.shape[1], dtype=mask.dtype,
-                           device=mask.device)
-        mask = torch.cat([extra, mask], dim=1)
-    return (tok * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-
-
-# --------------------------------------------------------------------------- pretraining objective
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------- the model the loop trains
 
 class TaskModel(torch.nn.Module):
-    """What the training loop sees: `forward(batch) -> (loss, logs)`. Holds the classifier and,
-    for replay, the pretrained LM sharing its backbone, so that every loss goes through one
-    module (one DDP wrapper)."""
+    """What the training loop sees: `forward(batch) -> (loss, logs)`. Holds the classifier and
+    the regulariser's modules (for replay the pretrained LM sharing its backbone), so that every
+    loss goes through one module (one DDP wrapper)."""
 
-    def __init__(self, clf, pooling: Pooling = "last", lm=None, replay_weight: float = 0.0,
-                 penalty: Penalty | None = None):
+    def __init__(self, clf, regulariser: Regulariser | None = None):
         super().__init__()
-        self.clf, self.lm = clf, lm
-        self.pooling, self.replay_weight = pooling, replay_weight
-        self.penalty = penalty
+        reg = regulariser or Regulariser()
+        self.clf, self.lm = clf, reg.lm
+        self.replay_weight, self.penalty = reg.weight, reg.penalty
 
     def backbone(self):
         return unwrap_hf(self.clf).base_model
 
     def forward(self, input_ids, attention_mask, labels, replay_ids=None):
-        logits = pooled_logits(self.clf, input_ids, attention_mask, self.pooling)
+        logits = pooled_logits(self.clf, input_ids, attention_mask)
         task = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss, logs = task, {"task_loss": task.detach()}
         if self.lm is not None and replay_ids is not None:
@@ -342,14 +326,3 @@ class TaskModel(torch.nn.Module):
             loss = loss + pen
             logs["penalty"] = pen.detach()
         return loss, logs
-
-
-# --------------------------------------------------------------------------- loading saved models
-
-
-
-
-
-
-
-

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ptf.common.config import PARAMS_FILE, ConfigError, StrictModel, parse_section, read_params
 from ptf.data.tasks import DataCfg
-from ptf.models.strategies import STRATEGIES, Arms
+from ptf.models.pooling import PoolingName
+from ptf.models.strategies import REGISTRY, Arms, StrategyName
 
 SECTION = "finetune"
 
@@ -39,25 +40,13 @@ class SectionSubset(StrictModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
-def _strategies(v: list[str]) -> list[str]:
-    for s in v:
-        if s not in STRATEGIES:
-            raise ValueError(f"unknown strategy {s!r}; expected one of {list(STRATEGIES)}")
-    return v
-
-
 class CurvesCfg(StrictModel):
     task: str
-    strategies: list[str] = Field(min_length=1)
+    strategies: list[StrategyName] = Field(min_length=1)
     fractions: list[float] = Field(min_length=1)   # of the (capped) training split, in (0, 1]
     seeds: list[int] = Field(min_length=1)
     max_steps: int = Field(gt=0)
     lr_search: bool                     # true: search each arm's grid per fraction; false: its first LR
-
-    @field_validator("strategies")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        return _strategies(v)
 
     @field_validator("fractions")
     @classmethod
@@ -70,13 +59,26 @@ class CurvesCfg(StrictModel):
 
 class SequentialCfg(StrictModel):
     order: list[str] = Field(min_length=1)
-    strategy: dict[str, str]            # task -> strategy used when training it
+    strategy: dict[str, StrategyName]   # task -> strategy used when training it
     seed: int
     max_steps: int = Field(gt=0)
 
+    @model_validator(mode="after")
+    def _plan(self) -> "SequentialCfg":
+        if len(set(self.order)) != len(self.order):
+            raise ValueError(f"order: a task is repeated: {self.order}")
+        for t in self.order:
+            if t not in self.strategy:
+                raise ValueError(f"strategy: no strategy for task {t!r}")
+            if not REGISTRY[self.strategy[t]].sequential:
+                usable = [n for n, e in REGISTRY.items() if e.sequential]
+                raise ValueError(f"strategy.{t}: {self.strategy[t]!r} is not a sequential "
+                                 f"strategy (those are: {', '.join(usable)})")
+        return self
+
 
 class FinetuneCommon(SectionSubset):
-    pooling: Literal["last", "mean"]
+    pooling: PoolingName                # checked against the architecture by the stages
     data: DataCfg
     train: TrainCfg
     arms: Arms
@@ -86,13 +88,8 @@ class FinetuneCommon(SectionSubset):
 class FinetuneKeys(FinetuneCommon):
     """What the finetune stage reads: its matrix and seeds."""
     tasks: list[str] = Field(min_length=1)
-    strategies: list[str] = Field(min_length=1)
+    strategies: list[StrategyName] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
-
-    @field_validator("strategies")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        return _strategies(v)
 
 
 class CurvesKeys(FinetuneCommon):

@@ -1,32 +1,32 @@
 """Fine-tuning runs shared by the finetune, curves and sequential stages (no CLI).
 
-In:  the pretrained HF directory, a task's `TaskData`, a strategy name and its arm params, the
-     shared `finetune` params (`FinetuneCommon`: pooling, data, train, arms, experiment).
+In:  the pretrained HF directory, a task's `TaskData`, a strategy name (its registry entry,
+     ptf.models.strategies) and its arm params, the shared `finetune` params (`FinetuneCommon`:
+     pooling, data, train, arms, experiment).
 Out: `Context` (pretrained dir, tokenizer, padding side, pretraining blocks and Fisher, built
-     once per stage), `fit` (one training run with the shared loop, best-validation weights
-     restored, validation/test metrics), `evaluate` / `predict`, `save_model`, `preflight`
-     (everything that can fail on bad input, before training) and `run_arm` (LR search on
-     the first seed, then every other seed at the chosen LR).
+     once per stage; the pooling checked against the architecture), `fit` (one training run
+     with the shared loop, best-validation weights restored, validation/test metrics and
+     predictions), `evaluate`, `save_model`, `preflight` (everything that can fail on bad
+     input, before training) and `run_arm` (LR search on the first seed, then every other seed
+     at the chosen LR).
 """
 from __future__ import annotations
 
-import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.data.tasks import Split, TaskData, collate
 from ptf.measures.stats import mean_std
-from ptf.models.lm import Penalty, block_batches, estimate_fisher, load_pretraining_blocks, pretrained_lm
-from ptf.models.artifacts import META_FILE, PRETRAINED_REMEDY, check_weights
-from ptf.models.strategies import (PEFT_STRATEGIES, Arm, Arms,
-                                   GradualUnfreeze, TaskModel, build_classifier,
-                                   count_trainable, discriminative_lr, pooled_logits, unwrap_hf)
+from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights, predict_ids, save_classifier
+from ptf.models.lm import estimate_fisher, load_pretraining_blocks, pretrained_lm
+from ptf.models.pooling import check_pooling, pooled_logits
+from ptf.models.strategies import Arm, TaskModel, build_classifier, check_strategy, unwrap_hf
+from ptf.models.trainable import count_trainable
 from ptf.training.finetune_config import FinetuneCommon
 from ptf.training.trainer import LoopConfig, Trainer, adamw, make_accelerator, param_groups, warmup_cosine
 
@@ -56,6 +56,8 @@ class Context:
 
     @classmethod
     def create(cls, root: Path, cfg: FinetuneCommon) -> "Context":
+        """Checks the pretrained model (weights whole, a pad token, `finetune.pooling` native to
+        its architecture's HF head) before any work."""
         from transformers import AutoConfig, AutoTokenizer
 
         pre = root / paths.PRETRAINED
@@ -65,7 +67,9 @@ class Context:
         tok = AutoTokenizer.from_pretrained(pre)
         if tok.pad_token_id is None:
             raise StageError(f"{pre}: the tokenizer has no pad token")
-        arch = (AutoConfig.from_pretrained(pre).architectures or [""])[0]
+        config = AutoConfig.from_pretrained(pre)
+        check_pooling(cfg.pooling, config.model_type)
+        arch = (config.architectures or [""])[0]
         pad_left = arch.endswith("CausalLM")   # last-token / prompt pooling wants left padding
         tok.padding_side = "left" if pad_left else "right"
         return cls(root, cfg, pre, tok, pad_left)
@@ -92,51 +96,36 @@ class Context:
         return self._fisher["f"]
 
 
-@torch.no_grad()
-def predict(clf, loader, pooling: str, device) -> tuple[list[int], list[int]]:
-    clf.eval()
-    pred, gold = [], []
-    for b in loader:
-        logits = pooled_logits(clf, b["input_ids"].to(device), b["attention_mask"].to(device), pooling)
-        pred += logits.argmax(-1).tolist()
-        gold += b["labels"].tolist()
-    return pred, gold
-
-
-def evaluate(clf, ctx: Context, split: Split, n_classes: int, device) -> dict[str, float]:
-    loader = ctx.loader(split, ctx.cfg.train.eval_batch_size, shuffle=False)
-    pred, gold = predict(clf, loader, ctx.cfg.pooling, device)
-    acc, f1 = accuracy_f1(pred, gold, n_classes)
-    return {"accuracy": acc, "macro_f1": f1}
+def evaluate(clf, ctx: Context, split: Split, n_classes: int, device) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the predicted class ids (in split order) of `clf` on `split`,
+    through the one prediction path every client shares (`ptf.models.artifacts.predict_ids`)."""
+    pred = predict_ids(clf, split.ids, ctx.cfg.train.eval_batch_size, device)
+    acc, f1 = accuracy_f1(pred, split.labels, n_classes)
+    return {"accuracy": acc, "macro_f1": f1, "predictions": pred}
 
 
 def fit(ctx: Context, clf, strategy: str, arm: Arm, lr: float, seed: int, data: TaskData,
-        train: Split, max_steps: int, desc: str, log_fn=None, penalty: Penalty | None = None,
-        extras: dict | None = None) -> dict[str, Any]:
-    """Train `clf` in place with the shared loop; restore its best-validation weights; return
-    validation/test metrics at that point. `penalty` overrides the l2sp/ewc anchor (sequential)."""
+        train: Split, max_steps: int, desc: str, log_fn=None, anchor=None) -> dict[str, Any]:
+    """Train `clf` in place with the shared loop, as its registry entry says (regulariser, LR
+    per parameter, step hook); restore its best-validation weights; return validation/test
+    metrics and predictions at that point, and the pretraining blocks replayed. `anchor`: the
+    backbone whose weights a penalty pulls towards (default: `clf`'s own, as it starts)."""
+    entry = check_strategy(strategy)
     tc = ctx.cfg.train
     acc = make_accelerator(mixed_precision=tc.mixed_precision, grad_accum=tc.grad_accum, seed=seed)
     device = acc.device
-    lm, replay_weight, replay_iter = None, 0.0, None
     hf = unwrap_hf(clf)
-    if strategy == "replay":
-        lm = pretrained_lm(ctx.pretrained, backbone=hf.base_model)
-        replay_weight = arm.weight
-        replay_iter = block_batches(ctx.blocks(arm.block_len), arm.block_len, arm.batch_size, seed)
-    if penalty is None and strategy in ("l2sp", "ewc"):
-        weights = ctx.fisher(arm) if strategy == "ewc" else None
-        coef = arm.lam if strategy == "ewc" else arm.alpha
-        penalty = Penalty(hf.base_model, coef, weights)
-    if penalty is not None:
-        penalty.to_device(device)
-    model = TaskModel(clf, ctx.cfg.pooling, lm=lm, replay_weight=replay_weight, penalty=penalty)
+    reg = None
+    if entry.regulariser is not None:
+        reg = entry.regulariser(ctx, hf.base_model, hf.base_model if anchor is None else anchor,
+                                arm, seed)
+        if reg.penalty is not None:
+            reg.penalty.to_device(device)
+    model = TaskModel(clf, reg)
 
-    hook = None
-    if strategy == "gradual_unfreeze":
-        groups = param_groups(hf, lr, arm.weight_decay,
-                              lr_for=discriminative_lr(hf, lr, arm.factor))
-        hook = GradualUnfreeze(hf, arm.every)
+    hook = entry.step_hook(hf, arm) if entry.step_hook is not None else None
+    if entry.lr_for is not None:   # per-parameter LRs cover frozen parameters too (hf's names)
+        groups = param_groups(hf, lr, arm.weight_decay, lr_for=entry.lr_for(hf, lr, arm))
     else:
         groups = param_groups(clf, lr, arm.weight_decay)
     optimizer = adamw(groups, lr=lr)
@@ -144,14 +133,13 @@ def fit(ctx: Context, clf, strategy: str, arm: Arm, lr: float, seed: int, data: 
                               acc.num_processes)
     loader = ctx.loader(train, tc.batch_size, shuffle=True, seed=seed)
     model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
-    stats = extras if extras is not None else {}
-    stats.setdefault("replay_blocks", 0)
+    replayed = {"blocks": 0}
 
     def loss_fn(m, batch):
         kw = dict(batch)
-        if replay_iter is not None:
-            kw["replay_ids"] = next(replay_iter).to(device)
-            stats["replay_blocks"] += int(kw["replay_ids"].shape[0])
+        if reg is not None and reg.batches is not None:
+            kw["replay_ids"] = next(reg.batches).to(device)
+            replayed["blocks"] += int(kw["replay_ids"].shape[0])
         return m(**kw)
 
     best: dict[str, Any] = {}
@@ -187,50 +175,61 @@ def fit(ctx: Context, clf, strategy: str, arm: Arm, lr: float, seed: int, data: 
             "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
             "best_step": best.get("step"), "steps": result.steps,
             "stopped_early": result.stopped_early, "train_time_s": train_time,
-            "lr": lr, "seed": seed, **trainable}
+            "lr": lr, "seed": seed, "replay_blocks": replayed["blocks"], **trainable,
+            "val_predictions": val["predictions"], "test_predictions": test["predictions"]}
 
 
-def save_model(ctx: Context, clf, strategy: str, data: TaskData, dest: Path, extra_meta=None) -> None:
-    """HF directory (or peft adapter + merged LoRA) with tokenizer and `finetune_meta.json`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    peft = strategy in PEFT_STRATEGIES
+def save_model(ctx: Context, clf, strategy: str, data: TaskData, dest: Path, result: dict[str, Any],
+               publish: Path | None = None) -> None:
+    """One seed's model in its strategy's layout (ptf.models.artifacts.save_classifier), its
+    card reporting `result` (a `fit` result) and the training parameters."""
+    arm = getattr(ctx.cfg.arms, strategy)
+    tc, dc = ctx.cfg.train, ctx.cfg.data
     meta = {"strategy": strategy, "task": data.name, "label_names": data.label_names,
-            "pooling": ctx.cfg.pooling, "peft": peft, "pretrained_dir": str(ctx.pretrained),
-            "max_length": ctx.cfg.data.max_length, **(extra_meta or {})}
-    unwrap_hf(clf).config.classifier_pooling = ctx.cfg.pooling
-    clf.save_pretrained(str(dest))
-    ctx.tokenizer.save_pretrained(str(dest))
-    (dest / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if strategy == "lora":
-        merged = copy.deepcopy(clf).merge_and_unload()
-        merged.save_pretrained(str(dest / "merged"))
-        ctx.tokenizer.save_pretrained(str(dest / "merged"))
-        (dest / "merged" / META_FILE).write_text(json.dumps(
-            {**meta, "peft": False, "merged_from": "lora"}, indent=2, sort_keys=True) + "\n")
+            "pooling": ctx.cfg.pooling, "pretrained_dir": str(ctx.pretrained),
+            "max_length": dc.max_length, "padding_side": ctx.tokenizer.padding_side,
+            "seed": result["seed"], "lr": result["lr"]}
+    results = {k: result[k] for k in ("val_accuracy", "val_macro_f1", "test_accuracy",
+                                      "test_macro_f1")}
+    results.update(n_validation=len(data.validation), n_test=len(data.test))
+    train = {"lr (chosen on validation)": result["lr"], "seed": result["seed"],
+             "optimizer steps": result["steps"], "best validation step": result["best_step"],
+             "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+             "warmup_steps": tc.warmup_steps, "max_length": dc.max_length,
+             "training examples": result.get("n_train", len(data.train)),
+             "pooling": ctx.cfg.pooling, "trainable_params": result["trainable_params"],
+             f"finetune.arms.{strategy}": arm.model_dump()}
+    save_classifier(clf, ctx.tokenizer, dest, meta, results, train, publish)
 
 
 def preflight(ctx: Context, strategy: str, data: TaskData) -> None:
-    """Everything that can fail on bad input, before any training."""
+    """Everything that can fail on bad input, before any training: the strategy name, its arm
+    on this model (LoRA targets, frozen layers), a forward pass, the pretraining shards."""
+    entry = check_strategy(strategy)
     arm = getattr(ctx.cfg.arms, strategy)
     clf = build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=0,
                            pooling=ctx.cfg.pooling)
     b = collate([(data.train.ids[0], data.train.labels[0])], ctx.tokenizer.pad_token_id, ctx.pad_left)
     with torch.no_grad():
-        pooled_logits(clf, b["input_ids"], b["attention_mask"], ctx.cfg.pooling)
-    if strategy in ("replay", "ewc"):
+        pooled_logits(clf, b["input_ids"], b["attention_mask"])
+    if entry.blocks:
         ctx.blocks(arm.block_len)
 
 
 def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_steps: int,
             train_for_seed=None, save_dir: Path | None = None, mlflow_tags=None,
-            desc_prefix: str = "", stage: str = "finetune", lr_search: bool = True) -> dict[str, Any]:
+            desc_prefix: str = "", stage: str = "finetune", lr_search: bool = True,
+            publish_dir: Path | None = None) -> dict[str, Any]:
     """LR search on the first seed, then every other seed at the chosen LR. Returns per-seed
-    results and mean/std; saves each seed's model under `save_dir/seed<k>` if given.
-    `train_for_seed(seed) -> Split` gives each seed its own training set (label fractions)."""
+    results (with validation/test predictions in split order) and mean/std, and the gold
+    labels; saves each seed's model under `save_dir/seed<k>` if given (`publish_dir`: where
+    `save_dir` will be renamed to). `train_for_seed(seed) -> Split` gives each seed its own
+    training set (label fractions)."""
     from ptf.training.tracking import start_run
 
     arm = getattr(ctx.cfg.arms, strategy)
     train_for_seed = train_for_seed or (lambda seed: data.train)
+    publish_dir = publish_dir or save_dir
     runs: dict[tuple[float, int], tuple[dict, Any]] = {}
     search: dict[str, float] = {}
 
@@ -250,6 +249,11 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
         r["n_train"] = len(train)
         return r, clf
 
+    def save(r: dict[str, Any], clf) -> None:
+        if save_dir is not None:
+            name = f"seed{r['seed']}"
+            save_model(ctx, clf, strategy, data, save_dir / name, r, publish_dir / name)
+
     first = seeds[0]
     grid = list(arm.lrs) if lr_search else list(arm.lrs[:1])
     for lr in grid:
@@ -257,19 +261,13 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
         search[f"{lr:g}"] = r["val_accuracy"]
         runs[(lr, first)] = (r, clf if save_dir is not None else None)
     chosen = max(grid, key=lambda lr: (search[f"{lr:g}"], -grid.index(lr)))
-    for lr in grid:
-        if lr != chosen:
-            runs.pop((lr, first))
     per_seed = [runs[(chosen, first)][0]]
-    if save_dir is not None:
-        save_model(ctx, runs[(chosen, first)][1], strategy, data, save_dir / f"seed{first}",
-                   {"seed": first, "lr": chosen})
+    save(*runs[(chosen, first)])
     runs.clear()
     for seed in seeds[1:]:
         r, clf = one(chosen, seed)
         per_seed.append(r)
-        if save_dir is not None:
-            save_model(ctx, clf, strategy, data, save_dir / f"seed{seed}", {"seed": seed, "lr": chosen})
+        save(r, clf)
     summary: dict[str, Any] = {}
     for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s"):
         ms = mean_std([r[k] for r in per_seed])
@@ -279,5 +277,5 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
             "trainable_params": per_seed[0]["trainable_params"],
             "trainable_fraction": per_seed[0]["trainable_fraction"],
             "n_train": per_seed[0]["n_train"], "n_validation": len(data.validation),
-            "n_test": len(data.test)}
-
+            "n_test": len(data.test), "validation_labels": list(data.validation.labels),
+            "test_labels": list(data.test.labels)}

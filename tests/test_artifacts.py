@@ -1,0 +1,252 @@
+"""Saved fine-tuned models used by plain Hugging Face clients (ptf.models.artifacts).
+
+For every strategy of the registry and of configs/smoke.yaml, on each architecture the pretrain
+stage builds (Llama, BERT; pooling `last`, the only one their HF heads implement) and on
+ModernBERT with `mean` (its HF head implements it): the saved directory loaded with the bare
+`AutoModelForSequenceClassification`, with `pipeline("text-classification")` and, for peft
+adapters, with `AutoPeftModelForSequenceClassification`, predicts exactly the test predictions
+the pipeline recorded, text by text. Also: the card's front matter, the saved tokenizer, and one
+clear error for an incomplete or unknown model directory."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_fixtures import cfg_of, make_root, params
+from ptf.common import paths
+from ptf.common.cli import StageError
+from ptf.data.tasks import load_task
+from ptf.models import strategies as S
+from ptf.models.artifacts import load_classifier, read_meta
+from ptf.common.config import read_params
+from stages.finetune import Config, run
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LENGTH = 6          # short enough that most fixture texts are truncated
+ARCHS = {               # arch -> (pooling, strategies)
+    "llama": ("last", S.STRATEGIES),
+    "bert": ("last", S.STRATEGIES),
+    "modernbert": ("mean", ("full", "lora", "prompt_tuning")),
+}
+
+
+def split_texts(root: Path, cfg) -> tuple[list[str], list[int]]:
+    """The raw test texts in the order of the pipeline's test split (and its token ids), taken
+    from the texts the task loader tokenizes."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / paths.PRETRAINED)
+    seen: list[list[str]] = []
+
+    class Recording:
+        pad_token_id = tok.pad_token_id
+
+        def __call__(self, texts, **kw):
+            seen.append(list(texts))
+            return tok(texts, **kw)
+
+    data = load_task(root, "movies", Recording(), cfg.data)
+    assert [len(t) for t in seen] == [len(data.train), len(data.validation), len(data.test)]
+    return seen[2], data.test.ids
+
+
+def train_all(root: Path, cfg, strategies) -> dict[str, dict]:
+    return {s: run(cfg, "movies", s, root=root) for s in strategies}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def trained(request, tmp_path_factory):
+    """Every strategy of `ARCHS[arch]`, one seed. BERT runs from its root with `root="."`, as
+    DVC runs the stage, so its adapters name their base by a relative path."""
+    arch = request.param
+    pooling, strategies = ARCHS[arch]
+    root = make_root(tmp_path_factory.mktemp(arch), arch)
+    p = params(arch, pooling=pooling)
+    p["data"]["max_length"] = MAX_LENGTH
+    cfg = cfg_of(p, Config)
+    mp = pytest.MonkeyPatch()
+    if arch == "bert":
+        mp.chdir(root)
+        runs = train_all(Path("."), cfg, strategies)
+    else:
+        runs = train_all(root, cfg, strategies)
+    texts, ids = split_texts(root, cfg)
+    yield {"arch": arch, "root": root, "runs": runs, "texts": texts, "ids": ids}
+    mp.undo()
+
+
+def recorded(root: Path, strategy: str) -> list[int]:
+    m = json.loads((root / f"data/metrics/finetune/movies/{strategy}.json").read_text())
+    return m["seeds"][0]["test_predictions"]
+
+
+def client_predictions(model_dir: Path, texts: list[str], peft: bool, lora: bool) -> dict[str, list[int]]:
+    """What clients that know nothing of this project predict, one text per call."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = {}
+
+    def one_by_one(model) -> list[int]:
+        model.eval()
+        with torch.no_grad():
+            return [int(model(**tok([t], truncation=True, return_tensors="pt")).logits.argmax(-1))
+                    for t in texts]
+
+    def by_pipeline(**kw) -> list[int]:
+        clf = pipeline("text-classification", truncation=True, **kw)
+        label2id = clf.model.config.label2id
+        return [label2id[r["label"]] for r in clf(texts)]
+
+    if peft:
+        from peft import AutoPeftModelForSequenceClassification
+        model = AutoPeftModelForSequenceClassification.from_pretrained(model_dir)
+        out["AutoPeftModelForSequenceClassification"] = one_by_one(model)
+        out["pipeline(peft model)"] = by_pipeline(model=model, tokenizer=tok)
+    if not peft or lora:      # transformers' own PEFT integration loads LoRA, not prompt tuning
+        out["AutoModelForSequenceClassification"] = one_by_one(
+            AutoModelForSequenceClassification.from_pretrained(model_dir))
+        out["pipeline(dir)"] = by_pipeline(model=str(model_dir))
+    return out
+
+
+def test_every_client_agrees_with_the_recorded_test_predictions(trained):
+    root, texts = trained["root"], trained["texts"]
+    disagreements = {}
+    for strategy in trained["runs"]:
+        entry = S.REGISTRY[strategy]
+        d = root / f"data/models/finetuned/movies/{strategy}/seed0"
+        want = recorded(root, strategy)
+        assert len(want) == len(texts) == 24
+        dirs = [(d, entry.peft is not None)] + ([(d / "merged", False)] if entry.merge else [])
+        for model_dir, peft in dirs:
+            got = client_predictions(model_dir, texts, peft, strategy == "lora")
+            assert got, model_dir
+            for client, pred in got.items():
+                if pred != want:
+                    disagreements[f"{model_dir.relative_to(root)} {client}"] = sum(
+                        p != w for p, w in zip(pred, want))
+    assert not disagreements, f"{trained['arch']}: texts predicted differently: {disagreements}"
+
+
+def test_prompt_tuning_is_not_silently_loaded_without_peft(trained):
+    from transformers import AutoModelForSequenceClassification
+    d = trained["root"] / "data/models/finetuned/movies/prompt_tuning/seed0"
+    with pytest.raises(ValueError, match="prompt learning"):
+        AutoModelForSequenceClassification.from_pretrained(d)
+
+
+def test_saved_tokenizer_truncates_and_pads_as_the_pipeline_did(trained):
+    """`model_max_length` is `finetune.data.max_length` (so `truncation=True` cuts where the
+    pipeline cut); the padding side is the one it trained with. The transformers 5
+    text-classification pipeline does not truncate unless asked (hence the card's
+    `truncation=True`)."""
+    from transformers import AutoTokenizer, pipeline
+
+    root = trained["root"]
+    d = root / "data/models/finetuned/movies/full/seed0"
+    tok = AutoTokenizer.from_pretrained(d)
+    assert tok.model_max_length == MAX_LENGTH
+    assert tok.padding_side == ("left" if trained["arch"] == "llama" else "right")
+    ids = [tok(t, truncation=True)["input_ids"] for t in trained["texts"]]
+    assert ids == [x or [tok.pad_token_id] for x in trained["ids"]]
+    long = max(trained["texts"], key=lambda t: len(tok(t)["input_ids"]))
+    assert len(tok(long)["input_ids"]) > MAX_LENGTH
+    clf = pipeline("text-classification", model=str(d))
+    assert clf.preprocess(long)["input_ids"].shape[1] > MAX_LENGTH            # default: whole text
+    assert clf.preprocess(long, truncation=True)["input_ids"].shape[1] == MAX_LENGTH
+
+
+def test_model_card_has_the_hub_front_matter(trained):
+    from huggingface_hub import ModelCard
+
+    root = trained["root"]
+    for strategy in ("full", "lora", "scratch"):
+        if strategy not in trained["runs"]:
+            continue
+        d = root / f"data/models/finetuned/movies/{strategy}/seed0"
+        card = ModelCard.load(d / "README.md")
+        data = card.data
+        peft = S.REGISTRY[strategy].peft is not None
+        assert data.pipeline_tag == "text-classification"
+        assert data.library_name == ("peft" if peft else "transformers")
+        assert (data.base_model is None) == (strategy == "scratch")
+        assert strategy in data.tags and "movies" in data.tags
+        seed0 = trained["runs"][strategy]["seeds"][0]
+        results = {(r.metric_type, r.dataset_split): r for r in data.eval_results}
+        assert results[("accuracy", "test")].metric_value == seed0["test_accuracy"]
+        assert "(seed 0)" in results[("accuracy", "test")].metric_name
+        assert results[("f1", "test")].metric_value == seed0["test_macro_f1"]
+        body = card.text
+        assert "| 0 | negative |" in body and "| 1 | positive |" in body
+        assert "truncation=True" in body and f"finetune.arms.{strategy}" in body
+        assert "trust_remote_code" not in body
+        if strategy == "lora":
+            merged = ModelCard.load(d / "merged" / "README.md").data
+            assert merged.library_name == "transformers" and "merged-lora" in merged.tags
+
+
+# ---------------------------------------------------------------- the smoke run's strategies
+
+def test_smoke_config_strategies_agree_with_plain_clients(tmp_path):
+    """configs/smoke.yaml's finetune section as it is (its pooling, lengths, arms), on the
+    Llama fixture: every strategy it runs is faithful in plain clients."""
+    smoke = read_params(REPO / "configs" / "smoke.yaml")["finetune"]
+    cfg = cfg_of(smoke, Config)
+    root = make_root(tmp_path)
+    train_all(root, cfg, cfg.strategies)
+    texts, _ = split_texts(root, cfg)
+    for strategy in cfg.strategies:
+        d = root / f"data/models/finetuned/movies/{strategy}/seed0"
+        peft = S.REGISTRY[strategy].peft is not None
+        for client, pred in client_predictions(d, texts, peft, strategy == "lora").items():
+            assert pred == recorded(root, strategy), (strategy, client)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture()
+def model_copy(trained, tmp_path):
+    """A copy of a saved model at .../finetuned/movies/full/seed0 under tmp_path."""
+    src = trained["root"] / "data/models/finetuned/movies/full/seed0"
+    d = tmp_path / "data/models/finetuned/movies/full/seed0"
+    shutil.copytree(src, d)
+    return d
+
+
+REMEDY = r"dvc checkout .*data/models/finetuned/movies/full` or rebuild it with " \
+         r"`dvc repro -f finetune@movies-full`"
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "finetune_meta.json").unlink(), r"finetune_meta\.json: missing"),
+    (lambda d: (d / "README.md").unlink(), r"README\.md: missing"),
+    (lambda d: _edit_meta(d, strategy="dropout"), r"finetune_meta\.json: unknown strategy 'dropout'"),
+    (lambda d: _edit_meta(d, pooling="max"), r"finetune_meta\.json: unknown pooling 'max'"),
+    (lambda d: _edit_meta(d, label_names=None), r"finetune_meta\.json: invalid \(label_names"),
+    (lambda d: (d / "finetune_meta.json").write_text("{"), r"finetune_meta\.json: invalid"),
+])
+def test_incomplete_or_unknown_model_dir_is_one_error_with_the_remedy(model_copy, damage, match):
+    damage(model_copy)
+    for load in (read_meta, load_classifier):
+        with pytest.raises(StageError, match=match + ".*" + REMEDY):
+            load(model_copy)
+
+
+def test_adapter_without_its_base_is_named(trained, tmp_path):
+    src = trained["root"] / "data/models/finetuned/movies/lora/seed0"
+    d = tmp_path / "data/models/finetuned/movies/lora/seed0"
+    shutil.copytree(src, d)
+    shutil.rmtree(d / "base")
+    with pytest.raises(StageError, match=r"seed0/base: no \*\.safetensors weights.*"
+                                         r"dvc repro -f finetune@movies-lora"):
+        load_classifier(d)
+
+
+def _edit_meta(d: Path, **change) -> None:
+    f = d / "finetune_meta.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **change}))
