@@ -174,7 +174,8 @@ def test_model_card_has_the_hub_front_matter(trained):
         peft = S.REGISTRY[strategy].peft is not None
         assert data.pipeline_tag == "text-classification"
         assert data.library_name == ("peft" if peft else "transformers")
-        assert (data.base_model is None) == (strategy == "scratch")
+        assert data.base_model is None          # a local directory is no Hub id
+        assert str(trained["root"]) in card.text or "data/models/pretrained" in card.text
         assert strategy in data.tags and "movies" in data.tags
         seed0 = trained["runs"][strategy]["seeds"][0]
         results = {(r.metric_type, r.dataset_split): r for r in data.eval_results}
@@ -188,6 +189,23 @@ def test_model_card_has_the_hub_front_matter(trained):
         if strategy == "lora":
             merged = ModelCard.load(d / "merged" / "README.md").data
             assert merged.library_name == "transformers" and "merged-lora" in merged.tags
+
+
+def test_model_card_names_a_hub_base_model_and_none_for_scratch():
+    from huggingface_hub import ModelCard
+
+    from ptf.models.card import model_card
+    meta = {"strategy": "lora", "task": "movies", "label_names": ["negative", "positive"],
+            "pooling": "last", "peft": True, "artifact": "adapter", "pretrained_dir": "org/tiny-lm",
+            "max_length": 8, "padding_side": "left", "seed": 3}
+    results = {"val_accuracy": 0.5, "val_macro_f1": 0.4, "test_accuracy": 0.75,
+               "test_macro_f1": 0.7, "n_validation": 4, "n_test": 4}
+    card = ModelCard(model_card(meta, S.REGISTRY["lora"], results, {"lr": 0.1}, Path("x/seed3")))
+    assert card.data.base_model == "org/tiny-lm" and card.data.library_name == "peft"
+    assert {r.metric_name for r in card.data.eval_results} >= {"Test accuracy (seed 3)"}
+    scratch = ModelCard(model_card({**meta, "strategy": "scratch", "peft": False, "artifact": "model"},
+                                   S.REGISTRY["scratch"], results, {}, Path("x")))
+    assert scratch.data.base_model is None and scratch.data.library_name == "transformers"
 
 
 # ---------------------------------------------------------------- the smoke run's strategies

@@ -17,6 +17,18 @@ from ptf.models.pooling import POOLINGS
 from ptf.models.strategies import Strategy
 
 
+def hub_id(path: str) -> str | None:
+    """`path` if it names a Hub repository (not a local directory), else None: the Hub reads
+    `base_model` as a repository id, and a local path there is invalid metadata."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return None
+    return None if Path(path).exists() else path
+
+
 def _front_matter(meta: dict[str, Any], entry: Strategy, results: dict[str, Any], name: str) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -35,7 +47,7 @@ def _front_matter(meta: dict[str, Any], entry: Strategy, results: dict[str, Any]
     if meta["artifact"] == "merged":
         tags.append(f"merged-{meta.get('merged_from')}")
     data = ModelCardData(
-        base_model=None if entry.init == "random" else meta["pretrained_dir"],
+        base_model=None if entry.init == "random" else hub_id(meta["pretrained_dir"]),
         library_name="peft" if meta["peft"] else "transformers",
         pipeline_tag="text-classification", tags=tags, metrics=["accuracy", "f1"],
         model_name=name, eval_results=evals)
@@ -89,6 +101,11 @@ def model_card(meta: dict[str, Any], entry: Strategy, results: dict[str, Any],
     params = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in train.items())
     merged = (f" LoRA merged into the weights (from `{Path(path).parent}`)."
               if meta["artifact"] == "merged" else "")
+    base_note = ("" if entry.init == "random" or hub_id(meta["pretrained_dir"]) else
+                 " (a local directory: when you push this model, push that one too and set "
+                 "`base_model` in the front matter to its Hub id)")
+    if entry.init == "random":
+        base_note = " (its architecture only: the weights start at random)"
     return f"""---
 {_front_matter(meta, entry, results, name)}
 ---
@@ -96,7 +113,7 @@ def model_card(meta: dict[str, Any], entry: Strategy, results: dict[str, Any],
 # {name}
 
 A `{meta['task']}` classifier fine-tuned by the pretrain → fine-tune → forgetting pipeline
-(DVC stage `finetune@{meta['task']}-{meta['strategy']}`) from `{meta['pretrained_dir']}`.
+(DVC stage `finetune@{meta['task']}-{meta['strategy']}`) from `{meta['pretrained_dir']}`{base_note}.
 Strategy `{meta['strategy']}`: {entry.doc}.{merged}
 
 ## Labels
@@ -122,9 +139,9 @@ Strategy `{meta['strategy']}`: {entry.doc}.{merged}
 
 {_how_to_load(meta, str(path))}
 
-Inputs: the pipeline truncated every text to {meta['max_length']} tokens (the tokenizer's
-`model_max_length`); pass `truncation=True` as above, since the transformers text-classification
-pipeline does not truncate by default. Pooling `{meta['pooling']}` ({POOLINGS[meta['pooling']].doc})
-is done by the Hugging Face head itself, so these calls give exactly the pipeline's predictions.
-The tokenizer pads on the {meta['padding_side']}.
+Inputs: this project's evaluation cut every text to {meta['max_length']} tokens, the tokenizer's
+`model_max_length`; pass `truncation=True` as above, because the transformers text-classification
+pipeline does not truncate unless asked. Pooling `{meta['pooling']}`: {POOLINGS[meta['pooling']].doc},
+done by the Hugging Face head itself, so these calls give exactly the predictions recorded in
+this project's metrics (`test_predictions`). The tokenizer pads on the {meta['padding_side']}.
 """
