@@ -216,7 +216,8 @@ def close_pipeline(root: Path, pipeline: str, statuses: dict[str, str] | None = 
             continue
         if stage in ran:
             run_id = ran[stage].info.run_id
-            client.set_tag(run_id, OUTS_TAG, outs)
+            if client.get_run(run_id).info.status == "FINISHED":  # a failed run made no outputs
+                client.set_tag(run_id, OUTS_TAG, outs)
             client.set_tag(run_id, "dvc.status", said or "ran")
         else:
             found = producer_of(client, exp_id, stage, outs)

@@ -8,7 +8,8 @@ Shows, with a real Prefect server and a real MLflow tracking server on 127.0.0.1
   hashes) and linked from the summary; then every stage is up to date, and the next pipeline run
   holds runs that point to the runs that produced the outputs; a failing stage fails the flow with
   its error in the Prefect logs, runs what does not depend on it, reports what does as not run,
-  and leaves the other outputs intact;
+  and leaves the other outputs intact; stages DVC then restores from its run cache appear under
+  the next pipeline run, pointing to their producers;
 - the `nightly` deployment of `prefect.yaml`, registered with `prefect deploy`, has the cron
   schedule and the `concurrency_limit: 1` of `prefect.yaml`; triggered, a real process worker runs
   it on the smoke parameter set in a temporary copy of the repo to Completed, one task run per DVC
@@ -298,6 +299,23 @@ def test_toy_flow_runs_then_skips_then_fails_one_branch(toy, servers, monkeypatc
         logs = wait_logs(client, flow_run_id, "told to fail")
         assert "error: stage b-x told to fail by params.yaml" in logs
         assert {p: (toy / "data" / f"{p}.txt").read_text() for p in kept} == kept
+
+        # params back as in the first run: DVC restores b@y and b@x from its run cache (c never
+        # ran with the bad value: it is up to date), and
+        # each appears under the new pipeline run, pointing to the run that produced its outputs
+        (toy / "params.yaml").write_text("items: [y, x]\nfail: none\n")
+        fourth = pipeline(repo=str(toy), push=False)
+        assert fourth["restored"] == ["b@y", "b@x"] and fourth["ran"] == []
+        for stage in fourth["restored"]:
+            run = mlflow.get_run(fourth["mlflow_runs"][stage][0]["run_id"])
+            assert run.data.tags["mlflow.parentRunId"] == fourth["mlflow_pipeline_run"]
+            assert run.data.tags["dvc.status"] == "restored"
+            producer = mlflow.get_run(run.data.tags["ptf.produced_by"])  # the latest run that made
+            assert producer.data.tags["dvc.outs"] == run.data.tags["dvc.outs"]  # these outputs
+            assert producer.info.status == "FINISHED" and "ptf.produced_by" not in producer.data.tags
+        # b@x made its output only in the first run (its run in the third failed)
+        assert mlflow.get_run(fourth["mlflow_runs"]["b@x"][0]["run_id"]).data.tags["ptf.produced_by"] == \
+            produced["b@x"]
 
 
 # ----------------------------------------------------------------------------- the real pipeline
