@@ -115,22 +115,26 @@ RegulariserFactory = Callable[[Any, Any, Any, Any, int], Regulariser]
 
 
 def replay(ctx, backbone, anchor, arm: ReplayArm, seed: int) -> Regulariser:
+    """The pretrained LM head on the trained backbone, and seeded batches of pretraining blocks."""
     return Regulariser(lm=pretrained_lm(ctx.pretrained, backbone=backbone), weight=arm.weight,
                        batches=block_batches(ctx.blocks(arm.block_len), arm.block_len,
                                              arm.batch_size, seed))
 
 
 def l2sp(ctx, backbone, anchor, arm: L2spArm, seed: int) -> Regulariser:
+    """alpha/2 ||theta - theta_anchor||^2 over the backbone."""
     return Regulariser(penalty=Penalty(anchor, arm.alpha))
 
 
 def ewc(ctx, backbone, anchor, arm: EwcArm, seed: int) -> Regulariser:
+    """lam/2 sum F (theta - theta_anchor)^2, F the pretraining objective's diagonal Fisher."""
     return Regulariser(penalty=Penalty(anchor, arm.lam, ctx.fisher(arm)))
 
 
 # --------------------------------------------------------------------------- peft wrappers
 
 def check_lora_targets(model, targets: list[str]) -> None:
+    """A `ConfigError` naming the targets the model lacks and the linear modules it has."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaves and not any(
         name == t or name.endswith("." + t) for name, _ in model.named_modules())]
@@ -159,6 +163,7 @@ def prompt_tuning(model, arm: PromptTuningArm):
 
 @dataclass(frozen=True)
 class Strategy:
+    """One fine-tuning strategy: the fields are described in the module docstring."""
     name: str
     arm: type[Arm]
     doc: str
@@ -192,6 +197,7 @@ REGISTRY: dict[str, Strategy] = {}
 
 
 def register(entry: Strategy) -> Strategy:
+    """Add `entry` to the registry (a name is registered once)."""
     if entry.name in REGISTRY:
         raise ValueError(f"strategy {entry.name!r} registered twice")
     REGISTRY[entry.name] = entry
@@ -230,20 +236,21 @@ register(Strategy("scratch", Arm, "same architecture, random init", init="random
 STRATEGIES: tuple[str, ...] = tuple(REGISTRY)
 
 
-def unknown_strategy(name: str, where: str = "strategy") -> str:
-    return f"{where}: unknown strategy {name!r}; known strategies: {', '.join(REGISTRY)}"
+def unknown_strategy(name: str) -> str:
+    """The one message for a name no entry has, with the known names."""
+    return f"unknown strategy {name!r}; known strategies: {', '.join(REGISTRY)}"
 
 
 def check_strategy(name: str, where: str = "strategy") -> Strategy:
     """The registry entry of `name`, or a `ConfigError` naming `where` and the known names."""
     if name not in REGISTRY:
-        raise ConfigError(unknown_strategy(name, where))
+        raise ConfigError(f"{where}: {unknown_strategy(name)}")
     return REGISTRY[name]
 
 
 def _known(name: str) -> str:
     if name not in REGISTRY:   # pydantic prefixes the params key
-        raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(REGISTRY)}")
+        raise ValueError(unknown_strategy(name))
     return name
 
 
