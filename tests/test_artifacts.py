@@ -30,7 +30,7 @@ MAX_LENGTH = 6          # short enough that most fixture texts are truncated
 ARCHS = {               # arch -> (pooling, strategies)
     "llama": ("last", S.STRATEGIES),
     "bert": ("last", S.STRATEGIES),
-    "modernbert": ("mean", ("full", "lora", "prompt_tuning")),
+    "modernbert": ("mean", S.STRATEGIES),
 }
 
 
