@@ -44,7 +44,7 @@ from typing import Any
 from flows import mlflow_view as view
 from ptf.common.cli import StageError
 from ptf.training import tracking_store as store
-from ptf.training.tracking import EXPERIMENT, redact, tracking_uri
+from ptf.training.tracking import EXPERIMENT, check_reachable, redact, tracking_uri
 from ptf.training.tracking_tree import (LEVEL_TAG, OWNER_TAG, PARENT_TAG, PIPELINE, PIPELINE_ENV,
                                         PIPELINE_TAG, STAGE, file_sha, pipeline_tags)
 
@@ -81,9 +81,11 @@ def open_pipeline(root: Path, source: str, tags: dict[str, str] | None = None,
     name; `owner`: what completes it)."""
     root = Path(root).resolve()
     client, uri = client_for(root)
+    experiment = experiment_of(root)
+    check_reachable(uri, experiment=experiment)  # unreachable, read-only, GenAI: fail fast
     try:
         with store.store_lock(uri):
-            exp_id = store.ensure_experiment(client, experiment_of(root))
+            exp_id = store.ensure_experiment(client, experiment)
             when = time.strftime("%Y-%m-%d %H:%M")
             all_tags = {**pipeline_tags(root), **(tags or {}), OWNER_TAG: owner}
             run = client.create_run(exp_id, run_name=f"{source} · {when}", tags=all_tags)

@@ -318,6 +318,20 @@ def test_toy_flow_runs_then_skips_then_fails_one_branch(toy, servers, monkeypatc
             produced["b@x"]
 
 
+def test_a_tracking_store_that_cannot_take_the_pipeline_run_stops_the_flow_before_any_stage(
+        toy, servers, monkeypatch):
+    from flows.pipeline import pipeline
+    from tests.smoke import closed_port
+
+    with closed_port() as port, prefect_api(servers["api"]) as client:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        state = pipeline(repo=str(toy), push=False, return_state=True)
+        assert state.is_failed()
+        assert f"MLflow tracking store http://127.0.0.1:{port} is not reachable" in str(state.message)
+        assert task_runs(client, state.state_details.flow_run_id) == []  # no stage started
+    assert not (toy / "data").exists()
+
+
 # ----------------------------------------------------------------------------- the real pipeline
 @pytest.fixture(scope="module")
 def deployed(servers) -> Iterator[dict[str, Any]]:
