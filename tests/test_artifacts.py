@@ -208,6 +208,27 @@ def test_model_card_names_a_hub_base_model_and_none_for_scratch():
     assert scratch.data.base_model is None and scratch.data.library_name == "transformers"
 
 
+def test_save_classifier_alone_writes_a_complete_directory(tmp_path):
+    """What test fixtures and other callers need: a model, its tokenizer and the meta fields
+    give a directory every loader accepts (results and training parameters are optional)."""
+    from huggingface_hub import ModelCard
+
+    from finetune_fixtures import make_pretrained, make_tokenizer
+    from ptf.models.artifacts import save_classifier
+    tok = make_tokenizer()
+    pre = make_pretrained(tmp_path / "pre", tok)
+    clf = S.build_classifier(pre, ["negative", "positive"], "full", S.Arm(lrs=[1.0], weight_decay=0.0),
+                             seed=0)
+    d = tmp_path / "model"
+    save_classifier(clf, tok, d, {"strategy": "full", "task": "movies", "pooling": "last",
+                                  "label_names": ["negative", "positive"], "pretrained_dir": str(pre),
+                                  "max_length": 8, "padding_side": "left"})
+    assert read_meta(d)["artifact"] == "model"
+    assert type(load_classifier(d)).__name__ == "LlamaForSequenceClassification"
+    assert ModelCard.load(d / "README.md").data.pipeline_tag == "text-classification"
+    assert "Not recorded." in (d / "README.md").read_text()
+
+
 # ---------------------------------------------------------------- the smoke run's strategies
 
 def test_smoke_config_strategies_agree_with_plain_clients(tmp_path):

@@ -135,7 +135,7 @@ def client_tokenizer(tokenizer, max_length: int, padding_side: str):
 
 
 def _describe(dest: Path, publish: Path, tokenizer, meta: dict[str, Any],
-              results: dict[str, Any], train: dict[str, Any]) -> None:
+              results: dict[str, Any] | None, train: dict[str, Any] | None) -> None:
     """Tokenizer, model card and `finetune_meta.json` beside the weights in `dest`."""
     tokenizer.save_pretrained(str(dest))
     card = model_card(meta, REGISTRY[meta["strategy"]], results, train, publish)
@@ -143,12 +143,13 @@ def _describe(dest: Path, publish: Path, tokenizer, meta: dict[str, Any],
     (dest / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def save_classifier(clf, tokenizer, dest: Path, meta: dict[str, Any], results: dict[str, Any],
-                    train: dict[str, Any], publish: Path | None = None) -> None:
+def save_classifier(clf, tokenizer, dest: Path, meta: dict[str, Any],
+                    results: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+                    publish: Path | None = None) -> None:
     """Write `clf` to `dest` in its strategy's layout (module docstring). `meta` is the
     `ArtifactMeta` of it (without `artifact`, `peft`), `results` and `train` what its card
-    reports; `publish` is where `dest` will live once renamed into place (the adapter names its
-    `base/` by that path)."""
+    reports (ptf.models.card; empty: "not recorded"); `publish` is where `dest` will live once
+    renamed into place (the adapter names its `base/` by that path)."""
     entry = check_strategy(meta["strategy"])
     dest, publish = Path(dest), Path(publish or dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,8 @@ def _front_matter(meta: dict[str, Any], entry: Strategy, results: dict[str, Any]
 
     evals = [result("accuracy", "test", results["test_accuracy"], "Test accuracy"),
              result("f1", "test", results["test_macro_f1"], "Test macro-F1", average="macro"),
-             result("accuracy", "validation", results["val_accuracy"], "Validation accuracy")]
+             result("accuracy", "validation", results["val_accuracy"], "Validation accuracy")
+             ] if results else None
     tags = ["text-classification", "pretrain-finetune-forgetting", meta["strategy"], meta["task"]]
     if meta["artifact"] == "merged":
         tags.append(f"merged-{meta.get('merged_from')}")
@@ -50,7 +51,7 @@ def _front_matter(meta: dict[str, Any], entry: Strategy, results: dict[str, Any]
         base_model=None if entry.init == "random" else hub_id(meta["pretrained_dir"]),
         library_name="peft" if meta["peft"] else "transformers",
         pipeline_tag="text-classification", tags=tags, metrics=["accuracy", "f1"],
-        model_name=name, eval_results=evals)
+        model_name=name if evals else None, eval_results=evals)
     return data.to_yaml()
 
 
@@ -91,14 +92,21 @@ there (or set `base_model_name_or_path` to where `base/` lives, e.g. a Hub repos
     return snippet
 
 
-def model_card(meta: dict[str, Any], entry: Strategy, results: dict[str, Any],
-               train: dict[str, Any], path: Path) -> str:
+def model_card(meta: dict[str, Any], entry: Strategy, results: dict[str, Any] | None,
+               train: dict[str, Any] | None, path: Path) -> str:
     """The card of one saved model (module docstring). `results`: this seed's val/test accuracy
-    and macro-F1 and split sizes; `train`: the training parameters to list."""
+    and macro-F1 and split sizes; `train`: the training parameters to list (either may be
+    empty: "not recorded")."""
+    results, train = results or {}, train or {}
     seed = meta.get("seed")
     name = f"{meta['task']}-{meta['strategy']}-seed{seed}"
     labels = "\n".join(f"| {i} | {n} |" for i, n in enumerate(meta["label_names"]))
-    params = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in train.items())
+    params = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in train.items()) or "| (not recorded) | |"
+    table = (f"""| split | examples | accuracy | macro-F1 |
+|---|---|---|---|
+| validation | {results['n_validation']} | {results['val_accuracy']:.4f} | {results['val_macro_f1']:.4f} |
+| test | {results['n_test']} | {results['test_accuracy']:.4f} | {results['test_macro_f1']:.4f} |"""
+             if results else "Not recorded.")
     merged = (f" LoRA merged into the weights (from `{Path(path).parent}`)."
               if meta["artifact"] == "merged" else "")
     base_note = ("" if entry.init == "random" or hub_id(meta["pretrained_dir"]) else
@@ -124,10 +132,7 @@ Strategy `{meta['strategy']}`: {entry.doc}.{merged}
 
 ## Results (seed {seed}, weights of the best validation step)
 
-| split | examples | accuracy | macro-F1 |
-|---|---|---|---|
-| validation | {results['n_validation']} | {results['val_accuracy']:.4f} | {results['val_macro_f1']:.4f} |
-| test | {results['n_test']} | {results['test_accuracy']:.4f} | {results['test_macro_f1']:.4f} |
+{table}
 
 ## Training
 
