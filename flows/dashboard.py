@@ -19,10 +19,7 @@ import argparse
 import contextlib
 import os
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,35 +48,17 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def serving(store: Path, port: int, log: Path, timeout: float = 120.0) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1:`port` over `store` while the block runs; yields its URL.
-    Waits for /health (the server's own answer, polled), stops the server's process group."""
+    """`mlflow server` on 127.0.0.1:`port` over `store` while the block runs; yields its URL once
+    it answers /health; stops the server's process group afterwards."""
+    from flows.servers import start, stop, wait_healthy
+
     url = f"http://127.0.0.1:{port}"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(server_command(store, port=port), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=server_env(), start_new_session=True)
+    proc = start(server_command(store, port=port), log, server_env())
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:  # noqa: S310 (localhost)
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not up after {timeout} s: {log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        wait_healthy(url + "/health", proc, log, timeout)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server ignores SIGINT
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop((proc, signal.SIGTERM))  # the MLflow server ignores SIGINT
 
 
 def links(store: Path, ui: str) -> list[str]:

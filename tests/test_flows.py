@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +36,7 @@ import pytest
 import yaml
 
 from flows.dashboard import serving
+from flows.servers import start, stop, wait_healthy
 from flows.pipeline import select, stage_graph
 from tests.smoke import GIT_ID, assert_same_results, free_port, make_smoke_repo, pipeline_env
 
@@ -46,42 +46,6 @@ DEPLOYMENT = "dvc-pipeline/nightly"
 
 
 # ----------------------------------------------------------------------------- servers
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{url}: server exited {proc.returncode}\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not up after {timeout} s\n{log.read_text()[-3000:]}")
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
-    """A server in its own process group (so that stopping it reaches its children)."""
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop(*procs: tuple[subprocess.Popen, int], timeout: float = 8) -> None:
-    """Each (process, signal): the signal to the group we started (SIGINT for Prefect: a worker may
-    ignore SIGTERM; SIGTERM for the MLflow server, which ignores SIGINT), then SIGKILL."""
-    for proc, sig in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-    deadline = time.time() + timeout
-    for proc, _ in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def base_env(prefect_home: Path) -> dict[str, str]:
@@ -103,7 +67,7 @@ def servers(tmp_path_factory) -> Iterator[dict[str, Any]]:
                      str(pport)], tmp / "prefect.log", env)
     try:
         with serving(tmp / "mlflow", free_port(), tmp / "mlflow.log") as mlflow_url:
-            wait_http(f"http://127.0.0.1:{pport}/api/health", prefect, tmp / "prefect.log")
+            wait_healthy(f"http://127.0.0.1:{pport}/api/health", prefect, tmp / "prefect.log")
             env["PREFECT_API_URL"] = f"http://127.0.0.1:{pport}/api"
             env["MLFLOW_TRACKING_URI"] = mlflow_url
             yield {"env": env, "api": env["PREFECT_API_URL"], "mlflow": mlflow_url, "tmp": tmp}
