@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import mlflow_view as view
+from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.training import tracking_store as store
 from ptf.training.tracking import EXPERIMENT, check_reachable, redact, tracking_uri
@@ -49,8 +50,8 @@ from ptf.training.tracking_tree import (LEVEL_TAG, OWNER_TAG, PARENT_TAG, PIPELI
                                         PIPELINE_TAG, STAGE, file_sha, pipeline_tags)
 
 OUTS_TAG, PRODUCER_TAG = "dvc.outs", "ptf.produced_by"
-SUMMARY_MD = "data/metrics/forgetting_summary.md"
-FORGETTING_JSON = "data/metrics/forgetting.json"
+SUMMARY_MD = paths.METRICS / "forgetting_summary.md"
+FORGETTING_JSON = paths.METRICS / "forgetting.json"
 NOTE_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
 STATUS_LINES = {r"Running stage '(.+?)'": "ran", r"Stage '(.+?)' is cached - skipping run": "restored",
                 r"Stage '(.+?)' didn't change, skipping": "up to date"}
@@ -168,7 +169,7 @@ def attach_measures(client: Any, root: Path, stage_runs: dict[str, Any], childre
         arm = m["arms"].get((t.get("task"), t.get("strategy"))) if stage.startswith("finetune") else None
         if arm:
             log_numbers(client, run.info.run_id, arm)
-            chosen = (read_json(root / "data/metrics/finetune" / t["task"] / f"{t['strategy']}.json")
+            chosen = (read_json(root / paths.METRICS / "finetune" / t["task"] / f"{t['strategy']}.json")
                       or {}).get("chosen_lr")
             for c in [c for c in children if c.data.tags.get(PARENT_TAG) == run.info.run_id]:
                 picked = chosen is not None and float(c.data.tags.get("lr", "nan")) == float(chosen)
@@ -189,7 +190,7 @@ def summarise(client: Any, root: Path, pipeline: str, verdicts: dict[str, str]) 
         note = text if len(text) <= NOTE_LIMIT else text[:NOTE_LIMIT] + "\n\n… (summary/forgetting_summary.md)"
         client.set_tag(pipeline, "mlflow.note.content", note)
         client.log_artifact(pipeline, str(summary), "summary")
-    for p in [root / FORGETTING_JSON, *sorted((root / "data/plots").glob("*.png"))]:
+    for p in [root / FORGETTING_JSON, *sorted((root / paths.PLOTS).glob("*.png"))]:
         if p.is_file():
             client.log_artifact(pipeline, str(p), "summary" if p.suffix == ".json" else "summary/figures")
     for k, v in verdicts.items():
