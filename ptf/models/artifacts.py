@@ -8,6 +8,11 @@ Out: `save_classifier` (a directory that plain Hugging Face clients load and tha
 
 The layout follows the strategy's `artifact` (ptf.models.strategies):
   model            an HF directory: `AutoModelForSequenceClassification`, `pipeline(...)`
+  remote_code      bottleneck adapters (ptf.models.adapters.export_hf): an HF directory whose
+                   model class ships beside the weights as remote code
+                   (`modeling_bottleneck_adapters.py`), so plain clients load it with
+                   `trust_remote_code=True` (the one strategy that needs it: no library carries a
+                   bottleneck adapter for transformers 5), plus the adapter-only tensors
   adapter          the peft adapter (`adapter_config.json`, `adapter_model.safetensors`) and, in
                    `base/`, the classifier it applies to (pretrained backbone, this task's labels):
                    `adapter_config.json` names `base/` by its path from the repository root, so
@@ -57,7 +62,7 @@ class ArtifactMeta(BaseModel):
     label_names: list[str]
     pooling: str
     peft: bool
-    artifact: Literal["model", "adapter", "merged"]
+    artifact: Literal["model", "remote_code", "adapter", "merged"]
     pretrained_dir: str
     max_length: int
     padding_side: Literal["left", "right"]
@@ -154,9 +159,13 @@ def save_classifier(clf, tokenizer, dest: Path, meta: dict[str, Any],
     dest, publish = Path(dest), Path(publish or dest)
     dest.mkdir(parents=True, exist_ok=True)
     tok = client_tokenizer(tokenizer, meta["max_length"], meta["padding_side"])
+    kind = "adapter" if entry.peft is not None else entry.artifact
     meta = ArtifactMeta(**{**meta, "peft": entry.peft is not None,
-                           "artifact": "model" if entry.peft is None else "adapter"}).model_dump()
-    if entry.peft is None:
+                           "artifact": kind}).model_dump()
+    if kind == "remote_code":
+        from ptf.models.adapters import export_hf
+        export_hf(clf, dest)
+    elif entry.peft is None:
         clf.save_pretrained(str(dest))
     else:
         # the classifier the adapter applies to: the frozen pretrained backbone and a head of
@@ -198,6 +207,11 @@ def load_classifier(model_dir: Path, pretrained_dir: Path | None = None, merge: 
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     check_weights(model_dir, remedy(model_dir))
+    if meta["artifact"] == "remote_code":
+        # the model class is ptf's own adapter module (imported: registered with the Auto
+        # classes), not the copy of it in the directory: nothing from disk is executed
+        import ptf.models.adapter_modeling  # noqa: F401
+        return AutoModelForSequenceClassification.from_pretrained(model_dir)
     if not meta["peft"]:
         return AutoModelForSequenceClassification.from_pretrained(model_dir)
     from peft import PeftModel
@@ -213,8 +227,16 @@ def load_classifier(model_dir: Path, pretrained_dir: Path | None = None, merge: 
 def load_backbone_as_lm(finetuned_dir: Path, pretrained_dir: Path):
     """The fine-tuned backbone under the PRETRAINED LM head (an untied copy of the pretrained
     output layer), as `AutoModelForCausalLM` (or MaskedLM): for measuring forgetting.
-    LoRA is merged first; prompt tuning leaves the backbone as pretrained (the soft prompt is not
-    part of the LM input)."""
+    LoRA, DoRA and OSF are merged first; prompt tuning leaves the backbone as pretrained (the soft
+    prompt is not part of the LM input); bottleneck adapters are inserted into the pretrained LM's
+    backbone with their trained weights (the backbone they adapt, under the pretrained head)."""
+    if read_meta(finetuned_dir)["artifact"] == "remote_code":
+        from ptf.models.adapters import load_adapters
+        check_weights(finetuned_dir, remedy(Path(finetuned_dir)))
+        lm = load_adapters(pretrained_lm(pretrained_dir), finetuned_dir, head=False)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        return lm.eval()
     clf = unwrap_hf(load_classifier(finetuned_dir, pretrained_dir, merge=True))
     lm = pretrained_lm(pretrained_dir)
     target = getattr(lm, lm.base_model_prefix)

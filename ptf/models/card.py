@@ -56,6 +56,24 @@ def _front_matter(meta: dict[str, Any], entry: Strategy, results: dict[str, Any]
 
 
 def _how_to_load(meta: dict[str, Any], path: str) -> str:
+    if meta["artifact"] == "remote_code":
+        return f'''```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+clf = pipeline("text-classification", model="{path}", truncation=True, trust_remote_code=True)
+clf(["a text to classify"])          # [{{'label': ..., 'score': ...}}]
+
+tok = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForSequenceClassification.from_pretrained("{path}", trust_remote_code=True)
+model(**tok(["a text to classify"], truncation=True, return_tensors="pt")).logits.argmax(-1)
+```
+
+`trust_remote_code=True` is needed, and only for this strategy: no library carries bottleneck
+adapters for transformers 5 (peft has none; the `adapters` package pins transformers 4), so the
+model class ships in this directory as `modeling_bottleneck_adapters.py` (read it before you trust
+it: the base architecture plus a residual down-project / nonlinearity / up-project module after
+each adapted sublayer). Without the flag transformers refuses to load it. The adapter and head
+tensors alone are in `bottleneck_adapters.safetensors` (+ `bottleneck_adapters.json`).'''
     if not meta["peft"]:
         return f'''```python
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -80,10 +98,15 @@ clf(["a text to classify"])          # [{{'label': ..., 'score': ...}}]
 The adapter applies to the classifier in `base/` (the pretrained backbone with this task's
 labels); `adapter_config.json` names it by its path from the repository root, so run this from
 there (or set `base_model_name_or_path` to where `base/` lives, e.g. a Hub repository).'''
-    if meta["strategy"] == "lora":
-        snippet += (f'\n\ntransformers loads a LoRA adapter by itself too: '
+    if meta["strategy"] in ("lora", "dora"):
+        kind = "LoRA" if meta["strategy"] == "lora" else "DoRA (LoRA with `use_dora`)"
+        snippet += (f'\n\ntransformers loads a {kind} adapter by itself too: '
                     f'`pipeline("text-classification", model="{path}", truncation=True)`; '
-                    f'`{path}/merged` is the same model with LoRA folded into plain weights.')
+                    f'`{path}/merged` is the same model with the adapter folded into plain weights.')
+    elif meta["strategy"] == "osf":
+        snippet += (f"\n\nOSF saves only its trained singular factors and the head; peft recomputes "
+                    f"the frozen ones from `base/` at load time. `{path}/merged` is the same model "
+                    f"folded into plain weights (transformers alone, no peft).")
     else:
         snippet += ("\n\ntransformers alone cannot load a prompt-tuning adapter (its PEFT "
                     "integration has no prompt learning): use peft as above. Classify texts one "
@@ -107,7 +130,7 @@ def model_card(meta: dict[str, Any], entry: Strategy, results: dict[str, Any] | 
 | validation | {results['n_validation']} | {results['val_accuracy']:.4f} | {results['val_macro_f1']:.4f} |
 | test | {results['n_test']} | {results['test_accuracy']:.4f} | {results['test_macro_f1']:.4f} |"""
              if results else "Not recorded.")
-    merged = (f" LoRA merged into the weights (from `{Path(path).parent}`)."
+    merged = (f" The adapter merged into the weights (from `{Path(path).parent}`)."
               if meta["artifact"] == "merged" else "")
     base_note = ("" if entry.init == "random" or hub_id(meta["pretrained_dir"]) else
                  " (a local directory: when you push this model, push that one too and set "

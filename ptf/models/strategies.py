@@ -12,19 +12,24 @@ One entry says, for its strategy:
   arm          typed hyperparameters (`Arm` subclass: strict, `lrs` grid + its own knobs)
   init         "pretrained" backbone or "random" (same architecture, scratch)
   trainable    which parameters train (a rule of `ptf.models.trainable`), if not peft
-  peft         the peft config that wraps the model (LoRA, prompt tuning)
-  merge        how a trained peft model folds into plain HF weights (LoRA), for the `merged/`
+  peft         the peft config that wraps the model (LoRA, DoRA, OSF, prompt tuning)
+  merge        how a trained peft model folds into plain HF weights (LoRA, DoRA, OSF), for the `merged/`
                directory, the sequential run and the forgetting measures
   regulariser  what joins the task loss (replay, EWC, L2-SP): see `Regulariser`
   lr_for, step_hook   per-parameter LRs and a per-step hook (gradual unfreezing)
+  optimizer_hook      a post-step hook on the optimizer (OSF: project the trained factors back
+               into the subspace orthogonal to the frozen one, which AdamW leaks into)
+  remote_code  saved as an HF directory whose model class ships as remote code (bottleneck
+               adapters: no library carries them; plain clients load with trust_remote_code=True)
   sequential   usable as one task of the sequential run
   blocks       reads the pretraining shards (replay, EWC: checked before training)
-How the model is saved and loaded follows from `peft` and `merge` (`Strategy.artifact`,
+How the model is saved and loaded follows from `peft`, `merge` and `remote_code` (`Strategy.artifact`,
 implemented in `ptf.models.artifacts`). Adding a strategy = one `register(Strategy(...))` here
 plus its `finetune.arms.<name>` params (docs/DEVELOPING.md).
 
 Hand-written only where no library does it (freezing, gradual unfreezing, replay mixing, the
-EWC / L2-SP penalties); LoRA and prompt tuning are `peft`.
+EWC / L2-SP penalties); LoRA, DoRA, OSF and prompt tuning are `peft`; bottleneck adapters are
+our own small module (ptf.models.adapters), as no library carries them for transformers 5.
 """
 from __future__ import annotations
 
@@ -37,7 +42,10 @@ import torch
 from pydantic import AfterValidator, Field, create_model, field_validator
 
 from ptf.common.config import ConfigError, StrictModel
+from ptf.models import peft_variants as PV
+from ptf.models.peft_variants import OsfParams
 from ptf.models import trainable as T
+from ptf.models.adapters import AdapterParams, add_adapters
 from ptf.models.lm import Penalty, block_batches, lm_loss, pretrained_lm
 from ptf.models.pooling import apply_pooling, pooled_logits
 
@@ -92,6 +100,15 @@ class EwcArm(Arm):
 
 class L2spArm(Arm):
     alpha: float = Field(ge=0.0)
+
+
+class AdapterArm(Arm, AdapterParams):
+    """Bottleneck adapters: reduction_factor, placement, activation (ptf.models.adapters)."""
+
+
+class OsfArm(Arm, OsfParams):
+    """OSF: effective_rank (share of each target's smaller dimension frozen), target_modules
+    (null: peft's default for the architecture)."""
 
 
 # --------------------------------------------------------------------------- regularisers
@@ -153,6 +170,21 @@ def lora(model, arm: LoraArm):
                       lora_dropout=arm.dropout, target_modules=list(arm.target_modules))
 
 
+def dora(model, arm: LoraArm):
+    """peft DoRA (`LoraConfig(use_dora=True)`), task_type SEQ_CLS (the head trains in full)."""
+    return PV.dora_config(model, arm.r, arm.alpha, arm.dropout, list(arm.target_modules))
+
+
+def osf(model, arm: OsfArm):
+    """peft OSF (`OSFConfig`), task_type SEQ_CLS (the head trains in full)."""
+    return PV.osf_config(model, arm.effective_rank, arm.target_modules)
+
+
+def adapters(model, arm: AdapterArm) -> None:
+    """Bottleneck adapters inserted; only they and the head train."""
+    add_adapters(model, arm.reduction_factor, arm.placement, arm.activation)
+
+
 def prompt_tuning(model, arm: PromptTuningArm):
     """peft prompt tuning: `virtual_tokens` soft tokens before the text (+ the head)."""
     from peft import PromptTuningConfig, TaskType
@@ -174,14 +206,16 @@ class Strategy:
     regulariser: RegulariserFactory | None = None
     lr_for: Callable[[Any, float, Any], Callable[[str], float]] | None = None
     step_hook: Callable[[Any, Any], Callable[[int], None]] | None = None
+    optimizer_hook: Callable[[Any], Callable] | None = None
     sequential: bool = True
     blocks: bool = False
+    remote_code: bool = False
 
     @property
-    def artifact(self) -> Literal["model", "adapter", "adapter+merged"]:
+    def artifact(self) -> Literal["model", "remote_code", "adapter", "adapter+merged"]:
         """How its trained model is saved (ptf.models.artifacts)."""
         if self.peft is None:
-            return "model"
+            return "remote_code" if self.remote_code else "model"
         return "adapter+merged" if self.merge is not None else "adapter"
 
     def prepare(self, model, arm):
@@ -232,6 +266,17 @@ register(Strategy("l2sp", L2spArm, "task loss + alpha/2 ||theta_backbone - theta
                   regulariser=l2sp))
 register(Strategy("scratch", Arm, "same architecture, random init", init="random",
                   sequential=False))                       # it would re-initialise the backbone
+register(Strategy("dora", LoraArm, "peft DoRA (weight-decomposed LoRA) on `target_modules` "
+                  "(the head trains in full)", peft=dora, merge=lambda m: m.merge_and_unload()))
+register(Strategy("adapter", AdapterArm,
+                  "bottleneck adapters (Houlsby) after the attention and/or feed-forward sublayer "
+                  "of every block, hidden // `reduction_factor` units; only they and the head "
+                  "train", trainable=adapters, remote_code=True))
+register(Strategy("osf", OsfArm,
+                  "peft OSF (orthogonal subspace fine-tuning): each target's top `effective_rank` "
+                  "singular directions frozen, the rest trains, kept orthogonal after every "
+                  "optimizer step (the head trains in full)", peft=osf,
+                  merge=lambda m: m.merge_and_unload(), optimizer_hook=PV.osf_projection_hook))
 
 STRATEGIES: tuple[str, ...] = tuple(REGISTRY)
 

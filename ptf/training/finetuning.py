@@ -129,6 +129,8 @@ def fit(ctx: Context, clf, strategy: str, arm: Arm, lr: float, seed: int, data: 
     else:
         groups = param_groups(clf, lr, arm.weight_decay)
     optimizer = adamw(groups, lr=lr)
+    if entry.optimizer_hook is not None:     # before prepare: runs once per optimizer step
+        optimizer.register_step_post_hook(entry.optimizer_hook(clf))
     scheduler = warmup_cosine(optimizer, min(tc.warmup_steps, max_steps // 2), max_steps,
                               acc.num_processes)
     loader = ctx.loader(train, tc.batch_size, shuffle=True, seed=seed)
