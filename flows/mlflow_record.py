@@ -61,7 +61,8 @@ def experiment_of(root: Path) -> str:
     """The one experiment every section of params.yaml logs to (its `experiment` keys)."""
     import yaml
 
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    file = root / "params.yaml"
+    params = (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
     names = {v["experiment"] for v in params.values() if isinstance(v, dict) and "experiment" in v}
     if len(names) > 1:
         raise StageError(f"params.yaml names several MLflow experiments {sorted(names)}; one "

@@ -73,6 +73,7 @@ def test_what_dvc_repro_did_with_each_stage_and_the_one_experiment(tmp_path):
 
     from flows.mlflow_record import experiment_of, statuses_from
     from ptf.common.cli import StageError
+    assert experiment_of(tmp_path) == "pretrain-finetune-forgetting"  # no params.yaml: the default
     lines = ["Running stage 'pretrain':", "Stage 'finetune@movies-full' is cached - skipping run, "
              "checking out outputs", "Stage 'download' didn't change, skipping"]
     assert statuses_from(lines) == {"pretrain": "ran", "finetune@movies-full": "restored",
