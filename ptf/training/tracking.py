@@ -190,6 +190,7 @@ class RunLogger:
             return
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from sqlalchemy.exc import SQLAlchemyError
 
         from ptf.training import tracking_store as store
         from ptf.training import tracking_tree as tree
@@ -211,7 +212,7 @@ class RunLogger:
                 self._place = placement
                 self.run_id = placement.run_id
                 self._log_params(params)
-        except (MlflowException, OSError) as e:
+        except (MlflowException, OSError, SQLAlchemyError) as e:
             self._undo(placement.created)
             raise store.refused(self._shown, "start the run", e) from None
         except BaseException:
