@@ -2,9 +2,11 @@
 
 For every strategy of the registry and of configs/smoke.yaml, on each architecture the pretrain
 stage builds (Llama, BERT; pooling `last`, the only one their HF heads implement) and on
-ModernBERT with `mean` (its HF head implements it): the saved directory loaded with the bare
+ModernBERT with `mean` (its HF head implements it; the strategies of issue 14, dora, adapter and
+osf, on Llama only, to keep the suite short): the saved directory loaded with the bare
 `AutoModelForSequenceClassification`, with `pipeline("text-classification")` and, for peft
-adapters, with `AutoPeftModelForSequenceClassification`, predicts exactly the test predictions
+adapters, with `AutoPeftModelForSequenceClassification`; the bottleneck adapter (`adapter`) with
+`trust_remote_code=True`, its documented way, as no library carries it: predicts exactly the test predictions
 the pipeline recorded, text by text. Also: the card's front matter, the saved tokenizer, and one
 clear error for an incomplete or unknown model directory."""
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_fixtures import cfg_of, make_root, params
+from finetune_fixtures import cfg_of, make_root
+from test_registry import params
 from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.data.tasks import load_task
@@ -27,11 +30,15 @@ from stages.finetune import Config, run
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 6          # short enough that most fixture texts are truncated
+NEW = ("dora", "adapter", "osf")          # issue 14: on one architecture only (suite time)
+OLD = tuple(s for s in S.STRATEGIES if s not in NEW)
 ARCHS = {               # arch -> (pooling, strategies)
     "llama": ("last", S.STRATEGIES),
-    "bert": ("last", S.STRATEGIES),
-    "modernbert": ("mean", S.STRATEGIES),
+    "bert": ("last", OLD),
+    "modernbert": ("mean", OLD),
 }
+TRANSFORMERS_LOADS_ADAPTER = ("lora", "dora")   # transformers' own PEFT integration loads these
+REMOTE_CODE = ("adapter",)      # the one strategy whose documented load is trust_remote_code=True
 
 
 def split_texts(root: Path, cfg) -> tuple[list[str], list[int]]:
@@ -84,8 +91,11 @@ def recorded(root: Path, strategy: str) -> list[int]:
     return m["seeds"][0]["test_predictions"]
 
 
-def client_predictions(model_dir: Path, texts: list[str], peft: bool, lora: bool) -> dict[str, list[int]]:
-    """What clients that know nothing of this project predict, one text per call."""
+def client_predictions(model_dir: Path, texts: list[str], peft: bool, lora: bool,
+                       remote_code: bool = False) -> dict[str, list[int]]:
+    """What clients that know nothing of this project predict, one text per call. `remote_code`:
+    the bottleneck adapter, whose model class ships in the directory: loaded, as its card says,
+    with `trust_remote_code=True` (the one exception)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -107,10 +117,11 @@ def client_predictions(model_dir: Path, texts: list[str], peft: bool, lora: bool
         model = AutoPeftModelForSequenceClassification.from_pretrained(model_dir)
         out["AutoPeftModelForSequenceClassification"] = one_by_one(model)
         out["pipeline(peft model)"] = by_pipeline(model=model, tokenizer=tok)
+    kw = {"trust_remote_code": True} if remote_code else {}
     if not peft or lora:      # transformers' own PEFT integration loads LoRA, not prompt tuning
         out["AutoModelForSequenceClassification"] = one_by_one(
-            AutoModelForSequenceClassification.from_pretrained(model_dir))
-        out["pipeline(dir)"] = by_pipeline(model=str(model_dir))
+            AutoModelForSequenceClassification.from_pretrained(model_dir, **kw))
+        out["pipeline(dir)"] = by_pipeline(model=str(model_dir), **kw)
     return out
 
 
@@ -124,7 +135,9 @@ def test_every_client_agrees_with_the_recorded_test_predictions(trained):
         assert len(want) == len(texts) == 24
         dirs = [(d, entry.peft is not None)] + ([(d / "merged", False)] if entry.merge else [])
         for model_dir, peft in dirs:
-            got = client_predictions(model_dir, texts, peft, strategy == "lora")
+            got = client_predictions(model_dir, texts, peft,
+                                     strategy in TRANSFORMERS_LOADS_ADAPTER,
+                                     strategy in REMOTE_CODE and not peft)
             assert got, model_dir
             for client, pred in got.items():
                 if pred != want:
@@ -242,7 +255,8 @@ def test_smoke_config_strategies_agree_with_plain_clients(tmp_path):
     for strategy in cfg.strategies:
         d = root / f"data/models/finetuned/movies/{strategy}/seed0"
         peft = S.REGISTRY[strategy].peft is not None
-        for client, pred in client_predictions(d, texts, peft, strategy == "lora").items():
+        for client, pred in client_predictions(d, texts, peft, strategy in TRANSFORMERS_LOADS_ADAPTER,
+                                               strategy in REMOTE_CODE).items():
             assert pred == recorded(root, strategy), (strategy, client)
 
 
@@ -289,3 +303,32 @@ def test_adapter_without_its_base_is_named(trained, tmp_path):
 def _edit_meta(d: Path, **change) -> None:
     f = d / "finetune_meta.json"
     f.write_text(json.dumps({**json.loads(f.read_text()), **change}))
+
+
+# ---------------------------------------------------------------- issue 14's strategies
+
+def test_forgetting_sees_the_adapted_backbone_of_the_new_strategies(trained):
+    """`load_backbone_as_lm` (what the forgetting stage scores): for dora / osf the merged
+    backbone, for the bottleneck adapter the pretrained LM with the trained adapters inserted
+    (`load_adapters(pretrained_lm, dir, head=False)`); either way the classifier's own backbone,
+    which fine-tuning moved away from the pretrained one."""
+    from ptf.models.artifacts import load_backbone_as_lm
+    from ptf.models.lm import pretrained_lm
+
+    if trained["arch"] != "llama":
+        pytest.skip("issue 14's strategies run on Llama only")
+    root = trained["root"]
+    pre = root / paths.PRETRAINED
+    x = torch.tensor([max(trained["ids"], key=len)])
+    with torch.no_grad():
+        before = pretrained_lm(pre).model(x).last_hidden_state
+        for strategy in NEW:
+            d = root / f"data/models/finetuned/movies/{strategy}/seed0"
+            lm = load_backbone_as_lm(d, pre)
+            clf = S.unwrap_hf(load_classifier(d, merge=True)).eval()
+            got, want = lm.model(x).last_hidden_state, clf.model(x).last_hidden_state
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=strategy)
+            assert not torch.allclose(got, before), strategy
+            card = (d / "README.md").read_text()
+            assert ("trust_remote_code=True" in card) == (strategy in REMOTE_CODE), strategy
+            assert f"finetune.arms.{strategy}" in card

@@ -13,14 +13,35 @@ import pytest
 import yaml
 from pydantic import Field
 
-from finetune_fixtures import cfg_of, make_pretrained, make_tokenizer, params
+from finetune_fixtures import cfg_of, make_pretrained, make_tokenizer
+from finetune_fixtures import params as fixture_params
 from ptf.common.config import ConfigError
 from ptf.models import strategies as S
 from ptf.models import trainable as T
+from ptf.models.adapter_modeling import is_adapter_param
 from stages import curves, finetune, sequential
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = "known strategies: " + ", ".join(S.STRATEGIES)
+
+
+def new_arms(p: dict) -> dict:
+    """The arms of dora, adapter and osf (issue 14) added where the shared fixture's params lack
+    them (tests/finetune_fixtures.py predates them)."""
+    targets = p["arms"]["lora"]["target_modules"]
+    for name, arm in {
+        "dora": {"lrs": [1e-2], "weight_decay": 0.0, "r": 2, "alpha": 4.0, "dropout": 0.0,
+                 "target_modules": targets},
+        "adapter": {"lrs": [1e-2], "weight_decay": 0.0, "reduction_factor": 4,
+                    "placement": "both", "activation": "relu"},
+        "osf": {"lrs": [1e-3], "weight_decay": 0.0, "effective_rank": 0.5, "target_modules": None},
+    }.items():
+        p["arms"].setdefault(name, arm)
+    return p
+
+
+def params(*args, **over) -> dict:
+    return new_arms(fixture_params(*args, **over))
 
 
 def test_arms_params_model_is_derived_from_the_registry():
@@ -32,7 +53,10 @@ def test_arms_params_model_is_derived_from_the_registry():
 def test_each_entry_says_how_it_is_saved_and_whether_it_runs_sequentially():
     kinds = {n: e.artifact for n, e in S.REGISTRY.items()}
     assert kinds.pop("lora") == "adapter+merged" and kinds.pop("prompt_tuning") == "adapter"
+    assert kinds.pop("dora") == "adapter+merged" and kinds.pop("osf") == "adapter+merged"
+    assert kinds.pop("adapter") == "remote_code"
     assert set(kinds.values()) == {"model"}
+    assert [n for n, e in S.REGISTRY.items() if e.optimizer_hook] == ["osf"]
     assert [n for n, e in S.REGISTRY.items() if not e.sequential] == ["prompt_tuning", "scratch"]
     assert [n for n, e in S.REGISTRY.items() if e.blocks] == ["replay", "ewc"]
 
@@ -70,6 +94,38 @@ def test_adding_a_strategy_is_one_entry(tmp_path):
         S.REGISTRY.update(old)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("score") or ".layers.1." in n for n in trained)
+
+
+@pytest.mark.parametrize("strategy, want", [
+    ("dora", lambda n: "lora_" in n or ".score." in n),
+    ("adapter", lambda n: is_adapter_param(n) or n.startswith("score")),
+    ("osf", lambda n: "osf_" in n or ".score." in n),
+])
+def test_new_strategies_train_only_their_own_parameters(tmp_path, strategy, want):
+    """dora / adapter / osf (issue 14) through `build_classifier`: only their own parameters and
+    the head train; the trainable share is what `trainable %` reports."""
+    from ptf.models.trainable import count_trainable
+    pre = make_pretrained(tmp_path / "pre", make_tokenizer())
+    arm = getattr(cfg_of(params(), finetune.Config).arms, strategy)
+    model = S.build_classifier(pre, ["a", "b"], strategy, arm, seed=0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(want(n) for n in names), names
+    assert any("score" in n for n in names) and any(not ("score" in n) for n in names)
+    assert 0 < count_trainable(model)["trainable_fraction"] < 0.5
+
+
+def test_new_strategies_refuse_bad_arms_before_training(tmp_path):
+    pre = make_pretrained(tmp_path / "pre", make_tokenizer())
+    arms = cfg_of(params(), finetune.Config).arms
+    bad = {"dora": arms.dora.model_copy(update={"target_modules": ["nope"]}),
+           "adapter": arms.adapter.model_copy(update={"reduction_factor": 64}),
+           "osf": arms.osf.model_copy(update={"target_modules": ["embed_tokens"]})}
+    keys = {"dora": r"finetune\.arms\.dora\.target_modules: 'nope'",
+            "adapter": r"finetune\.arms\.adapter\.reduction_factor: got 64",
+            "osf": r"finetune\.arms\.osf"}
+    for name, arm in bad.items():
+        with pytest.raises(ConfigError, match=keys[name]):
+            S.build_classifier(pre, ["a", "b"], name, arm, seed=0)
 
 
 def test_registering_a_name_twice_fails():
@@ -127,3 +183,15 @@ def test_cli_unknown_strategy_exits_1_before_reading_params(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == \
         f"error: --strategy: unknown strategy 'dropout'; {KNOWN}"
 
+
+
+@pytest.mark.parametrize("plan", [{"movies": "adapter", "source": "adapter"},
+                                  {"movies": "dora", "source": "osf"}])
+def test_new_strategies_run_in_the_sequential_stage(tmp_path, plan):
+    """dora / osf merge into the shared backbone after their task (as LoRA); the adapter's
+    modules stay in it, and a later adapter task trains the same adapters on."""
+    from finetune_fixtures import make_root
+    root = make_root(tmp_path)
+    out = sequential.run(cfg_of(params(**{"sequential.strategy": plan}), sequential.Config),
+                         root=root)
+    assert out["strategy"] == [plan["movies"], plan["source"]] and len(out["matrix"]) == 3

@@ -181,8 +181,18 @@ def osf(model, arm: OsfArm):
 
 
 def adapters(model, arm: AdapterArm) -> None:
-    """Bottleneck adapters inserted; only they and the head train."""
-    add_adapters(model, arm.reduction_factor, arm.placement, arm.activation)
+    """Bottleneck adapters inserted; only they and the head train. In the sequential run the
+    backbone is shared: where an earlier task already inserted them, the same adapters train on
+    (with this task's head), the rest of the backbone frozen."""
+    from ptf.models.adapters import make_spec, mark_trainable
+    from ptf.models.adapter_modeling import is_adapter_param
+
+    if not any(is_adapter_param(n) for n, _ in model.named_parameters()):
+        add_adapters(model, arm.reduction_factor, arm.placement, arm.activation)
+        return
+    spec = make_spec(model, arm.reduction_factor, arm.placement, arm.activation)
+    model.config.bottleneck_adapters = spec.to_dict()
+    mark_trainable(model)
 
 
 def prompt_tuning(model, arm: PromptTuningArm):
