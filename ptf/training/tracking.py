@@ -213,10 +213,10 @@ class RunLogger:
                 self.run_id = placement.run_id
                 self._log_params(params)
         except (MlflowException, OSError, SQLAlchemyError) as e:
-            self._undo(placement.created)
+            self._undo(placement)
             raise store.refused(self._shown, "start the run", e) from None
         except BaseException:
-            self._undo(placement.created)
+            self._undo(placement)
             raise
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
@@ -226,16 +226,24 @@ class RunLogger:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def _undo(self, created: list[str]) -> None:
-        """Delete the runs this call created (best effort): no half-logged run tree."""
+    def _undo(self, placement: Any) -> None:
+        """Delete the runs this call created and mark FAILED the ones it had reopened (best
+        effort): no half-logged run tree."""
         from ptf.training.tracking_tree import forget_stage_run
 
         client = getattr(self, "client", None)
-        for run_id in reversed(created):
+        reopened = [r for r in (placement.stage_run, placement.pipeline if placement.owns_pipeline else None)
+                    if r and r not in placement.created]
+        for run_id in reversed(placement.created):
             forget_stage_run(run_id)
             try:
                 client.delete_run(run_id)
             except Exception:  # noqa: BLE001 - the store already refused a write
+                pass
+        for run_id in reopened:
+            try:
+                client.set_terminated(run_id, "FAILED")
+            except Exception:  # noqa: BLE001
                 pass
         self.run_id = None
 

@@ -308,8 +308,8 @@ def place(pl: Placement, client: Any, exp_id: str, uri: str, experiment: str, st
     if "seed" in own:   # one of several configuration runs of this stage
         key = (uri, experiment, pl.pipeline, dvc_stage, str(Path(root).resolve()), os.getpid())
         if key not in _STAGE_RUNS:
-            stage_tags = {**common, **found, LEVEL_TAG: STAGE,
-                          **{k: own[k] for k in ("task", "strategy") if k in own}}
+            item = ("task", "strategy") if "@" in dvc_stage else ("task",)  # curves: many strategies
+            stage_tags = {**common, **found, LEVEL_TAG: STAGE, **{k: own[k] for k in item if k in own}}
             run = client.create_run(exp_id, run_name=stage_name(stage, dvc_stage, own), tags=stage_tags)
             pl.created.append(run.info.run_id)
             _STAGE_RUNS[key] = run.info.run_id
