@@ -87,25 +87,32 @@ def test_finetune_cli_says_it_in_one_line(truncated_pretrained, monkeypatch, cap
     assert len(err) == 1 and err[0].startswith("error: ") and "model.safetensors" in err[0]
 
 
-def test_forgetting_names_a_truncated_pretrained_file(truncated_pretrained, monkeypatch):
-    from stages import forgetting
+def test_forgetting_names_a_truncated_pretrained_file(truncated_pretrained):
+    """The pretrained weights are checked first: before any input is read or a model built."""
+    from ptf.measures.outputs import Matrix
     from stages.forgetting import Config, run
-    # the fine-tune/curves/sequential inputs it reads first: present (empty) here
-    for name, value in [("discover_runs", []), ("read_curves", []), ("read_sequential", [])]:
-        monkeypatch.setattr(forgetting, name, lambda *a, v=value, **k: v)
-    monkeypatch.setattr(forgetting, "fill_n_classes", lambda *a, **k: None)
     cfg = parse_section("forgetting", read_params(REPO / "configs" / "smoke.yaml")["forgetting"], Config)
-    with pytest.raises(StageError, match="model.safetensors: truncated or corrupt"):
-        run(cfg, truncated_pretrained)
+    bad = truncated_pretrained / paths.PRETRAINED / "model.safetensors"
+    with pytest.raises(StageError, match="model.safetensors: truncated or corrupt") as e:
+        run(cfg, Matrix(tasks=["movies"], strategies=["full"]), truncated_pretrained)
+    assert str(bad) in str(e.value) and "dvc checkout data/models/pretrained" in str(e.value)
+    assert not (truncated_pretrained / paths.METRICS).exists()
 
 
 def test_a_truncated_finetuned_model_is_named(ft_root, tmp_path):
-    from ptf.models.artifacts import load_classifier
+    """A complete fine-tuned model directory (as the finetune stage writes it), then its weights
+    truncated: `load_classifier` names the file and how to restore it."""
+    from finetune_fixtures import make_tokenizer
+    from ptf.models import strategies as S
+    from ptf.models.artifacts import load_classifier, save_classifier
+    pre = ft_root / paths.PRETRAINED
+    clf = S.build_classifier(pre, ["negative", "positive"], "full", S.Arm(lrs=[1.0], weight_decay=0.0),
+                             seed=0)
     d = tmp_path / "clf"
-    (d).mkdir()
-    shutil.copy(ft_root / paths.PRETRAINED / "config.json", d / "config.json")
-    shutil.copy(ft_root / paths.PRETRAINED / "model.safetensors", d / "model.safetensors")
-    (d / "finetune_meta.json").write_text(json.dumps({"peft": False}))
+    save_classifier(clf, make_tokenizer(), d, {
+        "strategy": "full", "task": "movies", "pooling": "last", "label_names": ["negative", "positive"],
+        "pretrained_dir": str(pre), "max_length": 16, "padding_side": "left"})
+    load_classifier(d)  # whole: loads
     _truncate(d / "model.safetensors")
     with pytest.raises(StageError, match=rf"{d}/model.safetensors: truncated or corrupt.*dvc checkout"):
         load_classifier(d)
