@@ -35,6 +35,9 @@ ARMS = {
     "replay": arm(S.ReplayArm, weight=1.0, batch_size=2, block_len=8),
     "ewc": arm(S.EwcArm, lam=1.0, fisher_blocks=2, fisher_batch_size=1, block_len=8, normalize=True),
     "l2sp": arm(S.L2spArm, alpha=1.0),
+    "dora": arm(S.LoraArm, r=2, alpha=4.0, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    "adapter": arm(S.AdapterArm, reduction_factor=4, placement="both", activation="relu"),
+    "osf": arm(S.OsfArm, effective_rank=0.5, target_modules=None),
 }
 
 
@@ -73,6 +76,12 @@ def test_trainable_sets(pre, strategy):
     elif strategy == "prompt_tuning":
         assert any("prompt_encoder" in n for n in names) and any("score" in n for n in names)
         assert not any(".layers." in n for n in names)
+    elif strategy in ("dora", "osf", "adapter"):     # issue 14: own parameters + the head
+        own = {"dora": "lora_", "osf": "osf_svd_params", "adapter": ".bottleneck_adapter."}[strategy]
+        assert names and all(own in n or "score." in n for n in names), names
+        assert any(own in n for n in names) and any("score" in n for n in names)
+        if strategy == "dora":
+            assert any("lora_magnitude_vector" in n for n in names)
     else:
         assert len(names) == len(list(m.named_parameters()))
     frac = T.count_trainable(m)["trainable_fraction"]
