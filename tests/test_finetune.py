@@ -75,7 +75,7 @@ def test_strategy_trains_saves_loads_and_freezes(root, trained, strategy):
     emb, l0, l1 = "model.embed_tokens.weight", "model.layers.0.", "model.layers.1."
     if strategy in ("linear_probe", "prompt_tuning"):
         assert not changed                      # backbone bitwise unchanged
-    elif strategy == "lora":
+    elif strategy in ("lora", "dora"):
         assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only merged LoRA
         raw = load_file(d / "adapter_model.safetensors")
         assert any("lora_B" in k and v.abs().sum() > 0 for k, v in raw.items())
@@ -85,6 +85,10 @@ def test_strategy_trains_saves_loads_and_freezes(root, trained, strategy):
     elif strategy == "gradual_unfreeze":     # every=1, 3 steps: head, +layer 1, +layer 0
         assert emb in same
         assert any(k.startswith(l0) for k in changed) and any(k.startswith(l1) for k in changed)
+    elif strategy == "adapter":               # original weights untouched, adapters added
+        assert not changed and set(got) - set(pre)
+    elif strategy == "osf":                   # merged into the linear layers, embeddings frozen
+        assert emb in same and any(k.startswith(l0) for k in changed)
     else:
         assert emb in changed and any(k.startswith(l0) for k in changed)
 
