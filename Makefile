@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 repro: setup
-	dvc repro
+	python -m flows.mlflow_record repro   # dvc repro, grouped as one MLflow pipeline run
 
 test: setup
 	pytest -q --durations=10 tests

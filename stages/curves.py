@@ -55,7 +55,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     data = load_task(root, cc.task, ctx.tokenizer, cfg.data)
     for s in cc.strategies:
         preflight(ctx, s, data)
-    check_reachable(tracking_uri(root))
+    check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {}

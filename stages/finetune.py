@@ -50,7 +50,7 @@ def run(cfg: Config, task: str, strategy: str, root: Path = Path(".")) -> dict[s
     ctx = Context.create(root, cfg)
     data = load_task(root, task, ctx.tokenizer, cfg.data)
     preflight(ctx, strategy, data)
-    check_reachable(tracking_uri(root))
+    check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
     out = root / paths.FINETUNED / task / strategy
     with atomic_dir(out) as tmp:

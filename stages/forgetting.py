@@ -130,7 +130,7 @@ def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, An
     if not (pre / "config.json").is_file():
         raise StageError(f"{pre}: no pretrained model; run `dvc repro pretrain`")
     check_weights(pre, PRETRAINED_REMEDY)  # a truncated file: say which one, before any compute
-    check_reachable(tracking_uri(root))
+    check_reachable(tracking_uri(root), experiment=cfg.experiment)
     runs = out.read_finetune(root, matrix)
     out.read_models(root, runs)
     curves = out.read_curves(root)

@@ -204,7 +204,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
     root = Path(root)
     t_start = time.perf_counter()
     uri = tracking_uri(root)
-    check_reachable(uri)  # before any work: a wrong tracking URI fails in a second, not an hour
+    check_reachable(uri, experiment=cfg.experiment)  # before any work: a wrong tracking URI fails in a second, not an hour
     manifest, tok = _read_inputs(root)
     block = int(manifest["train"]["block_size"])
     found, fconfig = (open_foundation(root / FOUNDATION_DIR, cfg.objective, tok, root / paths.TOKENIZER)

@@ -51,7 +51,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     datas = [load_task(root, t, ctx.tokenizer, cfg.data) for t in sc.order]
     for d in datas:
         preflight(ctx, plan[d.name], d)
-    check_reachable(tracking_uri(root))
+    check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
     # one classifier per task (seeded head), all sharing the first one's backbone module
     clfs = [build_classifier(ctx.pretrained, d.label_names, "full", cfg.arms.full,
