@@ -4,7 +4,7 @@ trained together (`ptf.training.batched.fit_together`), with the same results.
 Run:  .venv/bin/python bench/sweep_speed.py [--strategies full linear_probe] [--k 8] [--repeats 5]
                                             [--alone 1] [--threads 1]
 
-- Model: data/models/pretrained when it exists, else the `pretrain.model` of params.yaml with
+- Model: data/models/pretrained (under `--data`, default this repo) when it exists, else the `pretrain.model` of params.yaml with
   random weights (the default 2-layer, d=128 Llama; vocabulary 8192 from the tokenizer that
   `bench/pretrain_speed.py` builds or links). Task: data/tasks/<first finetune task> when it
   exists, else synthetic texts with the real tasks' lengths (mean ~32 tokens, cap
@@ -20,8 +20,9 @@ Run:  .venv/bin/python bench/sweep_speed.py [--strategies full linear_probe] [--
   seconds per configuration; the paths are interleaved (a, b, b, a, ...) and medians reported,
   because other jobs share this CPU. One torch thread by default: with two, the CPU time of
   both paths is inflated by OpenMP threads spinning while the other waits for a shared core
-  (measured here at load ~10: 50 CPU-s for a fine-tune that takes 4 at one thread). The results of (a) and (b) for the same configuration are
-  compared (best step, validation and test accuracy, test predictions).
+  (measured here at load ~10: 50 CPU-s for a fine-tune that takes 4 at one thread). The
+  results of (a) and (b) for the same configuration are compared (best step, validation and
+  test accuracy, test predictions).
 - Out: the table on stdout and bench/results/sweep_speed.json.
 """
 from __future__ import annotations
@@ -48,8 +49,9 @@ LRS = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "linear_probe": [1e-3, 3e-3, 1e-2, 3e-2
 KEYS = ("best_step", "val_accuracy", "test_accuracy")
 
 
-def prepare(tmp: Path):
-    """(Context, TaskData, finetune config, where the model and task came from)."""
+def prepare(tmp: Path, data_root: Path = REPO):
+    """(Context, TaskData, finetune config, where the model and task came from); the model and
+    task are read under `data_root` (default: this repo) when there."""
     from bench.pretrain_speed import prepare_root
     from ptf.common import paths
     from ptf.common.config import parse_section, read_params
@@ -64,10 +66,10 @@ def prepare(tmp: Path):
     cfg = parse_section("finetune", {**params["finetune"], "pooling": "last"}, FinetuneKeys)
     root = prepare_root(tmp / "root", blocks=64)
     pre = root / paths.PRETRAINED
-    if (REPO / paths.PRETRAINED / "config.json").is_file():
+    if (data_root / paths.PRETRAINED / "config.json").is_file():
         pre.parent.mkdir(parents=True, exist_ok=True)
-        pre.symlink_to(REPO / paths.PRETRAINED)
-        source = {"model": str(paths.PRETRAINED)}
+        pre.symlink_to(data_root / paths.PRETRAINED)
+        source = {"model": str(data_root / paths.PRETRAINED)}
     else:
         tok = AutoTokenizer.from_pretrained(str(root / paths.TOKENIZER))
         torch.manual_seed(0)
@@ -77,11 +79,11 @@ def prepare(tmp: Path):
         source = {"model": "random weights, params.yaml pretrain.model"}
     ctx = Context.create(root, cfg)
     task = cfg.tasks[0]
-    if (REPO / paths.TASKS / task / "dataset_dict.json").is_file():
+    if (data_root / paths.TASKS / task / "dataset_dict.json").is_file():
         (root / paths.TASKS).parent.mkdir(parents=True, exist_ok=True)
-        (root / paths.TASKS).symlink_to(REPO / paths.TASKS)
+        (root / paths.TASKS).symlink_to(data_root / paths.TASKS)
         data = load_task(root, task, ctx.tokenizer, cfg.data)
-        source["task"] = str(paths.TASKS / task)
+        source["task"] = str(data_root / paths.TASKS / task)
     else:
         rng = random.Random(0)
         cap, vocab = cfg.data.max_length, len(ctx.tokenizer)
@@ -163,8 +165,8 @@ def measure(ctx, data, cfg, strategy: str, k: int, repeats: int, n_alone: int) -
         row["ratio_wall"] = row["alone_wall_s"] / row["together_wall_s"]
         rows.append(row)
         print(f"{strategy} repeat {r}: alone {row['alone_cpu_s']:.2f} CPU-s/config, together "
-              f"{row['together_cpu_s']:.2f}: {row['ratio_cpu']:.2f}x (wall {row['ratio_wall']:.2f}x), "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+              f"{row['together_cpu_s']:.2f}: {row['ratio_cpu']:.2f}x "
+              f"(wall {row['ratio_wall']:.2f}x), load {os.getloadavg()[0]:.1f}", flush=True)
     med = {x: statistics.median(r[x] for r in rows)
            for x in ("alone_cpu_s", "together_cpu_s", "alone_wall_s", "together_wall_s",
                      "ratio_cpu", "ratio_wall")}
@@ -182,13 +184,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--alone", type=int, default=1, help="configurations run alone per repeat")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--data", default=str(REPO), help="folder whose data/ holds the pretrained "
+                    "model and the tasks (default: this repo; absent: random model, synthetic task)")
     ap.add_argument("--out", default=str(REPO / "bench/results/sweep_speed.json"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as d:
-        ctx, data, cfg, source = prepare(Path(d))
+        ctx, data, cfg, source = prepare(Path(d), Path(a.data))
         res = {s: measure(ctx, data, cfg, s, a.k, a.repeats, a.alone) for s in a.strategies}
     tc = cfg.train
     result = {
@@ -215,9 +219,9 @@ def main() -> None:
         m = r["medians_per_config"]
         ok = r["same_results"]["compared"] - len(r["same_results"]["mismatches"])
         print(f"{s:13s} one at a time {60 / m['alone_cpu_s']:6.1f} configurations per CPU-minute, "
-              f"together {60 / m['together_cpu_s']:6.1f}: median ratio {r['median_ratio_cpu']:.2f}x "
-              f"per CPU second ({r['median_ratio_wall']:.2f}x wall); same results "
-              f"{ok}/{r['same_results']['compared']}")
+              f"together {60 / m['together_cpu_s']:6.1f}: median ratio "
+              f"{r['median_ratio_cpu']:.2f}x per CPU second ({r['median_ratio_wall']:.2f}x wall); "
+              f"same results {ok}/{r['same_results']['compared']}")
     print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs); "
           f"written {a.out}")
 

@@ -68,7 +68,8 @@ def check_inputs(cfg: Config, root: Path) -> None:
         raise StageError(f"{root / paths.TASKS}: no task data for {missing} (baselines.tasks); "
                          "run `dvc repro download`, or fix baselines.tasks")
     if not (root / paths.TOKENIZER / "tokenizer_config.json").is_file():
-        raise StageError(f"{root / paths.TOKENIZER}: tokenizer not found; run `dvc repro tokenizer`")
+        raise StageError(f"{root / paths.TOKENIZER}: tokenizer not found; "
+                         "run `dvc repro tokenizer`")
 
 
 def task_baselines(data: TaskData, cfg: Config, progress=None) -> dict[str, Any]:

@@ -94,7 +94,8 @@ def test_l2_chosen_on_validation_never_on_test():
     v = Vocabulary.from_sequences(data.train.ids)
     xtr, xva, xte = (v.counts(s.ids) for s in (data.train, data.validation, data.test))
     fits = {l2: fit_logreg(xtr, data.train.labels, 2, l2, 300) for l2 in grid}
-    on_test = {l2: scores(m.predict(xte), data.test.labels, 2)["accuracy"] for l2, m in fits.items()}
+    on_test = {l2: scores(m.predict(xte), data.test.labels, 2)["accuracy"]
+               for l2, m in fits.items()}
     on_val = {l2: scores(m.predict(xva), data.validation.labels, 2)["accuracy"]
               for l2, m in fits.items()}
     assert on_val[10.0] > on_val[1e-4] and on_test[1e-4] > on_test[10.0]   # the splits disagree

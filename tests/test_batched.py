@@ -96,7 +96,9 @@ def _reference(root, ctx, strategy, configs, **train):
 @pytest.mark.parametrize("strategy, train", [
     ("full", {}),
     ("full", {"patience": 1, "eval_every": 2, "max_steps": 14}),   # early stops, per run
-    ("linear_probe", {"grad_accum": 2, "max_steps": 6}),
+    ("linear_probe", {"grad_accum": 2, "max_steps": 6}),   # shared frozen features
+    ("freeze_bottom", {"max_steps": 6}),
+    ("scratch", {"max_steps": 6}),
 ])
 def test_fit_together_equals_one_at_a_time(root, strategy, train):
     from ptf.training.trainer import reset_accelerate
@@ -107,7 +109,8 @@ def test_fit_together_equals_one_at_a_time(root, strategy, train):
     ms = models(root, strategy, [s for _, s in configs])
     tc = ctx.cfg.train
     got = fit_together([Run(m, lr, s, data.train) for m, (lr, s) in zip(ms, configs)], tc,
-                       tc.max_steps, lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
+                       tc.max_steps,
+                       lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
                        data.validation, data.test, data.n_classes,
                        getattr(ctx.cfg.arms, strategy).weight_decay)
     for (want, clf), r, m in zip(ref, got, ms):

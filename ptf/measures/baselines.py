@@ -5,10 +5,10 @@ In:  token-id sequences and labels of a task's train / validation / test splits 
      tokenizer and the fine-tuning caps, see `stages/baselines.py`), the number of classes, a
      grid of L2 strengths.
 Out: `majority_label` (the most frequent TRAIN label), `Vocabulary` (the token ids seen in train,
-     as feature columns) and its `counts` (a sparse count matrix), `fit_logreg` (multinomial logistic
-     regression by full-batch L-BFGS in float64) and `select_l2` (one fit per L2 strength, the
-     strength chosen on validation accuracy only), `scores` (accuracy and macro-F1 from a
-     confusion matrix).
+     as feature columns) and its `counts` (a sparse count matrix), `fit_logreg` (multinomial
+     logistic regression by full-batch L-BFGS in float64) and `select_l2` (one fit per L2
+     strength, the strength chosen on validation accuracy only), `scores` (accuracy and
+     macro-F1 from a confusion matrix).
 
 The logistic regression minimises mean cross-entropy + l2 / 2 * ||W||^2 (the bias is not
 penalised); sklearn's `C` is 1 / (l2 * n_train). Token ids never seen in train get no column:
@@ -17,6 +17,7 @@ L-BFGS from a zero start in float64 is deterministic, so the stage's JSON is rep
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,9 +60,8 @@ class Vocabulary:
                                        (len(seqs), len(col)), check_invariants=True).coalesce()
 
 
-def _scores_of(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ w + b for a sparse or dense x (differentiable in w and b)."""
-    return (torch.sparse.mm(x, w) if x.is_sparse else x @ w) + b
+def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.sparse.mm(x, w) if x.layout != torch.strided else x @ w
 
 
 @dataclass
@@ -73,35 +73,40 @@ class LinearModel:
     loss: float                   # final regularised training loss
 
     def predict(self, x: torch.Tensor) -> list[int]:
-        return _scores_of(x.to(torch.float64), self.weight, self.bias).argmax(-1).tolist()
-
-
-def _objective(x, w, b, target, l2: float) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(_scores_of(x, w, b), target) + 0.5 * l2 * (w * w).sum()
+        return (_matmul(x.to(torch.float64), self.weight) + self.bias).argmax(-1).tolist()
 
 
 def fit_logreg(x: torch.Tensor, y: Sequence[int], n_classes: int, l2: float,
                max_iter: int = 500) -> LinearModel:
-    """Multinomial logistic regression, full-batch L-BFGS (strong Wolfe line search) from zero."""
+    """Multinomial logistic regression, full-batch L-BFGS (strong Wolfe line search) from zero.
+    The gradient is written out (X^T (softmax - onehot) / n + l2 W), with X and X^T kept as
+    CSR matrices: autograd through a sparse product re-transposes X at every evaluation."""
     if l2 <= 0:
         raise ValueError(f"l2 must be > 0, got {l2}")
     x = x.to(torch.float64)
+    xt = (x.t().coalesce() if x.is_sparse else x.t().contiguous())
+    if x.is_sparse:
+        with warnings.catch_warnings():      # "Sparse CSR tensor support is in beta state"
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+            x, xt = x.to_sparse_csr(), xt.to_sparse_csr()
     target = torch.as_tensor(list(y), dtype=torch.long)
+    onehot = torch.nn.functional.one_hot(target, n_classes).to(torch.float64)
+    n = x.shape[0]
     w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
+    @torch.no_grad()
     def objective() -> torch.Tensor:
-        opt.zero_grad()
-        loss = _objective(x, w, b, target, l2)
-        loss.backward()
-        return loss
+        logp = torch.log_softmax(_matmul(x, w) + b, dim=-1)
+        resid = (logp.exp() - onehot) / n
+        w.grad = _matmul(xt, resid) + l2 * w
+        b.grad = resid.sum(0)
+        return -(logp * onehot).sum() / n + 0.5 * l2 * (w * w).sum()
 
     opt.step(objective)
-    with torch.no_grad():
-        final = float(_objective(x, w, b, target, l2))
+    final = float(objective())
     iters = int(opt.state[w].get("n_iter", 0))   # LBFGS keeps its state under the first param
     return LinearModel(w.detach(), b.detach(), l2, iters, final)
 
@@ -111,7 +116,7 @@ def scores(pred: Sequence[int], gold: Sequence[int], n_classes: int) -> dict[str
     nor present, averaged over all `n_classes`), the same definitions as the fine-tuning runs."""
     p = torch.as_tensor(list(pred), dtype=torch.long)
     g = torch.as_tensor(list(gold), dtype=torch.long)
-    conf = torch.bincount(g * n_classes + p, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    conf = torch.bincount(g * n_classes + p, minlength=n_classes ** 2).view(n_classes, n_classes)
     tp = conf.diag().double()
     denom = 2 * tp + (conf.sum(0) - conf.diag()).double() + (conf.sum(1) - conf.diag()).double()
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))

@@ -106,7 +106,8 @@ class Packed:
         start = torch.cumsum(n, 0) - n                       # row of each sequence's first token
         t = cols - m.long().argmax(1)[rows]                  # index within the sequence
         # slots past a sequence's end repeat its last token: no real query sees them (causal)
-        to_view = start[:, None] + torch.minimum(torch.arange(T)[None, :], (n - 1).clamp(min=0)[:, None])
+        upto = torch.minimum(torch.arange(T)[None, :], (n - 1).clamp(min=0)[:, None])
+        to_view = start[:, None] + upto
         # HF's pooled token: the last one that is not the pad id (a text of pad ids: its first)
         nonpad = torch.where(ids != pad_id, torch.arange(len(ids)), -1)
         last = torch.full((S,), -1, dtype=torch.long).scatter_reduce(0, rows, nonpad, "amax")
@@ -192,8 +193,8 @@ class PackedLlama:
             x = x + F.linear(o, a.o_proj.weight)
             h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
             f = layer.mlp
-            x = x + F.linear(F.silu(F.linear(h, f.gate_proj.weight)) * F.linear(h, f.up_proj.weight),
-                             f.down_proj.weight)
+            gated = F.silu(F.linear(h, f.gate_proj.weight)) * F.linear(h, f.up_proj.weight)
+            x = x + F.linear(gated, f.down_proj.weight)
         return _rms(x, base.norm.weight, self.eps)
 
 
@@ -266,12 +267,14 @@ class FrozenFeatures:
             if {n for n, p in m.named_parameters() if p.requires_grad} != {"score.weight"}:
                 return False
         ref = models[0].model.state_dict()
-        return all(torch.equal(v, m.model.state_dict()[k]) for m in models[1:] for k, v in ref.items())
+        return all(torch.equal(v, m.model.state_dict()[k])
+                   for m in models[1:] for k, v in ref.items())
 
     @torch.no_grad()
     def of_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(S, hidden) features of a padded batch, computed for the texts not seen before."""
-        keys = [tuple(x[m].tolist()) for x, m in zip(batch["input_ids"], batch["attention_mask"].bool())]
+        keys = [tuple(x[m].tolist())
+                for x, m in zip(batch["input_ids"], batch["attention_mask"].bool())]
         new = [i for i, k in enumerate(keys) if k not in self.cache]
         if new:
             sub = {k: v[new] for k, v in batch.items()}
@@ -298,10 +301,13 @@ def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[
         raise ValueError(f"cannot train these models together: {reason}")
     nets = [PackedLlama(r.model) for r in runs]
     pad_id = runs[0].model.config.pad_token_id
-    frozen = FrozenFeatures(nets[0], pad_id) if FrozenFeatures.applies([r.model for r in runs]) else None
+    frozen = None
+    if FrozenFeatures.applies([r.model for r in runs]):
+        frozen = FrozenFeatures(nets[0], pad_id)
     splits = {"validation": pack_split(validation, EVAL_CHUNK, pad_id),
               "test": pack_split(test, EVAL_CHUNK, pad_id)}
-    features = {name: split_outputs(nets[0].pooled, sp) for name, sp in splits.items()} if frozen else {}
+    features = ({name: split_outputs(nets[0].pooled, sp) for name, sp in splits.items()}
+                if frozen else {})
 
     def train_logits(i: int, batch) -> torch.Tensor:
         if frozen:
@@ -333,7 +339,8 @@ def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[
             loss = 0.0
             for _ in range(tc.grad_accum):
                 batch = next(data[i])
-                ce = F.cross_entropy(train_logits(i, batch).float(), batch["labels"]) / tc.grad_accum
+                ce = F.cross_entropy(train_logits(i, batch).float(), batch["labels"])
+                ce = ce / tc.grad_accum
                 ce.backward()
                 loss += float(ce.detach())
             if tc.grad_clip:
