@@ -27,7 +27,9 @@ test: setup
 # mutants against the tests of its modules only ([tool.ptf-mutate] in pyproject.toml), in scratch
 # copies under $(MUTATE_DIR), so nothing lands in the work tree. It prints the score per module
 # and every mutant not killed. `make mutate GROUPS="cl_metrics claims"` runs some groups; the
-# diff of one mutant: `make mutate-show G=cl_metrics M=<mutant name>`.
+# diff of one mutant: `make mutate-show G=cl_metrics M=<mutant name>`. Measured on 2 shared
+# cores: cl_metrics (343 mutants, test_cl_metrics.py) 43 s; report (3,279 mutants, test_results.py
+# and test_report_prose.py) about 1 tested mutant/s, so tens of minutes: run groups as needed.
 MUTATE_DIR ?= $(or $(TMPDIR),/tmp)/ptf-mutate
 GROUPS ?=
 .PHONY: mutate mutate-show

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,18 @@ def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, st
     git(scratch, "commit", "-qm", "make mutate scratch copy")
     print(f"== {group['name']}: {' '.join(group['mutants'])} <- {' '.join(group['tests'])}", flush=True)
     start = time.monotonic()
-    run = subprocess.run([str(MUTMUT), "run", *group["mutants"]], cwd=scratch)
+    # its own process group: stopping this script (Ctrl-C, a timeout's SIGTERM) stops mutmut's
+    # workers too, instead of leaving them running
+    run = subprocess.Popen([str(MUTMUT), "run", *group["mutants"]], cwd=scratch, start_new_session=True)
+    try:
+        run.wait()
+    except BaseException:
+        os.killpg(run.pid, signal.SIGTERM)
+        try:
+            run.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+        raise
     seconds = time.monotonic() - start
     if run.returncode != 0:
         raise SystemExit(f"mutmut run failed for group {group['name']} (exit {run.returncode}); "
@@ -144,4 +156,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop mutmut's group too
     sys.exit(main())
