@@ -117,3 +117,156 @@ def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
     assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
     assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
+
+
+# ---------------------------------------------------------------- gaps found by mutation testing
+# Each test below fails under a change to cl_metrics.py / stats.py that the tests above let pass
+# (`make mutate GROUPS=cl_metrics`). The error messages are checked whole: they are what a user
+# sees when a matrix of the wrong shape reaches the forgetting stage.
+
+def _message(excinfo) -> str:
+    return str(excinfo.value)
+
+
+def test_forgetting_with_two_tasks():
+    # T = 2: only task 0 has forgetting, f_0 = max over row 1 alone (0.9) - final 0.6 = 0.3.
+    # Row 0 (0.95) is not a point of the sequence; task 1 (just learned) has no value.
+    M = [[0.95, 0.5], [0.9, 0.4], [0.6, 0.8]]
+    assert cl.forgetting_per_task(M) == pytest.approx([0.3])
+    assert cl.average_forgetting(M) == pytest.approx(0.3)
+    # BWT = R[2][0] - R[1][0] = -0.3; FWT = R[1][1] - R[0][1] = 0.4 - 0.5 = -0.1
+    assert cl.backward_transfer(M) == pytest.approx(-0.3)
+    assert cl.forward_transfer(M) == pytest.approx(-0.1)
+    assert cl.learning_accuracy(M) == pytest.approx([0.9, 0.8])
+    assert cl.final_accuracy(M) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[0.5, 0.5]], "accuracy matrix must have T+1 rows and T >= 1 columns, got shape (1, 2)"),
+    ([[]], "accuracy matrix must have T+1 rows and T >= 1 columns, got shape (1, 0)"),
+    ([0.5, 0.5], "accuracy matrix must have T+1 rows and T >= 1 columns, got shape (2,)"),
+    ([[0.1, float("inf")], [1, 1], [1, 1]], "accuracy matrix has non-finite entries"),
+    ("x", "accuracy matrix is not a rectangular table of numbers: could not convert string to float: 'x'"),
+])
+def test_bad_matrix_messages(bad, message):
+    with pytest.raises(cl.MatrixError) as e:
+        cl.as_matrix(bad)
+    assert _message(e) == message
+
+
+def test_bad_chance_and_baseline_messages():
+    with pytest.raises(cl.MatrixError) as e:
+        cl.chance_adjust(R, [0.5, 0.5])
+    assert _message(e) == "chance must be a number or a vector of length T=3, got shape (2,)"
+    with pytest.raises(cl.MatrixError) as e:
+        cl.chance_adjust(R, [0.5, float("nan"), 0.2])
+    assert _message(e) == "chance has non-finite entries"
+    with pytest.raises(cl.MatrixError) as e:
+        cl.chance_adjust(R, [0.5, 1.0, 0.2])
+    assert _message(e) == "chance accuracies must be in [0, 1), got [0.5, 1.0, 0.2]"
+    with pytest.raises(cl.MatrixError) as e:
+        cl.chance_adjust(R, -0.1)
+    assert _message(e) == "chance accuracies must be in [0, 1), got [-0.1, -0.1, -0.1]"
+    with pytest.raises(cl.MatrixError) as e:
+        cl.forward_transfer(R, baseline=[0.5, 0.5])
+    assert _message(e) == "baseline must be a number or a vector of length T=3, got shape (2,)"
+    with pytest.raises(cl.MatrixError) as e:
+        cl.sequential_measures(R, baseline=[0.5, float("inf"), 0.2])
+    assert _message(e) == "baseline has non-finite entries"
+
+
+def test_chance_zero_is_the_identity_and_a_scalar_baseline_applies_to_every_task():
+    # c = 0 is allowed (the bound is [0, 1)): (a - 0) / (1 - 0) = a.
+    assert cl.chance_adjust(R, 0.0).tolist() == R
+    # c just below 1 is allowed too: (0.995 - 0.99) / 0.01 = 0.5
+    assert cl.chance_adjust([[0.995]], 0.99)[0].tolist() == pytest.approx([0.5])
+    # baseline 0.3 for every task: ((0.40 - 0.3) + (0.30 - 0.3)) / 2 = 0.05
+    assert cl.forward_transfer(R, baseline=0.3) == pytest.approx(0.05)
+
+
+def test_sequential_measures_with_a_baseline():
+    # baseline b = [0.5, 0.6, 0.4]; raw FWT = ((0.40 - 0.6) + (0.30 - 0.4)) / 2 = -0.15.
+    # Adjusted with c = [0.5, 0.5, 0.2]: b' = [0, 0.2, 0.25]; R'[1][1] = -0.2, R'[2][2] = 0.125
+    # (test_chance_adjustment) -> ((-0.2 - 0.2) + (0.125 - 0.25)) / 2 = -0.2625.
+    m = cl.sequential_measures(R, chance=CHANCE, baseline=[0.5, 0.6, 0.4])
+    assert m["fwt_baseline"] == "given"
+    assert m["raw"]["fwt"] == pytest.approx(-0.15)
+    assert m["chance_adjusted"]["fwt"] == pytest.approx(-0.2625)
+    # every key of a block, raw and adjusted
+    assert m["raw"] == {
+        "acc": pytest.approx(2.35 / 3), "learning_accuracy": pytest.approx([0.90, 0.85, 0.95]),
+        "forgetting": pytest.approx([0.30, 0.05]), "avg_forgetting": pytest.approx(0.175),
+        "bwt": pytest.approx(-0.175), "fwt": pytest.approx(-0.15), "matrix": R,
+    }
+    adj = m["chance_adjusted"]
+    # learning accuracy adjusted: R'[1][0] = 0.8, R'[2][1] = 0.7, R'[3][2] = 0.9375
+    assert adj["learning_accuracy"] == pytest.approx([0.8, 0.7, 0.9375])
+    expected = [[0, -0.4, 0.0625], [0.8, -0.2, 0], [0.4, 0.7, 0.125], [0.2, 0.6, 0.9375]]
+    assert [x for row in adj["matrix"] for x in row] == pytest.approx(sum(expected, []))
+    assert all(type(x) is float for row in adj["matrix"] for x in row)
+    # without a baseline: FWT against row 0, and no adjusted block without chance
+    plain = cl.sequential_measures(R)
+    assert plain["fwt_baseline"] == "row 0" and "chance_adjusted" not in plain
+    assert plain["raw"]["fwt"] == pytest.approx(0.075)
+
+
+def test_pooled_loss_token_counts():
+    # one predicted token is enough: 3.0 / 1
+    assert cl.pooled_loss([3.0], [1]) == 3.0
+    # (2 + 4) / (1 + 2) = 2.0
+    assert cl.pooled_loss([2.0, 4.0], [1, 2]) == 2.0
+    for counts in ([0], [0, 0], [-1]):
+        with pytest.raises(ValueError) as e:
+            cl.pooled_loss([1.0] * len(counts), counts)
+        assert _message(e) == "no predicted tokens"
+
+
+def test_drift_every_key_and_its_input_checks():
+    # blocks: reference 20, 30 over 10, 10 tokens; fine-tuned 25, 28 (test_drift_paired)
+    d = cl.drift([20, 30], [25, 28], [10, 10])
+    assert d == {
+        "loss_pretrained": pytest.approx(2.5), "loss_finetuned": pytest.approx(2.65),
+        "ppl_pretrained": pytest.approx(math.exp(2.5)), "ppl_finetuned": pytest.approx(math.exp(2.65)),
+        "delta_loss": pytest.approx(0.15), "rel_delta_pct": pytest.approx(6.0),
+        "ppl_ratio": pytest.approx(math.exp(0.15)), "share_worse": 0.5, "blocks": 2, "tokens": 20,
+    }
+    assert type(d["blocks"]) is int and type(d["tokens"]) is int
+    # a block with a single token is enough; the tokens are counted, not the blocks:
+    # (4 - 2) / 1 = +2 per token for block 0, 0 for block 1 -> share worse 0.5
+    one = cl.drift([2.0, 10.0], [4.0, 10.0], [1, 5])
+    assert one["tokens"] == 6 and one["blocks"] == 2 and one["share_worse"] == 0.5
+    assert one["loss_pretrained"] == pytest.approx(2.0) and one["loss_finetuned"] == pytest.approx(14 / 6)
+    # reference loss 0: the relative change is undefined (nan), the rest is computed
+    zero = cl.drift([0.0], [1.0], [2])
+    assert math.isnan(zero["rel_delta_pct"]) and zero["delta_loss"] == pytest.approx(0.5)
+    shape_message = "need equal, non-empty 1-d per-block vectors, got {}, {}, {}"
+    for args, shapes in [(([1, 2], [1, 2], [1]), ("(2,)", "(2,)", "(1,)")),
+                         (([1], [1, 2], [1, 2]), ("(1,)", "(2,)", "(2,)")),
+                         (([[1]], [[1]], [[1]]), ("(1, 1)",) * 3),
+                         (([], [], []), ("(0,)",) * 3)]:
+        with pytest.raises(ValueError) as e:
+            cl.drift(*args)
+        assert _message(e) == shape_message.format(*shapes)
+    with pytest.raises(ValueError) as e:
+        cl.drift([1, 2], [1, 2], [5, 0])
+    assert _message(e) == "every block needs at least one predicted token"
+
+
+def test_exp_saturates_to_inf_from_700():
+    # exp(700) ~ 1.0e304 is still finite, but the module maps every x >= 700 to inf
+    assert cl._exp(699.0) == math.exp(699.0)
+    assert cl._exp(700.0) == float("inf")
+    assert cl._exp(710.0) == float("inf")  # math.exp would raise OverflowError here
+    # through drift: reference loss 0, fine-tuned 720 nats/token -> perplexity inf, not an error
+    d = cl.drift([0.0], [720.0], [1])
+    assert d["ppl_finetuned"] == float("inf") and d["ppl_ratio"] == float("inf")
+    assert d["ppl_pretrained"] == 1.0
+
+
+def test_mean_std_of_two_values_and_none_skipped():
+    # sample std of [1, 2]: sqrt(((1 - 1.5)^2 + (2 - 1.5)^2) / 1) = sqrt(0.5)
+    assert mean_std([1.0, 2.0]) == {"mean": 1.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
+    assert mean_std([1.0, None, 2.0]) == {"mean": 1.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
+    assert mean_std([]) == {"mean": None, "std": None, "n": 0}
+    out = mean_std([1, 3])
+    assert type(out["mean"]) is float and type(out["std"]) is float and type(out["n"]) is int
