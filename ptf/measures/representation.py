@@ -15,8 +15,10 @@ Out:
     `cka_per_layer(a, b)` applies it layer by layer (foundation vs fine-tuned on the same text).
   - `fit_probe` / `probe_accuracy` / `probe_retention`: a multinomial logistic regression on
     frozen, standardised features (L-BFGS, L2, deterministic), trained on a task's train split
-    and scored on its test split, for the model before and after fine-tuning on ANOTHER task:
-    {before, after, lost = before - after, retention = after / before}.
+    and scored on a held-out split of it, for the model before and after fine-tuning on ANOTHER
+    task: {before, after, lost = before - after, retention = after / before}. The pipeline
+    scores it on the VALIDATION split (`ptf.measures.representation_arms`): the test split is
+    read once, by the final evaluation.
   - `bits_per_byte(nats_per_token, n_tokens, n_bytes)` and `utf8_bytes(tokenizer, rows)`: a loss
     in nats per token as bits per UTF-8 byte of the text the tokens stand for, so that models
     with different tokenizers can be compared.
