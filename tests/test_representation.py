@@ -108,3 +108,74 @@ def test_utf8_bytes_of_token_rows():
         tok = make_tokenizer(Path(d), "bpe")
     rows = [tok("the cat sat.")["input_ids"] + [tok.eos_token_id], tok(" on a mat")["input_ids"]]
     assert utf8_bytes(tok, rows) == len("the cat sat.") + len(" on a mat")
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation testing
+# Each test below fails under a change to representation.py that the tests above let pass
+# (`make mutate GROUPS=representation`).
+
+@pytest.mark.parametrize("x, y, shapes", [
+    (np.ones((3, 2)), np.ones(3), "(3, 2) and (3,)"),           # y not a matrix
+    (np.ones(3), np.ones((3, 2)), "(3,) and (3, 2)"),           # x not a matrix
+    (np.ones((3, 2)), np.ones((4, 2)), "(3, 2) and (4, 2)"),    # different examples
+    (np.ones((1, 2)), np.ones((1, 2)), "(1, 2) and (1, 2)"),    # one example
+])
+def test_cka_refuses_bad_shapes_with_its_message(x, y, shapes):
+    with pytest.raises(ValueError) as e:
+        linear_cka(x, y)
+    assert str(e.value) == f"linear_cka needs two (n, d) matrices over the same n >= 2 examples, got {shapes}"
+
+
+def test_cka_two_examples_and_small_scales():
+    # n = 2 is enough: centred x = (-0.5, 0.5), y = (-1, 1): one direction each -> CKA 1
+    assert linear_cka([[0.0], [1.0]], [[3.0], [5.0]]) == pytest.approx(1.0)
+    # the 1-d case of test_cka_one_dimension_is_squared_correlation at a scale of 1e-3: the
+    # denominator is ~1e-12, still > 0, and CKA is scale-free -> 1/4 again (not NaN)
+    assert linear_cka([[1e-3], [2e-3], [3e-3]], [[1e-3], [3e-3], [2e-3]]) == pytest.approx(0.25)
+    # the same in the Gram form (2 examples < 3 dims): rows (1,0,0), (0,1,0) vs (1,0,0), (0,0,1)
+    # centred x = ±(0.5, -0.5, 0), y = ±(0.5, 0, -0.5): both Grams [[.5, -.5], [-.5, .5]] -> 1
+    gx = np.array([[1e-3, 0, 0], [0, 1e-3, 0]])
+    gy = np.array([[1e-3, 0, 0], [0, 0, 1e-3]])
+    assert linear_cka(gx, gy) == pytest.approx(1.0)
+    # no variance on the y side alone: NaN as well
+    assert math.isnan(linear_cka([[1.0], [2.0], [3.0]], np.ones((3, 2))))
+
+
+def test_cka_per_layer_needs_the_same_number_of_layers():
+    x = np.array([[1.0], [2.0], [3.0]])
+    with pytest.raises(ValueError) as e:
+        cka_per_layer([x, x], [x])
+    assert str(e.value) == "the models have 2 and 1 layers of features"
+    assert cka_per_layer([x, x], [x, [[1.0], [3.0], [2.0]]]) == pytest.approx([1.0, 0.25])
+
+
+def test_probe_standardises_and_keeps_constant_features():
+    # feature 0 separates the classes, feature 1 is constant (std 0 -> divided by 1, not by 0)
+    x = np.array([[-2.0, 5.0], [-1.0, 5.0], [1.0, 5.0], [2.0, 5.0]])
+    p = fit_probe(x, [0, 0, 1, 1], 2)
+    assert p.mean.tolist() == [0.0, 5.0]
+    assert p.std.tolist() == pytest.approx([math.sqrt(2.5), 1.0])
+    assert np.all(np.isfinite(p.weight.numpy()))
+    assert p.predict(np.array([[-0.1, 5.0], [0.1, 5.0]])).tolist() == [0, 1]
+    # the weight penalty is 1e-3 per example by default: the same fit as asking for it
+    assert torch.equal(p.weight, fit_probe(x, [0, 0, 1, 1], 2, l2=1e-3).weight)
+    # a strong penalty shrinks the weights
+    assert fit_probe(x, [0, 0, 1, 1], 2, l2=1.0).weight.abs().max() < p.weight.abs().max()
+
+
+def test_probe_retention_with_nothing_right_before():
+    # the "before" probe is wrong on every test example (test labels flipped): before 0, so
+    # the retention after / before is undefined (NaN), and the loss is 0 - after
+    x = np.array([[-2.0], [-1.0], [1.0], [2.0]])
+    y = [0, 0, 1, 1]
+    r = probe_retention((x, y, np.array([[-1.5], [1.5]]), [1, 0]),
+                        (x, y, np.array([[-1.5], [1.5]]), [0, 1]), 2)
+    assert r["before"] == 0.0 and r["after"] == 1.0 and r["lost"] == -1.0
+    assert math.isnan(r["retention"])
+
+
+def test_bits_per_byte_message_and_negative_bytes():
+    for n in (0, -3):
+        with pytest.raises(ValueError) as e:
+            bits_per_byte(1.0, 1, n)
+        assert str(e.value) == f"bits_per_byte needs a positive byte count, got {n}"
