@@ -31,7 +31,7 @@ stage's outputs before running its command, so its previous outputs wait in DVC'
 
 Parallelism. Stages run one at a time: `dvc repro` locks the repository, so two stages of one
 checkout cannot run together. At scale the parallelism is across checkouts, not inside one:
-  * DVC's experiment queue: `dvc exp run --queue -S finetune.strategies=[lora]` (one per variant),
+  * DVC's experiment queue: `dvc exp run --queue -S '~finetune.runs.source-lora'` (one per variant),
     then `dvc queue start -j N` runs N experiments side by side, each in its own temporary
     workspace, sharing the cache;
   * or several Prefect workers on several machines (one work pool), each with its own clone of

@@ -1,4 +1,5 @@
-"""Fine-tune the pretrained model on one task with one strategy (DVC matrix task x strategy).
+"""Fine-tune the pretrained model on one task with one strategy: one declared arm of
+`finetune.runs` (DVC `foreach`, stage finetune@<task>-<strategy>).
 
 In:  data/models/pretrained (HF model + tokenizer; the architecture is read from it, never from
      params), data/tasks/<task>/ (DatasetDict train/validation/test, columns id/text/label),
@@ -33,6 +34,7 @@ from typing import Any
 from ptf.common import paths
 from ptf.common.atomic import atomic_dir, write_json
 from ptf.common.cli import main_guard, maybe_die
+from ptf.common.config import ConfigError
 from ptf.data.tasks import load_task
 from ptf.models.strategies import check_strategy
 from ptf.training.finetune_config import FinetuneKeys, load_stage_config
@@ -41,6 +43,13 @@ from ptf.training.finetuning import Context, preflight, run_arm
 
 class Config(FinetuneKeys):
     """The keys of the `finetune` section this stage reads."""
+
+    def check_declared(self, task: str, strategy: str) -> None:
+        """`--task`/`--strategy` must be an arm of `finetune.runs` (what DVC runs and the
+        forgetting stage reads), else a `ConfigError` naming the key it would have."""
+        if (task, strategy) not in self.declared_arms():
+            raise ConfigError(f"finetune.runs: no arm {task}-{strategy} (--task {task} --strategy "
+                              f"{strategy}); declared: {', '.join(sorted(self.runs))}")
 
 
 def run(cfg: Config, task: str, strategy: str, root: Path = Path(".")) -> dict[str, Any]:
@@ -72,6 +81,7 @@ def main() -> None:
     def go():
         check_strategy(args.strategy, "--strategy")   # before reading params
         cfg = load_stage_config(Config)
+        cfg.check_declared(args.task, args.strategy)
         m = run(cfg, args.task, args.strategy)
         print(f"{args.task}/{args.strategy}: test accuracy {m['test_accuracy']['mean']:.4f} "
               f"± {m['test_accuracy']['std']:.4f} (lr {m['chosen_lr']:g}, "

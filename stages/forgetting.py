@@ -2,15 +2,17 @@
 
 In:  data/models/pretrained/ (HF LM dir + tokenizer, stage `pretrain`);
      data/shards/validation/ + manifest.json (held-out pretraining blocks, stage `tokenize`);
-     for exactly the declared arms (`finetune.tasks` x `finetune.strategies`):
+     for exactly the declared arms (`finetune.runs`):
      data/models/finetuned/<task>/<strategy>/seed<k>/ and data/metrics/finetune/<task>/<strategy>.json
      (stage `finetune`); data/plots/curves.csv + data/metrics/curves.json (stage `curves`);
-     data/metrics/sequential.json (stage `sequential`). The readers: `ptf.measures.outputs`.
-     Params: the `forgetting` section of params.yaml, and `finetune.tasks`/`finetune.strategies`.
+     data/metrics/sequential.json (stage `sequential`); data/metrics/wise_ft.json (stage
+     `wise_ft`: measured on the same held-out blocks, checked). The readers: `ptf.measures.outputs`.
+     Params: the `forgetting` section of params.yaml, and `finetune.runs`.
 Out: data/metrics/forgetting.json       nested metrics, key-sorted (git-tracked: cache false)
      data/metrics/forgetting_summary.md  per task x strategy: gain, forgetting, trainable %, and
                                          the verdicts on the paradigm's two claims, with intervals
-     data/plots/tradeoff.csv             one row per task x strategy: delta LM loss vs task gain
+     data/plots/tradeoff.csv             one row per task x strategy (and per WiSE-FT alpha): delta
+                                         LM loss vs task gain
      data/plots/learning_curves.csv      curves.csv averaged over seeds: task, strategy, n_labels
      data/plots/accuracy_matrix.csv      the sequential accuracy matrix, long format
      data/plots/{tradeoff,learning_curves,accuracy_matrix}.png   the same as figures
@@ -25,7 +27,9 @@ held-out blocks, Holm-corrected within each claim; never written by hand):
 1. few labels: at the smallest fraction of the curves, each of `few_label_strategies` beats
    `scratch_strategy` in test accuracy;
 2. forgetting: each compared strategy has a smaller delta LM loss than `reference_strategy`
-   (full fine-tuning), with its accuracy cost (accuracy minus the reference's).
+   (full fine-tuning), with its accuracy cost (accuracy minus the reference's); WiSE-FT takes
+   part at its validation-chosen alpha (strategy `wise_ft`). Each claim also has a verdict per
+   task (`by_task`).
 """
 from __future__ import annotations
 
@@ -81,10 +85,11 @@ class Config(StrictModel):
 
     @field_validator("few_label_strategies", "forget_less_strategies")
     @classmethod
-    def _known_list(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in STRATEGIES]
+    def _known_list(cls, v: list[str], info) -> list[str]:
+        known = STRATEGIES + ((am.WISE_FT,) if info.field_name == "forget_less_strategies" else ())
+        bad = [s for s in v if s not in known]
         if bad:
-            raise ValueError(f"unknown strategies {bad}; expected names from {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown strategies {bad}; expected names from {', '.join(known)}")
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate strategies in {v}")
         return v
@@ -99,6 +104,17 @@ class Config(StrictModel):
         if self.reference_strategy in self.forget_less_strategies:
             raise ValueError("forget_less_strategies must not contain reference_strategy")
         return self
+
+
+def check_same_blocks(wise: dict[str, Any], ev) -> None:
+    """wise_ft.json must be measured on this stage's held-out blocks (same indices, tokens and
+    pretrained loss): else its points would sit on another axis."""
+    e = wise.get("eval") or {}
+    if (e.get("block_indices") != list(ev.indices) or e.get("block_counts") != [int(c) for c in ev.counts]
+            or e.get("loss_pretrained") != cl.pooled_loss(ev.base_sums, ev.counts)):
+        raise StageError(f"{out.WISE_FT_JSON}: measured on other held-out blocks than this stage's "
+                         "(forgetting.max_blocks / mask_*, or another pretrained model); "
+                         "rerun `dvc repro wise_ft`")
 
 
 def mlflow_metrics(tasks: dict[str, Any], sequential: dict[str, Any]) -> dict[str, float]:
@@ -135,6 +151,7 @@ def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, An
     out.read_models(root, runs)
     curves = out.read_curves(root)
     sequential = am.sequential_block(out.read_sequential(root))
+    wise = out.read_wise_ft(root, matrix)
 
     ev = EvalSet.build(root, pre, cfg.max_blocks, cfg.batch_size, cfg.mask_prob, cfg.mask_seed)
     jobs = [(t, s, seed) for t in sorted(runs) for s in sorted(runs[t]) if s != cfg.scratch_strategy
@@ -146,19 +163,28 @@ def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, An
     tasks = am.task_table(runs, drifts, cfg.scratch_strategy)
     samples = am.claim_samples(runs, sums, ev.base_sums, ev.counts)
     base_loss = cl.pooled_loss(ev.base_sums, ev.counts)
+    wise_points = []
+    if wise is not None:
+        check_same_blocks(wise, ev)
+        t = wise["task"]
+        arm, samples[(t, am.WISE_FT)], wise_points = am.wise_ft_arm(
+            wise, ev.base_sums, ev.counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
+        tasks[t][am.WISE_FT] = arm
     result = {
         "eval": {"objective": ev.objective, "blocks": int(ev.inputs.shape[0]), "block_indices": ev.indices,
                  "tokens": int(ev.counts.sum()), "loss_pretrained": base_loss,
                  "ppl_pretrained": math.exp(base_loss), "mask_seed": cfg.mask_seed,
                  "mask_prob": cfg.mask_prob if ev.objective == "mlm" else None,
                  "lm_head": "pretrained output layer (untied copy) on the fine-tuned backbone"},
-        "matrix": {"tasks": sorted(matrix.tasks), "strategies": sorted(matrix.strategies)},
+        "matrix": matrix.describe(),
         "tasks": tasks,
+        "wise_ft": ({"task": wise["task"], "source": wise["source"], "chosen_alpha": wise["chosen_alpha"],
+                     "points": wise_points} if wise is not None else None),
         "sequential": sequential,
         "claims": {"few_labels": claim_few_labels(curves, cfg),
                    "forget_less": claim_forget_less(tasks, samples, cfg)},
     }
-    trade = pd.tradeoff_rows(tasks, cfg.tradeoff_gain)
+    trade = pd.tradeoff_rows(tasks, cfg.tradeoff_gain, result["wise_ft"])
     crows = pd.curve_rows(curves)
     summary = render_summary(result, cfg)
 
@@ -172,7 +198,8 @@ def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, An
     print(summary)
 
     deps = {"pretrained": paths.PRETRAINED, "shards": paths.SHARDS, "finetune_metrics": out.FT_METRICS,
-            "curves": out.CURVES_CSV, "curves_summary": out.CURVES_JSON, "sequential": out.SEQUENTIAL_JSON}
+            "curves": out.CURVES_CSV, "curves_summary": out.CURVES_JSON, "sequential": out.SEQUENTIAL_JSON,
+            "wise_ft": out.WISE_FT_JSON}
     with start_run("forgetting", params={**cfg.model_dump(), "matrix": result["matrix"]},
                    tags=input_hashes(root, deps), root=root, experiment=cfg.experiment) as mlrun:
         mlrun.log(mlflow_metrics(tasks, sequential), step=0)

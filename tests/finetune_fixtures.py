@@ -162,6 +162,11 @@ def make_root(root: Path, arch: str = "llama") -> Path:
 STEPS = 3
 
 
+def runs_of(task: str, strategies) -> dict:
+    """`finetune.runs` declaring `task` with each of `strategies`."""
+    return {f"{task}-{s}": {"task": task, "strategy": s} for s in strategies}
+
+
 def params(arch: str = "llama", **over) -> dict:
     """A `finetune` params section for the fixtures: every registry strategy, tiny budgets."""
     from ptf.models.strategies import STRATEGIES
@@ -170,7 +175,7 @@ def params(arch: str = "llama", **over) -> dict:
     targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"],
                "modernbert": ["Wqkv"]}[arch]
     p = {
-        "tasks": ["movies"], "strategies": list(STRATEGIES), "seeds": [0], "pooling": "last",
+        "runs": runs_of("movies", STRATEGIES), "seeds": [0], "pooling": "last",
         "data": {"max_train": 48, "max_eval": 24, "max_length": 16, "seed": 0},
         "train": {"batch_size": 8, "eval_batch_size": 24, "grad_accum": 1, "max_steps": STEPS,
                   "warmup_steps": 1, "eval_every": STEPS, "patience": None, "grad_clip": 1.0,

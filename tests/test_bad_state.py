@@ -94,7 +94,7 @@ def test_forgetting_names_a_truncated_pretrained_file(truncated_pretrained):
     cfg = parse_section("forgetting", read_params(REPO / "configs" / "smoke.yaml")["forgetting"], Config)
     bad = truncated_pretrained / paths.PRETRAINED / "model.safetensors"
     with pytest.raises(StageError, match="model.safetensors: truncated or corrupt") as e:
-        run(cfg, Matrix(tasks=["movies"], strategies=["full"]), truncated_pretrained)
+        run(cfg, Matrix.grid(["movies"], ["full"]), truncated_pretrained)
     assert str(bad) in str(e.value) and "dvc checkout data/models/pretrained" in str(e.value)
     assert not (truncated_pretrained / paths.METRICS).exists()
 

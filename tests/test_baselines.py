@@ -199,5 +199,5 @@ def test_baselines_use_the_fine_tuning_subsets(params_file):
     p = read_params(params_file)
     assert p["baselines"]["data"] == p["finetune"]["data"], \
         f"{params_file.name}: baselines.data must equal finetune.data (the same subsets)"
-    missing = set(p["finetune"]["tasks"]) - set(p["baselines"]["tasks"])
+    missing = {r["task"] for r in p["finetune"]["runs"].values()} - set(p["baselines"]["tasks"])
     assert not missing, f"{params_file.name}: baselines.tasks lacks {sorted(missing)}"

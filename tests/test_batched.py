@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from finetune_fixtures import make_root, params
+from finetune_fixtures import make_root, params, runs_of
 from ptf.common.config import parse_section
 from ptf.data.tasks import collate
 from ptf.training.batched import Packed, PackedLlama, Run, check_batchable, fit_together
@@ -20,7 +20,7 @@ LABELS = ["negative", "positive"]
 def section(**train) -> dict:
     """The fixtures' `finetune` section with this file's budget: 12 steps, an eval every 4, and
     weight decay on (so both AdamW param groups are exercised)."""
-    p = params(**{"strategies": ["full"], "data.max_train": 48, "data.max_eval": 24})
+    p = params(**{"runs": runs_of("movies", ["full"]), "data.max_train": 48, "data.max_eval": 24})
     p["train"].update({"eval_batch_size": 10, "max_steps": 12, "warmup_steps": 3, "eval_every": 4,
                        **train})
     for arm in p["arms"].values():

@@ -6,8 +6,9 @@
   serves a stale result after a shared module changes;
 - no stage entry module imports another one; `scripts/` and `bench/` import no `_private` name
   of `stages/` or `ptf/` and nothing from `tests/`;
-- its `params` name the one section the module reads (plus, for `forgetting`, the keys of the
-  upstream matrix it reads), and that section of every params file (params.yaml and
+- its `params` name the one section the module reads (plus, for `forgetting`, the declared
+  arms it reads, and for `wise_ft`, the fine-tune subsets and the forgetting stage's held-out
+  measure), and that section of every params file (params.yaml and
   configs/*.yaml) builds the module's strict `Config`.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ CMD = re.compile(r"^(python|accelerate launch( --\S+( \S+)?)*) -m (stages\.\w+)(
 
 
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"] or {}
+    """Each stage's body (a `foreach` stage's `do`, with its `foreach` kept beside)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"] or {}
+    return {k: ({**v["do"], "foreach": v["foreach"]} if "do" in v else v) for k, v in stages.items()}
 
 
 def _module_of(cmd: str) -> str:
@@ -76,8 +79,8 @@ def test_dvc_yaml_has_stages():
 @pytest.mark.parametrize("stage", sorted(_stages()))
 def test_stage_deps_list_every_imported_module(stage):
     spec = _stages()[stage]
-    module = _module_of(spec["cmd"] if isinstance(spec.get("cmd"), str) else spec["do"]["cmd"])
-    deps = {d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", spec.get("do", {}).get("deps", []))}
+    module = _module_of(spec["cmd"])
+    deps = {d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])}
     needed = {m.replace(".", "/") + ".py" for m in imported_stage_modules(module)}
     missing = sorted(needed - deps)
     assert not missing, f"stage {stage!r} imports {missing} but does not list them in deps"
@@ -132,14 +135,31 @@ def test_scripts_import_no_private_name_and_no_tests(folder):
     assert not bad, bad
 
 
-# Besides its own section, a stage may read the keys that declare an upstream matrix (the
-# forgetting stage reads exactly the task x strategy arms that `finetune` declares).
-UPSTREAM_MATRIX_KEYS = {"forgetting": ("finetune.tasks", "finetune.strategies")}
+# Besides its own section, a stage may read these upstream keys: the forgetting stage reads
+# exactly the arms that `finetune.runs` declares; WiSE-FT evaluates on the fine-tune's subsets
+# and measures drift exactly as the forgetting stage does.
+UPSTREAM_MATRIX_KEYS = {"forgetting": ("finetune.runs",),
+                        "wise_ft": ("finetune.data", "forgetting.max_blocks", "forgetting.batch_size",
+                                    "forgetting.mask_prob", "forgetting.mask_seed", "forgetting.worse_margin")}
+
+
+def _resolve(ref: str):
+    """`${a.b}` of params.yaml."""
+    node = read_params(ROOT / "params.yaml")
+    for part in ref.strip("${}").split("."):
+        node = node[part]
+    return node
 
 
 def _param_keys(spec) -> list[str]:
-    """The stage's params entries; a matrix stage's `${item.x}` is filled from its first item."""
+    """The stage's params entries; a matrix or foreach stage's `${item.x}` is filled from its
+    first item."""
     keys = [p if isinstance(p, str) else next(iter(p)) for p in spec.get("params", [])]
+    if "foreach" in spec:
+        items = _resolve(spec["foreach"]) if isinstance(spec["foreach"], str) else spec["foreach"]
+        first = next(iter(items.values())) if isinstance(items, dict) else items[0]
+        for name, value in first.items():
+            keys = [k.replace("${item.%s}" % name, str(value)) for k in keys]
     for name, values in (spec.get("matrix") or {}).items():
         first = values[0] if isinstance(values, list) else None
         if first is None:   # `${finetune.tasks}`: resolved from params.yaml
@@ -177,11 +197,30 @@ def test_finetune_params_cover_what_the_stage_reads():
     """Every top-level finetune key except what selects the matrix and the other stages' own
     keys is a param of the finetune stage, so changing it reruns the fine-tunes."""
     keys = {k.split(".")[1] for k in _param_keys(_stages()["finetune"])}
-    read = set(read_params(ROOT / "params.yaml")["finetune"]) - {"tasks", "strategies", "curves",
-                                                                  "sequential"}
+    read = set(read_params(ROOT / "params.yaml")["finetune"]) - {"runs", "curves", "sequential"}
     assert read == keys
 
 
 @pytest.mark.parametrize("params_file", PARAM_FILES, ids=lambda p: p.name)
 def test_param_files_have_the_same_sections(params_file):
     assert set(read_params(params_file)) == set(read_params(ROOT / "params.yaml"))
+
+
+def test_finetune_runs_are_the_dag_items_and_the_cli_refuses_others(tmp_path, monkeypatch, capsys):
+    """The `foreach` items are `finetune.runs` (stage finetune@<task>-<strategy>); the stage's CLI
+    refuses a pair that params.yaml does not declare, naming the key, before any work."""
+    import sys
+
+    from stages import finetune
+
+    for params_file in PARAM_FILES:
+        runs = read_params(params_file)["finetune"]["runs"]
+        assert all(k == f"{v['task']}-{v['strategy']}" for k, v in runs.items()), params_file.name
+    (tmp_path / "params.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["finetune", "--task", "movies", "--strategy", "lora"])
+    with pytest.raises(SystemExit) as e:
+        finetune.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: finetune.runs: no arm movies-lora") and "movies-full" in err[0]

@@ -285,5 +285,5 @@ def test_missing_task_and_bad_lora_fail_before_training(root):
 
 
 def test_unknown_strategy_in_params_is_config_error():
-    with pytest.raises(ConfigError, match="finetune.strategies.*unknown strategy 'nope'"):
-        parse_section("finetune", params(strategies=["full", "nope"]), Config)
+    with pytest.raises(ConfigError, match="finetune.runs.movies-nope.strategy.*unknown strategy 'nope'"):
+        parse_section("finetune", params(runs={"movies-nope": {"task": "movies", "strategy": "nope"}}), Config)

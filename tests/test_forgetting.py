@@ -2,7 +2,7 @@
 model, classifiers derived from it (identical backbone, perturbed backbone, LoRA, scratch),
 hand-made fine-tune metrics (in the format `stages.finetune` writes, with per-seed test
 predictions for some arms), curves and a sequential accuracy matrix. The stage reads exactly the
-declared task x strategy matrix."""
+declared arms (`finetune.runs`), and the WiSE-FT points of wise_ft.json beside them."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,7 @@ PARAMS = {
     "tradeoff_gain": "chance", "experiment": "pretrain-finetune-forgetting",
 }
 LABELS = ["negative", "positive"]
-MATRIX = out.Matrix(tasks=["movies"], strategies=["full", "linear_probe", "lora", "scratch"])
+MATRIX = out.Matrix.grid(["movies"], ["full", "linear_probe", "lora", "scratch"])
 N_TEST = 50
 
 
@@ -403,10 +403,20 @@ def test_predictions_are_paired_only_on_one_test_set():
 
 
 def test_matrix_params():
-    with pytest.raises(ConfigError, match=r"finetune\.strategies"):
-        parse_section("finetune", {"tasks": ["movies"], "strategies": ["full", "nope"]}, out.Matrix)
-    with pytest.raises(ConfigError, match=r"finetune\.tasks"):
-        parse_section("finetune", {"tasks": [], "strategies": ["full"]}, out.Matrix)
+    """A ragged set of arms; each bad declaration names its key."""
+    ok = parse_section("finetune", {"runs": {"movies-full": {"task": "movies", "strategy": "full"},
+                                             "source-lora": {"task": "source", "strategy": "lora"}}}, out.Matrix)
+    assert ok.arms() == [("movies", "full"), ("source", "lora")] and ok.tasks == ["movies", "source"]
+    with pytest.raises(ConfigError, match=r"finetune\.runs\.movies-nope\.strategy: .*unknown strategy 'nope'"):
+        parse_section("finetune", {"runs": {"movies-nope": {"task": "movies", "strategy": "nope"}}}, out.Matrix)
+    with pytest.raises(ConfigError, match=r"finetune\.runs: .*key 'movies-lora' must be '<task>-<strategy>'.*movies-full"):
+        parse_section("finetune", {"runs": {"movies-lora": {"task": "movies", "strategy": "full"}}}, out.Matrix)
+    with pytest.raises(ConfigError, match=r"finetune\.runs: .*at least one arm"):
+        parse_section("finetune", {"runs": {}}, out.Matrix)
+    with pytest.raises(ConfigError, match=r"finetune\.runs\.movies-full\.task: missing"):
+        parse_section("finetune", {"runs": {"movies-full": {"strategy": "full"}}}, out.Matrix)
+    with pytest.raises(ConfigError, match=r"finetune\.runs: missing"):
+        parse_section("finetune", {}, out.Matrix)
 
 
 # ---------------------------------------------------------------- params
@@ -462,7 +472,8 @@ def test_run_writes_every_output(ran):
 def test_run_metrics(ran):
     root, _ = ran
     m = json.loads((root / fg.METRICS_JSON).read_text())
-    assert m["matrix"] == {"tasks": ["movies"], "strategies": ["full", "linear_probe", "lora", "scratch"]}
+    assert m["matrix"] == {"runs": ["movies-full", "movies-linear_probe", "movies-lora", "movies-scratch"],
+                           "tasks": ["movies"]}
     assert list(m["tasks"]) == ["movies"]     # not `oldtask`, whose metrics lie beside
     movies = m["tasks"]["movies"]
     assert sorted(movies) == ["full", "linear_probe", "lora", "scratch"]   # not the stale ewc.json
@@ -550,7 +561,7 @@ def test_a_subset_of_the_matrix_reads_only_its_arms(ran, tmp_path):
     import shutil
 
     root = shutil.copytree(ran[0], tmp_path / "root")   # the module's other tests read ran's outputs
-    sub = fg.run(cfg(), out.Matrix(tasks=["movies"], strategies=["full", "scratch"]), root)
+    sub = fg.run(cfg(), out.Matrix.grid(["movies"], ["full", "scratch"]), root)
     assert sorted(sub["tasks"]["movies"]) == ["full", "scratch"]
     assert sub["claims"]["forget_less"]["comparisons"] == {}
     assert "| movies | lora |" not in (root / fg.SUMMARY_MD).read_text()
@@ -560,9 +571,9 @@ def test_a_declared_arm_without_metrics_is_named(ran):
     root, _ = ran
     with pytest.raises(StageError, match=r"movies/freeze_bottom is declared by params.yaml.*"
                                          r"dvc repro finetune@movies-freeze_bottom"):
-        fg.run(cfg(), out.Matrix(tasks=["movies"], strategies=["full", "freeze_bottom"]), root)
+        fg.run(cfg(), out.Matrix.grid(["movies"], ["full", "freeze_bottom"]), root)
     with pytest.raises(StageError, match=r"finetune/tweets/full.json: missing"):
-        fg.run(cfg(), out.Matrix(tasks=["movies", "tweets"], strategies=["full"]), root)
+        fg.run(cfg(), out.Matrix.grid(["movies", "tweets"], ["full"]), root)
 
 
 def test_a_declared_arm_without_its_model_is_named(ran, tmp_path):
@@ -582,3 +593,65 @@ def test_missing_pretrained_model_is_a_stage_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(StageError, match="no pretrained model"):
         fg.run(cfg(), MATRIX, tmp_path)
+
+
+# ---------------------------------------------------------------- WiSE-FT points (stage wise_ft)
+
+def wise_ft_json(root: Path, alphas=(0.0, 1.0), chosen=1.0) -> dict:
+    """wise_ft.json as the stage writes it, for the full arm's two seeds, with alpha 0 measured
+    as the pretrained backbone and alpha 1 as the saved full model (what interpolation gives
+    exactly at the ends: tests/test_interpolation.py)."""
+    ev = dr.EvalSet.build(root, root / "data/models/pretrained", PARAMS["max_blocks"], PARAMS["batch_size"],
+                          PARAMS["mask_prob"], PARAMS["mask_seed"])
+    points = {}
+    for a in alphas:
+        seeds = []
+        for k in (0, 1):
+            sums = ev.base_sums if a == 0 else ev.measure(root / f"data/models/finetuned/movies/full/seed{k}")
+            acc = 0.5 if a == 0 else [0.90, 0.92][k]
+            seeds.append({"seed": k, "val_accuracy": acc - 0.1, "test_accuracy": acc, "test_macro_f1": acc,
+                          "test_predictions": predictions(acc, k), "block_sums": [float(x) for x in sums]})
+        points[f"{a:g}"] = {"alpha": a, "seeds": seeds}
+    return {"task": "movies", "source": "full", "alphas": list(alphas), "n_classes": 2,
+            "test_labels": make_test_labels(), "trainable_fraction": 1.0,
+            "eval": {"block_indices": ev.indices, "block_counts": [int(c) for c in ev.counts],
+                     "loss_pretrained": cl.pooled_loss(ev.base_sums, ev.counts)},
+            "points": points, "chosen_alpha": {"alpha": chosen, "rule": "validation"}}
+
+
+@pytest.fixture(scope="module")
+def ran_wise(ran, tmp_path_factory):
+    import shutil
+
+    root = shutil.copytree(ran[0], tmp_path_factory.mktemp("wise") / "root")
+    (root / out.WISE_FT_JSON).write_text(json.dumps(wise_ft_json(root)))
+    return root, fg.run(cfg(), MATRIX, root)
+
+
+def test_wise_ft_points_sit_beside_the_arms(ran_wise):
+    root, res = ran_wise
+    full = res["tasks"]["movies"]["full"]["mean_std"]["delta_loss"]
+    pts = {p["alpha"]: p["mean_std"] for p in res["wise_ft"]["points"].values()}
+    assert pts[0.0]["delta_loss"] == {"mean": 0.0, "std": 0.0, "n": 2}       # the pretrained backbone
+    assert pts[1.0]["delta_loss"] == full                                    # the full model, exactly
+    arm = res["tasks"]["movies"]["wise_ft"]
+    assert arm["alpha"] == 1.0 and arm["mean_std"]["delta_loss"] == full
+    assert "movies/wise_ft" in res["claims"]["forget_less"]["comparisons"]
+    assert set(res["claims"]["forget_less"]["by_task"]) == {"movies"}
+    rows = (root / fg.TRADEOFF_CSV).read_text().splitlines()
+    labels = [r.split(",")[1] for r in rows[1:]]
+    assert "wise_ft a=0" in labels and "wise_ft a=1*" in labels and "wise_ft" not in labels
+
+
+def test_wise_ft_on_other_blocks_or_an_undeclared_arm_is_refused(ran_wise, tmp_path):
+    import shutil
+
+    root = shutil.copytree(ran_wise[0], tmp_path / "root")
+    w = json.loads((root / out.WISE_FT_JSON).read_text())
+    w["eval"]["block_indices"] = w["eval"]["block_indices"][:-1]
+    (root / out.WISE_FT_JSON).write_text(json.dumps(w))
+    with pytest.raises(StageError, match=r"wise_ft.json: measured on other held-out blocks.*dvc repro wise_ft"):
+        fg.run(cfg(), MATRIX, root)
+    with pytest.raises(StageError, match=r"wise_ft.json: mixes the arm movies-full, which finetune.runs does not declare"):
+        fg.run(cfg(), out.Matrix.grid(["movies"], ["lora", "scratch"]), root)
+

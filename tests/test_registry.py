@@ -143,7 +143,7 @@ def test_check_strategy_lists_the_known_names():
 
 
 @pytest.mark.parametrize("where, over", [
-    ("finetune.strategies.1", {"strategies": ["full", "nope"]}),
+    ("finetune.runs.movies-nope.strategy", {"runs": {"movies-nope": {"task": "movies", "strategy": "nope"}}}),
     ("finetune.curves.strategies.0", {"curves.strategies": ["nope"]}),
     ("finetune.sequential.strategy.source", {"sequential.strategy": {"movies": "full",
                                                                      "source": "nope"}}),

@@ -31,7 +31,7 @@ from ptf.measures.stats import mean_std
 from ptf.report import evidence
 from scripts import results as rs
 from stages import forgetting as fg
-from tests.finetune_fixtures import make_pretrained, make_tokenizer
+from tests.finetune_fixtures import make_pretrained, make_tokenizer, runs_of
 from tests.test_forgetting import store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,11 +101,24 @@ def fake_curves(root: Path) -> None:
                                             "results": results})
 
 
+def fake_wise_ft(base: np.ndarray, counts: np.ndarray) -> dict:
+    """wise_ft.json's shape: alphas 0, 0.5, 1 over the seeds; the validation-best alpha (0.5) is
+    not the test-best one (1), so a page choosing on test would show another alpha."""
+    labels = [i % 2 for i in range(N_TEST)]
+    points = {}
+    for a, (v, t) in {0.0: (0.40, 30), 0.5: (0.60, 34), 1.0: (0.55, 38)}.items():
+        points[f"{a:g}"] = ({"alpha": a, "seeds": [
+            {"seed": k, "val_accuracy": v + 0.01 * k, "test_accuracy": (t + k) / N_TEST, "test_macro_f1": 0.5,
+             "test_predictions": [y if j < t + k else 1 - y for j, y in enumerate(labels)],
+             "block_sums": list(base + counts * a * (0.1 + 0.01 * k))} for k in SEEDS]})
+    return {"task": "movies", "source": "full", "n_classes": 2, "test_labels": labels, "trainable_fraction": 1.0,
+            "points": points, "chosen_alpha": {"alpha": 0.5, "rule": "highest mean validation accuracy"}}
+
+
 def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = read_params(REPO / "params.yaml")
-    params["finetune"]["tasks"] = ["movies"]
-    params["finetune"]["strategies"] = STRATEGIES
+    params["finetune"]["runs"] = runs_of("movies", STRATEGIES)
     params["forgetting"]["bootstrap_resamples"] = 500
     (root / "params.yaml").write_text(json.dumps(params, indent=2))   # JSON is YAML
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n# fake lock\n")
@@ -141,10 +154,17 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
                                           for k, v in runs["movies"]["scratch"]["seeds"].items()}
     tasks = am.task_table(runs, drifts, "scratch")
     samples = am.claim_samples(runs, sums, base, counts)
+    wise = fake_wise_ft(base, counts)
+    smean = am.scratch_mean(runs["movies"], "scratch")
+    tasks["movies"]["wise_ft"], samples[("movies", "wise_ft")], points = am.wise_ft_arm(wise, base, counts, 0.0, smean)
+    write(root, "data/metrics/baselines.json", {"tasks": {"movies": {
+        "n_classes": 2, "majority": {"test_accuracy": 0.52, "val_accuracy": 0.49},
+        "bag_of_tokens": {"test_accuracy": 0.71, "val_accuracy": 0.69, "l2": 0.001}}}})
     forgetting = {
         "eval": {"objective": "clm", "blocks": 16, "tokens": 1008, "loss_pretrained": 3.5, "ppl_pretrained": 33.1},
-        "matrix": {"tasks": ["movies"], "strategies": STRATEGIES},
+        "matrix": out.Matrix.grid(["movies"], STRATEGIES).describe(),
         "tasks": tasks,
+        "wise_ft": {"task": "movies", "source": "full", "chosen_alpha": wise["chosen_alpha"], "points": points},
         "sequential": am.sequential_block(out.read_sequential(root)),
         "claims": {"few_labels": cm.claim_few_labels(out.read_curves(root), cfg),
                    "forget_less": cm.claim_forget_less(tasks, samples, cfg)},
@@ -233,7 +253,10 @@ def test_curves_cells(fake, page):
 def test_task_cells(fake, page):
     fgj = load(fake, "forgetting")["tasks"]["movies"]
     rows = table_rows(page, "| task | strategy | seeds |")
-    assert [r[:2] for r in rows] == [["movies", s] for s in STRATEGIES]     # the declared arms only
+    assert [r[:2] for r in rows[:-1]] == [["movies", s] for s in STRATEGIES[:3]] + [["movies", "scratch"]]
+    assert rows[-1][:2] == ["movies", "wise_ft (α = 0.5, chosen on validation)"]    # chosen on validation
+    rows = [r for r in rows if r[1] in STRATEGIES]                                # the declared arms
+    assert [r[1] for r in rows] == STRATEGIES
     for row in rows:
         s = row[1]
         m = fgj[s]["mean_std"]
@@ -443,12 +466,12 @@ def test_a_declared_arm_missing_or_undescribed_is_refused(fake, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs", "models"))
     params = json.loads((root / "params.yaml").read_text())
-    params["finetune"]["strategies"] = STRATEGIES + ["replay"]
+    params["finetune"]["runs"] = runs_of("movies", STRATEGIES + ["replay"])
     (root / "params.yaml").write_text(json.dumps(params))
     with pytest.raises(rs.ws.ResultsError, match=r"finetune/movies/replay.json: missing; the arm movies/replay "
                                                  r"is declared.*dvc repro finetune@movies-replay"):
         rs.run(root, status_fn=lambda r: {})
-    params["finetune"]["strategies"] = ["full", "scratch"]
+    params["finetune"]["runs"] = runs_of("movies", ["full", "scratch"])
     (root / "params.yaml").write_text(json.dumps(params))
     with pytest.raises(rs.ws.ResultsError, match=r"forgetting.json: describes the arms .*movies/lora.* but "
                                                  r"params.yaml declares \['movies/full', 'movies/scratch'\]"):
@@ -486,3 +509,58 @@ def test_cli_prints_one_error_line(tmp_path):
     assert p.returncode == 1
     assert p.stderr.startswith("error: "), p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- every task, baselines, WiSE-FT
+
+def test_baselines_beside_every_arm(fake, page):
+    base = load(fake, "baselines")["tasks"]["movies"]
+    fgj = load(fake, "forgetting")["tasks"]["movies"]
+    rows = table_rows(page, "| task | classes | majority | bag-of-tokens |")
+    header = next(line for line in page.splitlines() if line.startswith("| task | classes |"))
+    arms = [c.strip() for c in header.strip().strip("|").split(" | ")][4:]
+    assert arms == sorted(fgj)
+    assert rows == [["movies", "2", f(base["majority"]["test_accuracy"]), f(base["bag_of_tokens"]["test_accuracy"]),
+                     *[ms(fgj[s]["mean_std"]["test_accuracy"]) for s in arms]]]
+    best = max(a["mean_std"]["test_accuracy"]["mean"] for a in fgj.values())
+    beaten = best < base["bag_of_tokens"]["test_accuracy"]
+    assert ("no fine-tuned arm reaches the bag-of-tokens" in page) == beaten
+    assert ("at least one fine-tuned arm beats the bag-of-tokens" in page) == (not beaten)
+
+
+def test_every_task_has_a_verdict_on_every_claim(fake, page):
+    claims = load(fake, "forgetting")["claims"]
+    rows = table_rows(page, "| task | claim 1: few labels |")
+    assert [r[0] for r in rows] == ["movies"]
+    for row, name in zip(rows[0][1:], ("few_labels", "forget_less")):
+        assert row.startswith(claims[name]["by_task"]["movies"]["verdict"] + " ("), (name, row)
+
+
+def test_a_task_without_comparisons_says_not_measured(fake, tmp_path):
+    from ptf.report import sections
+
+    fg_json = load(fake, "forgetting")
+    fg_json["tasks"]["tweets"] = {"full": fg_json["tasks"]["movies"]["full"]}
+    lines = "\n".join(sections.section_verdicts_by_task(fg_json, "movies"))
+    assert "| tweets | not measured (the curves run on `movies` only: finetune.curves.task) | not measured" in lines
+
+
+def test_wise_ft_section_chooses_on_validation(fake, page):
+    w = load(fake, "forgetting")["wise_ft"]
+    rows = table_rows(page, "| α | validation accuracy |")
+    assert [r[0] for r in rows] == ["0", "0.5 (chosen)", "1"]
+    for row, p in zip(rows, w["points"].values()):
+        assert row[1:] == [ms(p["mean_std"]["val_accuracy"]), ms(p["mean_std"]["test_accuracy"]),
+                           ms(p["mean_std"]["gain_over_chance"], sign=True),
+                           ms(p["mean_std"]["delta_loss"], 4, sign=True), ms(p["mean_std"]["share_worse"], 1, scale=100)]
+    assert "The α chosen on validation is 0.5" in page
+    assert "nats/token of Δ LM loss (less forgetting)" in page      # 0.5 drifts less than 1 in the fake run
+
+
+def test_baselines_of_every_declared_task_are_required(fake, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs", "models"))
+    (root / "data/metrics/baselines.json").write_text(json.dumps({"tasks": {}}))
+    with pytest.raises(rs.ws.ResultsError, match=r"baselines.json: no baselines of the declared tasks \['movies'\]"):
+        rs.run(root, status_fn=lambda r: {})
+

@@ -4,8 +4,11 @@ and what it cost, per seed and across seeds, and the sequential run's CL measure
 In:  the fine-tune runs as `ptf.measures.outputs.read_finetune` gives them (after
      `read_models` set `n_classes`), each model's drift (`ptf.measures.cl_metrics.drift`), the
      sequential run of `read_sequential`.
+     The WiSE-FT points of `read_wise_ft` (stage `wise_ft`).
 Out: per task and strategy {"seeds": {seed: record}, "mean_std": {key: mean_std},
-     "drift_applicable"}; the samples the claims' bootstrap resamples; the sequential block.
+     "drift_applicable"}; the samples the claims' bootstrap resamples; the sequential block;
+     `wise_ft_arm`: WiSE-FT at its validation-chosen alpha as one more arm of its task (strategy
+     `wise_ft`, with `alpha`), its samples, and every alpha's point (mean/std over seeds).
 
 The gain is the test accuracy over chance (1 / n_classes) and over the scratch baseline of the
 same task (per seed: accuracy minus the mean scratch accuracy). `scratch` has no pretrained
@@ -59,17 +62,21 @@ def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "drift_applicable": all(r["drift_applicable"] for r in per_seed.values())}
 
 
+def scratch_mean(runs_of_task: dict[str, Any], scratch_strategy: str) -> float | None:
+    scratch = runs_of_task.get(scratch_strategy)
+    return (float(np.mean([r["test_accuracy"] for r in scratch["seeds"].values()]))
+            if scratch else None)
+
+
 def task_table(runs: dict[str, dict[str, dict[str, Any]]], drifts: dict[tuple[str, str, str], dict[str, Any]],
                scratch_strategy: str) -> dict[str, dict[str, Any]]:
     """{task: {strategy: aggregate}} of every declared arm."""
     tasks: dict[str, dict[str, Any]] = {}
     for t in sorted(runs):
-        scratch = runs[t].get(scratch_strategy)
-        scratch_mean = (float(np.mean([r["test_accuracy"] for r in scratch["seeds"].values()]))
-                        if scratch else None)
+        smean = scratch_mean(runs[t], scratch_strategy)
         tasks[t] = {}
         for s in sorted(runs[t]):
-            per_seed = {seed: per_model_record(rec, drifts.get((t, s, seed)), scratch_mean,
+            per_seed = {seed: per_model_record(rec, drifts.get((t, s, seed)), smean,
                                                applicable=s != scratch_strategy)
                         for seed, rec in sorted(runs[t][s]["seeds"].items())}
             tasks[t][s] = aggregate(per_seed)
@@ -101,6 +108,40 @@ def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[t
             out[(t, s)] = {"accuracy": accuracy_sample(arm),
                            "delta": block_sample(sums, base_sums, counts) if sums else None}
     return out
+
+
+WISE_FT = "wise_ft"
+
+
+def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray, counts: np.ndarray, worse_margin: float,
+                smean: float | None) -> tuple[dict[str, Any], dict[str, Sample], dict[str, dict[str, Any]]]:
+    """(the arm at the validation-chosen alpha, its claim samples, every alpha's point).
+
+    Each seed's drift is recomputed from its per-block sums against the forgetting stage's own
+    pretrained sums (`ptf.measures.cl_metrics.drift`), so its numbers are the other arms' measure."""
+    points, chosen = {}, wise["chosen_alpha"]["alpha"]
+    arm = samples = None
+    for key, p in wise["points"].items():
+        per_seed = {}
+        for r in p["seeds"]:
+            ft = {"test_accuracy": r["test_accuracy"], "macro_f1": r.get("test_macro_f1"),
+                  "trainable_fraction": wise.get("trainable_fraction"), "n_classes": wise["n_classes"]}
+            drift = cl.drift(base_sums, r["block_sums"], counts, worse_margin)
+            per_seed[f"seed{r['seed']}"] = {**per_model_record(ft, drift, smean, applicable=True),
+                                            "val_accuracy": r["val_accuracy"]}
+        agg = aggregate(per_seed)
+        agg["mean_std"]["val_accuracy"] = mean_std([per_seed[s]["val_accuracy"] for s in sorted(per_seed)])
+        points[key] = {"alpha": p["alpha"], "chosen": p["alpha"] == chosen, **agg}
+        if p["alpha"] == chosen:
+            arm = {**agg, "alpha": chosen, "alpha_rule": wise["chosen_alpha"]["rule"],
+                   "source": wise["source"]}
+            samples = {"accuracy": prediction_sample({f"seed{r['seed']}": r["test_predictions"] for r in p["seeds"]},
+                                                     wise["test_labels"]),
+                       "delta": block_sample({f"seed{r['seed']}": np.asarray(r["block_sums"]) for r in p["seeds"]},
+                                             base_sums, counts)}
+    if arm is None:
+        raise StageError(f"wise_ft.json: chosen_alpha {chosen} is not one of its points; rerun `dvc repro wise_ft`")
+    return arm, samples, points
 
 
 def sequential_block(run: dict[str, Any] | None) -> dict[str, Any]:

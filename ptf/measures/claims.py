@@ -4,7 +4,8 @@ In:  per-arm samples (`Sample`: per seed, per test example or held-out block, th
      measure is made of), the curves' rows and the per-arm aggregates of the forgetting stage,
      its `Config` (strategies compared, `alpha`, `bootstrap_resamples`, `bootstrap_seed`).
 Out: per comparison {diff, se, df, p, p_holm, ci, ci_level, verdict, reason, resampled}; per
-     claim {claim, rule, comparisons, verdict, counts}. JSON-ready.
+     claim {claim, rule, comparisons, by_task (each task's verdict and counts), verdict, counts}.
+     JSON-ready.
 
 Statistics (`RULE` says the same to a reader):
 - Paired bootstrap of the difference of two arms' means over seeds: each resample draws the seeds
@@ -236,10 +237,17 @@ def overall(verdicts: Sequence[str]) -> dict[str, Any]:
     return {"verdict": verdict, "counts": {**counts, "total": n}}
 
 
+def by_task(comps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{task: overall(...)} of each task's comparisons (their Holm-corrected verdicts: the
+    correction runs over the whole claim, every task together)."""
+    tasks = sorted({str(c.get("task") or "") for c in comps.values()})
+    return {t: overall([c["verdict"] for c in comps.values() if str(c.get("task") or "") == t]) for t in tasks}
+
+
 def _claim(text: str, comps: dict[str, dict[str, Any]], cfg, why_empty: str) -> dict[str, Any]:
     res = overall([c["verdict"] for c in comps.values()])
     return {"claim": text, "rule": rule(cfg.alpha, cfg.bootstrap_resamples, cfg.bootstrap_seed),
-            "alpha": cfg.alpha, "comparisons": comps, **res,
+            "alpha": cfg.alpha, "comparisons": comps, "by_task": by_task(comps), **res,
             **({"missing": why_empty} if not comps else {})}
 
 

@@ -11,10 +11,12 @@ page (`scripts/results.py`), and only those formats:
   data/metrics/sequential.json   `stages.sequential`: one object {order, strategy (a list in
       task order), matrix, chance, n_classes, majority}.
 
-What is read is exactly the task x strategy matrix that params.yaml declares
-(`finetune.tasks` x `finetune.strategies`, `Matrix`): files of arms that are not declared (left
-over from another params set) are never read, and a declared arm whose metrics or model is
-missing is a `StageError` naming it and the command that makes it.
+  data/metrics/wise_ft.json   `stages.wise_ft`: the WiSE-FT points (`read_wise_ft`).
+
+What is read is exactly the arms that params.yaml declares (`finetune.runs`, "<task>-<strategy>"
+-> {task, strategy}: a ragged set, `Matrix`): files of arms that are not declared (left over
+from another params set) are never read, and a declared arm whose metrics or model is missing is
+a `StageError` naming it and the command that makes it.
 """
 from __future__ import annotations
 
@@ -24,53 +26,48 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
-
 from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.common.config import StrictModel, parse_section, read_params
 from ptf.models.artifacts import META_FILE
-from ptf.models.strategies import STRATEGIES
+from ptf.training.finetune_config import Run, Runs, arms_of
 
 FT_METRICS = paths.METRICS / "finetune"
 CURVES_CSV = paths.PLOTS / "curves.csv"
 CURVES_JSON = paths.METRICS / "curves.json"
 SEQUENTIAL_JSON = paths.METRICS / "sequential.json"
+WISE_FT_JSON = paths.METRICS / "wise_ft.json"
 CURVES_COLUMNS = ("strategy", "fraction", "n_labels", "seed", "test_accuracy")
 
 
 class Matrix(StrictModel):
-    """The fine-tune matrix that params.yaml declares: `finetune.tasks` x `finetune.strategies`."""
+    """The fine-tune arms that params.yaml declares (`finetune.runs`)."""
 
-    tasks: list[str] = Field(min_length=1)
-    strategies: list[str] = Field(min_length=1)
+    runs: Runs
 
-    @field_validator("tasks", "strategies")
     @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate names in {v}")
-        return v
-
-    @field_validator("strategies")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in STRATEGIES]
-        if bad:
-            raise ValueError(f"unknown strategies {bad}; expected names from {', '.join(STRATEGIES)}")
-        return v
+    def grid(cls, tasks: list[str], strategies: list[str]) -> Matrix:
+        """Every task with every strategy (tests, and `dvc exp run` variants built by hand)."""
+        return cls(runs={f"{t}-{s}": Run(task=t, strategy=s) for t in tasks for s in strategies})
 
     def arms(self) -> list[tuple[str, str]]:
-        return [(t, s) for t in sorted(self.tasks) for s in sorted(self.strategies)]
+        return arms_of(self.runs)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({t for t, _ in self.arms()})
+
+    def describe(self) -> dict[str, list[str]]:
+        """JSON-ready: the declared arm keys and the tasks they cover."""
+        return {"runs": sorted(self.runs), "tasks": self.tasks}
 
 
 def read_matrix(params_file: Path) -> Matrix:
-    """`finetune.tasks` and `finetune.strategies` of a params file (the keys the forgetting
-    stage lists as DVC params)."""
+    """`finetune.runs` of a params file (the key the forgetting stage lists as a DVC param)."""
     ft = read_params(params_file).get("finetune")
     if not isinstance(ft, dict):
         raise StageError(f"{params_file}: no `finetune` section")
-    return parse_section("finetune", {k: ft.get(k) for k in ("tasks", "strategies")}, Matrix)
+    return parse_section("finetune", {"runs": ft.get("runs")}, Matrix)
 
 
 def read_json(path: Path, remedy: str) -> Any:
@@ -133,8 +130,8 @@ def model_dir(root: Path, task: str, strategy: str, seed: str) -> Path:
 
 
 def _remedy(task: str, strategy: str) -> str:
-    return (f"the arm {task}/{strategy} is declared by params.yaml (finetune.tasks x "
-            f"finetune.strategies); run `dvc repro finetune@{task}-{strategy}` (or `dvc pull`)")
+    return (f"the arm {task}/{strategy} is declared by params.yaml (finetune.runs); "
+            f"run `dvc repro finetune@{task}-{strategy}` (or `dvc pull`)")
 
 
 def read_finetune(root: Path, matrix: Matrix) -> dict[str, dict[str, dict[str, Any]]]:
@@ -199,3 +196,34 @@ def sequential_name(run: dict[str, Any]) -> str:
     names = [str(s) for s in run["strategy"]]
     uniq = list(dict.fromkeys(names))
     return uniq[0] if len(uniq) == 1 else "-".join(names)
+
+
+def read_wise_ft(root: Path, matrix: Matrix) -> dict[str, Any] | None:
+    """The WiSE-FT points of wise_ft.json, or None when the file is absent. Its source arm must
+    be a declared arm; every point needs per-seed accuracies, predictions and block sums."""
+    path = Path(root) / WISE_FT_JSON
+    if not path.is_file():
+        return None
+    obj = read_json(path, "run `dvc repro wise_ft`")
+    where = str(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("points"), dict) or not obj["points"]:
+        raise StageError(f"{where}: expected an object with a non-empty mapping `points`")
+    if (obj.get("task"), obj.get("source")) not in matrix.arms():
+        raise StageError(f"{where}: mixes the arm {obj.get('task')}-{obj.get('source')}, which finetune.runs "
+                         "does not declare; fix wise_ft.task / wise_ft.source, or declare the arm")
+    labels = _labels(obj.get("test_labels"), f"{where}: test_labels")
+    if labels is None or not isinstance(obj.get("n_classes"), int):
+        raise StageError(f"{where}: needs `test_labels` and `n_classes`; rerun `dvc repro wise_ft`")
+    for p in obj["points"].values():
+        if not isinstance(p, dict) or _num(p.get("alpha")) is None or not isinstance(p.get("seeds"), list) or not p["seeds"]:
+            raise StageError(f"{where}: every point needs a numeric `alpha` and per-seed records")
+        for r in p["seeds"]:
+            preds = _labels(r.get("test_predictions"), f"{where}: alpha {p['alpha']}: test_predictions")
+            if (not isinstance(r.get("seed"), int) or _num(r.get("test_accuracy")) is None
+                    or _num(r.get("val_accuracy")) is None or preds is None or len(preds) != len(labels)
+                    or not isinstance(r.get("block_sums"), list)):
+                raise StageError(f"{where}: alpha {p['alpha']}: a seed record lacks seed, val/test "
+                                 "accuracy, test_predictions or block_sums; rerun `dvc repro wise_ft`")
+    if _num((obj.get("chosen_alpha") or {}).get("alpha")) is None:
+        raise StageError(f"{where}: no `chosen_alpha`; rerun `dvc repro wise_ft`")
+    return obj

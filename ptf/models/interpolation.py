@@ -33,27 +33,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator
-
 from ptf.common.cli import StageError
-from ptf.common.config import ConfigError, StrictModel
+from ptf.common.config import ConfigError
 
-ARM = "finetune.arms.wise_ft"
-
-
-class WiseFtParams(StrictModel):
-    """WiSE-FT's own arm fields: no training of its own; it mixes the models of `source`."""
-    alphas: list[float] = Field(min_length=1)   # 0 = pretrained backbone, 1 = the source model
-    source: str                                 # a full-weight strategy (full, lower_lr, l2sp...)
-
-    @field_validator("alphas")
-    @classmethod
-    def _in_unit_interval(cls, v: list[float]) -> list[float]:
-        return check_alphas(v)
+ARM = "wise_ft"
 
 
 def check_alphas(alphas) -> list[float]:
-    """The mixing coefficients as floats, or a `ConfigError` naming `finetune.arms.wise_ft.alphas`."""
+    """The mixing coefficients as floats, or a `ConfigError` naming `wise_ft.alphas`."""
     if not isinstance(alphas, (list, tuple)) or not alphas:
         raise ConfigError(f"{ARM}.alphas: got {alphas!r}; expected a non-empty list of "
                           "coefficients in [0, 1] (0 = pretrained backbone, 1 = fine-tuned)")

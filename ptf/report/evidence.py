@@ -36,6 +36,8 @@ def best_model(fg: dict[str, Any]) -> tuple[str, str, str, float]:
     best = None
     for t in sorted(fg["tasks"]):
         for s in sorted(fg["tasks"][t]):
+            if s == "wise_ft":       # no saved model: WiSE-FT is mixed in memory by its stage
+                continue
             a = fg["tasks"][t][s]
             m = ((a.get("mean_std") or {}).get("test_accuracy") or {}).get("mean")
             if is_num(m) and (best is None or m > best[3]):

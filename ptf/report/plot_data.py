@@ -1,7 +1,8 @@
 """Plot data of the forgetting stage (no CLI, no I/O): the rows of its DVC plot CSVs.
 
 tradeoff.csv: one point per task x strategy with drift (x = delta LM loss, y = gain, mean and
-std over seeds); learning_curves.csv: curves.csv averaged over seeds; accuracy_matrix.csv: the
+std over seeds), and one per WiSE-FT alpha (strategy "wise_ft a=<alpha>", "*" on the alpha chosen
+on validation); learning_curves.csv: curves.csv averaged over seeds; accuracy_matrix.csv: the
 sequential accuracy matrix in long format.
 """
 from __future__ import annotations
@@ -20,23 +21,37 @@ CURVES_COLUMNS = ["series", "task", "strategy", "fraction", "n_labels", "test_ac
 MATRIX_COLUMNS = ["run", "after", "task", "accuracy", "accuracy_chance_adjusted"]
 
 
-def tradeoff_rows(tasks: dict[str, dict[str, Any]], gain: str) -> list[dict[str, Any]]:
-    """One point per task x strategy with drift; `gain` is "chance" or "scratch"."""
+def _point(task: str, strategy: str, ms: dict[str, Any], gkey: str) -> dict[str, Any]:
+    tf = ms["trainable_fraction"]["mean"]
+    return {"task": task, "strategy": strategy,
+            "delta_loss": ms["delta_loss"]["mean"], "delta_loss_std": ms["delta_loss"]["std"],
+            "gain": ms[gkey]["mean"], "gain_std": ms[gkey]["std"],
+            "test_accuracy": ms["test_accuracy"]["mean"],
+            "trainable_pct": 100 * tf if tf is not None else None, "seeds": ms["delta_loss"]["n"]}
+
+
+def wise_ft_label(alpha: float, chosen: bool) -> str:
+    return f"wise_ft a={alpha:g}" + ("*" if chosen else "")
+
+
+def tradeoff_rows(tasks: dict[str, dict[str, Any]], gain: str,
+                  wise: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One point per task x strategy with drift, and one per WiSE-FT alpha (`wise`: the
+    forgetting result's `wise_ft`; its chosen arm in `tasks` is not repeated); `gain` is
+    "chance" or "scratch"."""
     rows = []
     gkey = "gain_over_chance" if gain == "chance" else "gain_over_scratch"
     for task in sorted(tasks):
         for s in sorted(tasks[task]):
             a = tasks[task][s]
             ms = a["mean_std"]
-            if not a["drift_applicable"] or ms["delta_loss"]["mean"] is None or ms[gkey]["mean"] is None:
+            if (s == "wise_ft" or not a["drift_applicable"] or ms["delta_loss"]["mean"] is None
+                    or ms[gkey]["mean"] is None):
                 continue
-            rows.append({"task": task, "strategy": s,
-                         "delta_loss": ms["delta_loss"]["mean"], "delta_loss_std": ms["delta_loss"]["std"],
-                         "gain": ms[gkey]["mean"], "gain_std": ms[gkey]["std"],
-                         "test_accuracy": ms["test_accuracy"]["mean"],
-                         "trainable_pct": (100 * ms["trainable_fraction"]["mean"]
-                                           if ms["trainable_fraction"]["mean"] is not None else None),
-                         "seeds": ms["delta_loss"]["n"]})
+            rows.append(_point(task, s, ms, gkey))
+    for p in ((wise or {}).get("points") or {}).values():
+        if p["mean_std"][gkey]["mean"] is not None:
+            rows.append(_point(wise["task"], wise_ft_label(p["alpha"], p["chosen"]), p["mean_std"], gkey))
     return rows
 
 

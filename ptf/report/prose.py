@@ -118,3 +118,37 @@ def out_of_domain_sentence(label: str, task: str | None, label_names: list[str])
     return (f"→ {label}: the `{task or 'task'}` classifier must answer one of its "
             f"{plural(len(label_names), 'label')} ({', '.join(label_names)}), with no 'none of these', "
             "so this answer is no evidence that the input belongs to the task.")
+
+
+def baseline_sentence(beaten: list[str], tasks: list[str]) -> str:
+    """Which tasks' bag-of-tokens baseline no fine-tuned arm reached."""
+    if not beaten:
+        return "On every task at least one fine-tuned arm beats the bag-of-tokens baseline in mean test accuracy."
+    return (f"On {len(beaten)} of {plural(len(tasks), 'task')} ({names(beaten)}) no fine-tuned arm reaches "
+            "the bag-of-tokens baseline's test accuracy.")
+
+
+def task_verdict(v: dict[str, Any] | None, claim: str, curves_task: str | None) -> str:
+    """A task's verdict on one claim, with its counts, or why it was not measured."""
+    if not v or not (v.get("counts") or {}).get("total"):
+        if claim == "few_labels":
+            return f"not measured (the curves run on `{curves_task}` only: finetune.curves.task)"
+        return "not measured (no compared arm beside the reference on this task)"
+    c = v["counts"]
+    return (f"{v['verdict']} ({c.get(REPRODUCED, 0)} of {c['total']} reproduced, "
+            f"{c.get(NOT_REPRODUCED, 0)} not, {c.get(INCONCLUSIVE, 0)} inconclusive)")
+
+
+def wise_ft_sentence(w: dict[str, Any]) -> str:
+    """The alpha chosen on validation and what it traded, from the points."""
+    pts = {p["alpha"]: p["mean_std"] for p in w["points"].values()}
+    a = w["chosen_alpha"]["alpha"]
+    s = (f"The α chosen on validation is {a:g} ({w['chosen_alpha']['rule']}): test accuracy "
+         f"{pm(pts[a]['test_accuracy'])}, Δ LM loss {pm(pts[a]['delta_loss'], 4, sign=True)}.")
+    if 1.0 in pts and a != 1.0:
+        da = pts[a]["test_accuracy"]["mean"] - pts[1.0]["test_accuracy"]["mean"]
+        dl = pts[a]["delta_loss"]["mean"] - pts[1.0]["delta_loss"]["mean"]
+        s += (f" Against α = 1 (`{w['source']}` itself) that is {num(da, 3, sign=True)} test accuracy and "
+              f"{num(dl, 4, sign=True)} nats/token of Δ LM loss "
+              f"({'less' if dl < 0 else 'more' if dl > 0 else 'no change in'} forgetting).")
+    return s

@@ -117,7 +117,8 @@ def section_tasks(fg: dict[str, Any]) -> list[str]:
             ms = a.get("mean_std") or {}
             drift = a.get("drift_applicable", True)
             tf = (ms.get("trainable_fraction") or {}).get("mean")
-            rows.append([task, s, num((ms.get("test_accuracy") or {}).get("n"), 0),
+            label = f"{s} (α = {a['alpha']:g}, chosen on validation)" if "alpha" in a else s
+            rows.append([task, label, num((ms.get("test_accuracy") or {}).get("n"), 0),
                          pm(ms.get("test_accuracy")),
                          pm(ms.get("gain_over_chance"), sign=True),
                          pm(ms.get("gain_over_scratch"), sign=True),
@@ -127,6 +128,68 @@ def section_tasks(fg: dict[str, Any]) -> list[str]:
                          num(tf, pct_digits(tf), scale=100)])
     L += table(TASK_COLUMNS, rows)
     return L + ["", "![Learning vs forgetting: gain against Δ held-out LM loss](figures/tradeoff.png)"]
+
+
+def section_baselines(base: dict[str, Any], fg: dict[str, Any]) -> list[str]:
+    """Every task: the two trivial baselines beside each fine-tuned arm's test accuracy."""
+    tasks = sorted(fg["tasks"])
+    arms = sorted({s for t in tasks for s in fg["tasks"][t]})
+    L = ["## Every task beside two baselines", "",
+         "Test accuracy of the majority class of the training subset and of a logistic regression on "
+         "bag-of-token counts (its L2 strength chosen on validation) (`data/metrics/baselines.json`, "
+         "the same train/validation/test subsets as the fine-tunes), beside each declared arm's mean ± "
+         "std over seeds (`data/metrics/forgetting.json`); an arm not declared for a task is blank.", ""]
+    rows = []
+    for t in tasks:
+        b = (base.get("tasks") or {}).get(t) or {}
+        row = [t, num(b.get("n_classes"), 0), num((b.get("majority") or {}).get("test_accuracy")),
+               num((b.get("bag_of_tokens") or {}).get("test_accuracy"))]
+        row += [pm((fg["tasks"][t][s].get("mean_std") or {}).get("test_accuracy")) if s in fg["tasks"][t] else ""
+                for s in arms]
+        rows.append(row)
+    L += table(["task", "classes", "majority", "bag-of-tokens", *arms], rows)
+    beaten = [t for t in tasks if is_num(((base.get("tasks") or {}).get(t, {}).get("bag_of_tokens") or {})
+                                         .get("test_accuracy"))
+              and all(not is_num(((a.get("mean_std") or {}).get("test_accuracy") or {}).get("mean"))
+                      or a["mean_std"]["test_accuracy"]["mean"] < base["tasks"][t]["bag_of_tokens"]["test_accuracy"]
+                      for a in fg["tasks"][t].values())]
+    return L + ["", prose.baseline_sentence(beaten, tasks)]
+
+
+def section_verdicts_by_task(fg: dict[str, Any], curves_task: str | None) -> list[str]:
+    """Every task's verdict on every claim, including "not measured" where no comparison ran."""
+    claims = fg.get("claims") or {}
+    L = ["## Every task's verdict on every claim", "",
+         "The verdict of each claim restricted to one task's comparisons (their Holm-corrected "
+         "intervals; the correction runs over the whole claim) (`by_task` of each claim in "
+         "`data/metrics/forgetting.json`).", ""]
+    rows = []
+    for t in sorted(fg["tasks"]):
+        row = [t]
+        for name in ("few_labels", "forget_less"):
+            v = ((claims.get(name) or {}).get("by_task") or {}).get(t)
+            row.append(prose.task_verdict(v, name, curves_task))
+        rows.append(row)
+    return L + table(["task", "claim 1: few labels", "claim 2: forgets less than the reference"], rows)
+
+
+def section_wise_ft(fg: dict[str, Any]) -> list[str]:
+    w = fg.get("wise_ft")
+    if not w:
+        return []
+    c = w["chosen_alpha"]
+    L = [f"## WiSE-FT: weight-space ensembles of `{w['source']}` and the pretrained backbone", "",
+         f"Task `{w['task']}`: backbone (1 − α) × pretrained + α × fine-tuned (`{w['source']}`, each "
+         "seed), head fine-tuned, no further training (Wortsman et al. 2022). α = 0 is the pretrained "
+         f"backbone, α = 1 the `{w['source']}` model. Mean ± std over seeds (`data/metrics/wise_ft.json`, "
+         "`wise_ft` in `data/metrics/forgetting.json`); Δ LM loss on the same held-out blocks as every arm.", ""]
+    rows = [[f"{p['alpha']:g}" + (" (chosen)" if p["chosen"] else ""), pm(p["mean_std"].get("val_accuracy")),
+             pm(p["mean_std"]["test_accuracy"]), pm(p["mean_std"]["gain_over_chance"], sign=True),
+             pm(p["mean_std"]["delta_loss"], 4, sign=True), pm(p["mean_std"]["share_worse"], 1, scale=100)]
+            for p in w["points"].values()]
+    L += table(["α", "validation accuracy", "test accuracy", "gain vs chance", "Δ LM loss (nats/token)",
+                "blocks worse %"], rows)
+    return L + ["", prose.wise_ft_sentence(w)]
 
 
 def section_sequential(run: dict[str, Any] | None, fg: dict[str, Any]) -> list[str]:
@@ -211,8 +274,12 @@ def render_page(metrics: dict[str, Any], stamp: dict[str, Any], notes: dict[str,
     L += section_pretrain(metrics["pretrain"]) + [""]
     L += section_curves(metrics["curves"], scratch) + [""]
     L += section_tasks(metrics["forgetting"]) + [""]
+    L += section_baselines(metrics["baselines"], metrics["forgetting"]) + [""]
+    wise = section_wise_ft(metrics["forgetting"])
+    L += wise + ([""] if wise else [])
     L += section_sequential(metrics["sequential"], metrics["forgetting"]) + [""]
     L += section_claims(metrics["forgetting"], notes, reference, scratch) + [""]
+    L += section_verdicts_by_task(metrics["forgetting"], metrics["curves"].get("task")) + [""]
     L += card_lines + [""]
     L += ["## Sources", "", "sha256 of every file this page was made from:", ""]
     L += [f"- `{k}`: `{v}`" for k, v in sorted(sources.items())]

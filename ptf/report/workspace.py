@@ -31,6 +31,7 @@ METRICS = {
     "curves": outputs.CURVES_JSON,
     "sequential": outputs.SEQUENTIAL_JSON,
     "forgetting": paths.METRICS / "forgetting.json",
+    "baselines": paths.METRICS / "baselines.json",
 }
 
 
@@ -103,7 +104,8 @@ def check_clean(status: dict[str, Any]) -> None:
 
 
 def declared_metrics(root: Path) -> list[str]:
-    """The metrics paths of dvc.yaml, `${item.x}` templates turned into `*` globs."""
+    """The metrics paths of dvc.yaml (foreach stages: their `do` body), `${item.x}` and
+    `${section.key}` templates turned into `*` globs."""
     import yaml
 
     f = root / "dvc.yaml"
@@ -112,6 +114,7 @@ def declared_metrics(root: Path) -> list[str]:
     spec = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
     found = []
     for stage in (spec.get("stages") or {}).values():
+        stage = stage.get("do", stage)          # a foreach stage's body
         for m in stage.get("metrics") or []:
             p = next(iter(m)) if isinstance(m, dict) else m
             found.append(re.sub(r"\$\{[^}]*\}", "*", str(p)))
@@ -145,16 +148,20 @@ def load_metrics(root: Path, matrix: outputs.Matrix) -> dict[str, Any]:
         check_declared(f)
         if not (root / f).is_file():
             raise ResultsError(f"{root / f}: missing; the arm {t}/{s} is declared by params.yaml "
-                               f"(finetune.tasks x finetune.strategies); run `dvc repro finetune@{t}-{s}`")
+                               f"(finetune.runs); run `dvc repro finetune@{t}-{s}`")
         found["finetune"][f"{t}/{s}"] = _read(root / f)
     fg = found["forgetting"]
     for key in ("tasks", "claims", "sequential"):
         if key not in fg:
             raise ResultsError(f"{root / METRICS['forgetting']}: no `{key}`; rerun `dvc repro forgetting`")
-    have = {f"{t}/{s}" for t, arms in fg["tasks"].items() for s in arms}
+    have = {f"{t}/{s}" for t, arms in fg["tasks"].items() for s in arms if s != "wise_ft"}
     if have != set(found["finetune"]):
         raise ResultsError(f"{root / METRICS['forgetting']}: describes the arms {sorted(have)}, but params.yaml "
                            f"declares {sorted(found['finetune'])}; rerun `dvc repro forgetting`")
+    lacking = sorted(set(matrix.tasks) - set((found["baselines"].get("tasks") or {})))
+    if lacking:
+        raise ResultsError(f"{root / METRICS['baselines']}: no baselines of the declared tasks {lacking}; "
+                           "add them to baselines.tasks and run `dvc repro baselines`")
     return found
 
 

@@ -3,7 +3,10 @@
 In:  the `finetune` section of params.yaml.
 Out: `FinetuneSection` (the whole section, strict: an unknown or misspelt key anywhere is an
      error), and the subsets each stage reads: `FinetuneCommon` (pooling, data, train, arms,
-     experiment) plus the stage's own keys (`FinetuneKeys`, `CurvesKeys`, `SequentialKeys`).
+     experiment) plus the stage's own keys (`FinetuneKeys`, `CurvesKeys`, `SequentialKeys`);
+     `Runs`, the declared fine-tune arms (`finetune.runs`: "<task>-<strategy>" -> {task,
+     strategy}, a ragged set: not every task runs every strategy), which the finetune stage
+     (DVC `foreach`) and the forgetting stage read.
      `load_stage_config(model)` validates the whole section, then builds `model` from it.
 """
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from ptf.common.config import PARAMS_FILE, ConfigError, StrictModel, parse_section, read_params
 from ptf.data.tasks import DataCfg
@@ -77,6 +82,30 @@ class SequentialCfg(StrictModel):
         return self
 
 
+class Run(StrictModel):
+    """One declared arm: DVC stage `finetune@<task>-<strategy>`."""
+    task: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.]+$")   # data/tasks/<task>
+    strategy: StrategyName
+
+
+def _run_keys(runs: dict[str, Run]) -> dict[str, Run]:
+    if not runs:
+        raise ValueError("expected at least one arm, e.g. {source-full: {task: source, strategy: full}}")
+    for key, r in runs.items():
+        if key != f"{r.task}-{r.strategy}":
+            raise ValueError(f"key {key!r} must be '<task>-<strategy>' of its value, i.e. "
+                             f"{r.task}-{r.strategy!s} (the DVC stage finetune@<key>)")
+    return runs
+
+
+Runs = Annotated[dict[str, Run], AfterValidator(_run_keys)]
+
+
+def arms_of(runs: dict[str, Run]) -> list[tuple[str, str]]:
+    """The declared (task, strategy) pairs, sorted."""
+    return sorted((r.task, r.strategy) for r in runs.values())
+
+
 class FinetuneCommon(SectionSubset):
     pooling: PoolingName                # checked against the architecture by the stages
     data: DataCfg
@@ -86,10 +115,12 @@ class FinetuneCommon(SectionSubset):
 
 
 class FinetuneKeys(FinetuneCommon):
-    """What the finetune stage reads: its matrix and seeds."""
-    tasks: list[str] = Field(min_length=1)
-    strategies: list[StrategyName] = Field(min_length=1)
+    """What the finetune stage reads: its declared arms and seeds."""
+    runs: Runs
     seeds: list[int] = Field(min_length=1)
+
+    def declared_arms(self) -> list[tuple[str, str]]:
+        return arms_of(self.runs)
 
 
 class CurvesKeys(FinetuneCommon):
