@@ -59,6 +59,19 @@ def render_summary(result: dict[str, Any], cfg) -> str:
     if c2["comparisons"]:
         L.append(f"   {prose.cost_sentence(c2, cfg.reference_strategy)}")
     L.append("")
+    L.append("Per task (each claim's comparisons of that task; Holm over the whole claim):")
+    L.append("")
+    L += table(["task", "claim 1", "claim 2"],
+               [[t, *[(c["by_task"].get(t) or {}).get("verdict", "not measured") for c in (c1, c2)]]
+                for t in sorted(result["tasks"])])
+    w = result.get("wise_ft")
+    if w:
+        L += ["", f"WiSE-FT of `{w['task']}`/`{w['source']}` (α chosen on validation: "
+              f"{w['chosen_alpha']['alpha']:g}):", ""]
+        L += table(["α", "val acc", "test acc", "Δ LM loss"],
+                   [[f"{p['alpha']:g}", pm(p["mean_std"]["val_accuracy"]), pm(p["mean_std"]["test_accuracy"]),
+                     pm(p["mean_std"]["delta_loss"], 4, sign=True)] for p in w["points"].values()])
+    L.append("")
     L.append(f"Rule: {c1['rule']}")
     for name in sorted(result["sequential"]):
         q = result["sequential"][name]
