@@ -37,7 +37,7 @@ def test_exp_run_reports_only_the_declared_arms(smoke_run, tmp_path):
     assert "Running stage 'forgetting'" in p.stdout and "Running stage 'finetune@" not in p.stdout, p.stdout
     fg = forgetting(repo)
     assert fg["matrix"] == {"runs": ["movies-full", "movies-scratch"], "tasks": ["movies"]}
-    assert {t: sorted(a) for t, a in fg["tasks"].items()} == {"movies": ["full", "scratch"]}
+    assert {t: sorted(a) for t, a in fg["tasks"].items()} == {"movies": ["full", "scratch", "wise_ft"]}
     assert (repo / "data/metrics/finetune/movies/linear_probe.json").is_file()
     assert "| movies | linear_probe |" not in (repo / "data/metrics/forgetting_summary.md").read_text()
 
