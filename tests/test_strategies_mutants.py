@@ -110,10 +110,10 @@ def test_fisher_is_the_mean_squared_gradient_over_ceil_blocks_over_batch_size(pr
         assert torch.allclose(f[n], ref[n], rtol=1e-5, atol=1e-12), n
     # one block: one batch (not 2)
     f1 = L.estimate_fisher(lm, blocks, 4, n_blocks=1, batch_size=2, seed=5, normalize=False)
+    # no gradient is left behind on the LM (not even zeros), and what trained before still trains
+    assert all(p.grad is None for p in lm.parameters())
     ref1 = _reference_fisher(lm, blocks, 4, 1, 2, 5)
     assert all(torch.allclose(f1[n], ref1[n], rtol=1e-5, atol=1e-12) for n in ref1)
-    # no gradient is left behind on the LM, and what trained before still trains
-    assert all(p.grad is None for p in lm.parameters())
     assert not lm.lm_head.weight.requires_grad and lm.model.embed_tokens.weight.requires_grad
 
 
@@ -130,11 +130,11 @@ def test_fisher_of_a_masked_lm_is_seeded(tmp_path):
     g = torch.Generator().manual_seed(0)
     blocks = Blocks(torch.randint(5, 40, (4, 12), generator=g).tolist())
 
-    def fisher(seed):
-        torch.manual_seed(123 + seed * 7)          # the global RNG must not matter
+    def fisher(seed, global_seed):
+        torch.manual_seed(global_seed)             # the global RNG must not matter
         return L.estimate_fisher(lm, blocks, 10, n_blocks=4, batch_size=2, seed=seed, normalize=False)
 
-    a, b, c = fisher(0), fisher(0), fisher(1)
+    a, b, c = fisher(0, 1), fisher(0, 2), fisher(1, 1)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
