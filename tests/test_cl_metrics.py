@@ -270,3 +270,16 @@ def test_mean_std_of_two_values_and_none_skipped():
     assert mean_std([]) == {"mean": None, "std": None, "n": 0}
     out = mean_std([1, 3])
     assert type(out["mean"]) is float and type(out["std"]) is float and type(out["n"]) is int
+
+
+def test_forgetting_takes_the_best_earlier_accuracy_of_each_task():
+    # rows 1..2 of tasks 0..1: [[0.9, 0.95], [0.3, 0.8]]: the best earlier accuracy is per task
+    # (column): task 0 max(0.9, 0.3) = 0.9, task 1 max(0.95, 0.8) = 0.95 (not per row: 0.95, 0.8).
+    # Final 0.6, 0.7 -> forgetting 0.3, 0.25.
+    M = [[0.5, 0.5, 0.5], [0.9, 0.95, 0.5], [0.3, 0.8, 0.5], [0.6, 0.7, 0.9]]
+    assert cl.forgetting_per_task(M) == pytest.approx([0.3, 0.25])
+
+
+def test_drift_relative_change_below_one_nat():
+    # reference loss 5 / 10 = 0.5 nats/token (> 0, below 1), fine-tuned 0.6: +20 %
+    assert cl.drift([5.0], [6.0], [10])["rel_delta_pct"] == pytest.approx(20.0)
