@@ -1,14 +1,20 @@
 """`make mutate`: mutation testing (mutmut 3) of the modules the results rest on, group by group.
 
 In:  the groups of `[tool.ptf-mutate]` in pyproject.toml (each: mutant-name globs, the files
-     they are in, the tests of those modules) and the shared `[tool.mutmut]` settings; the
-     project's files as `git ls-files` lists them (tracked, or untracked and not ignored).
+     they are in, the tests of those modules, fast targeted files first, and the survivors judged
+     equivalent, each with why) and the shared `[tool.mutmut]` settings; the project's files as
+     `git ls-files` lists them (tracked, or untracked and not ignored).
 Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need one) whose
-     pyproject.toml gets the group's `only_mutate` and test selection, `mutmut run <globs>` there,
-     and its results; then one table, per module: mutants tried, killed (a test failed, or it ran
-     past its time limit), survived, no tests (no selected test reaches the line), the score
-     killed / tried, and the group's wall time; then every mutant not killed, to look at with
-     `make mutate-show G=<group> M=<mutant name>`. Exit 0 unless a mutmut run fails.
+     pyproject.toml gets the group's `only_mutate` and test selection and whose tests/conftest.py
+     runs the group's test files in the listed order (mutmut stops a mutant's tests at the first
+     failure), `mutmut run <globs>` there, and its results; then one table, per module: mutants
+     tried, killed (a test failed, or it ran past its time limit), survived, no tests (no
+     selected test reaches the line), judged equivalent, the score killed / (tried - equivalent),
+     and the group's wall time and CPU time per core (on a shared machine the wall time depends
+     on the others' load); then every mutant not killed, to look at with
+     `make mutate-show G=<group> M=<mutant name>`, the equivalent ones with why, and equivalent
+     entries that no longer match (killed, or renumbered by an edit). Exit 0 unless a mutmut run
+     fails.
 
     python tests/mutate.py [--dir DIR] [GROUP ...]        # default: every group
 
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -34,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTMUT = Path(sys.executable).parent / "mutmut"
 KILLED = {"killed", "timeout", "caught by type check"}
 NOT_TRIED = {"not checked", "skipped"}
+CORES = os.cpu_count() or 1
 RESULT = re.compile(r"^\s*(?P<name>(?P<module>[\w.]+)\.x\S*__mutmut_\d+): (?P<status>.+?)\s*$")
 
 
@@ -58,6 +66,24 @@ def group_pyproject(text: str, shared: dict, group: dict) -> str:
     return head + "[tool.mutmut]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.items())
 
 
+# Appended to the scratch copy's tests/conftest.py. mutmut hands each mutant's tests to pytest as
+# an unordered set of node ids and runs them with -x: sorting them by the group's `tests` order
+# (targeted, fast files first) lets a killed mutant stop at its first, cheapest failing test.
+ORDER_HOOK = """
+
+# ---- added by tests/mutate.py in the scratch copy only: run the group's test files in order
+_MUTATE_TEST_ORDER = {order!r}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, p in enumerate(_MUTATE_TEST_ORDER) if path.endswith(p)),
+                    len(_MUTATE_TEST_ORDER))
+    items.sort(key=rank)  # stable: within a file, the file's own order
+"""
+
+
 def copy_project(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            cwd=ROOT, capture_output=True, text=True, check=False)
@@ -77,19 +103,32 @@ def git(cwd: Path, *args: str) -> None:
         raise SystemExit(f"git {' '.join(args)} failed in {cwd}:\n{proc.stderr}")
 
 
-def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, str, str]], float]:
-    """mutmut on one group in a fresh scratch copy; [(module, mutant, status)] and the seconds."""
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process and its descendants."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, str, str]], float, float]:
+    """mutmut on one group in a fresh scratch copy; [(module, mutant, status)], the wall seconds
+    and the CPU seconds of mutmut and its workers (on a shared machine the wall time depends on
+    the load; CPU seconds / cores is what the group takes on idle cores)."""
     scratch = base / group["name"]
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     copy_project(scratch)
     pyproject = scratch / "pyproject.toml"
     pyproject.write_text(group_pyproject(pyproject.read_text(), shared, group))
+    conftest = scratch / "tests" / "conftest.py"
+    if "def pytest_collection_modifyitems" in conftest.read_text():
+        raise SystemExit("tests/conftest.py defines pytest_collection_modifyitems: "
+                         "tests/mutate.py's ordering hook would replace it")
+    conftest.write_text(conftest.read_text() + ORDER_HOOK.format(order=list(group["tests"])))
     git(scratch, "init", "-q")
     git(scratch, "add", "-A")
     git(scratch, "commit", "-qm", "make mutate scratch copy")
     print(f"== {group['name']}: {' '.join(group['mutants'])} <- {' '.join(group['tests'])}", flush=True)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), children_cpu()
     # its own process group: stopping this script (Ctrl-C, a timeout's SIGTERM) stops mutmut's
     # workers too, instead of leaving them running
     run = subprocess.Popen([str(MUTMUT), "run", *group["mutants"]], cwd=scratch, start_new_session=True)
@@ -102,7 +141,7 @@ def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, st
         except subprocess.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
         raise
-    seconds = time.monotonic() - start
+    seconds, cpu = time.monotonic() - start, children_cpu() - cpu_start
     if run.returncode != 0:
         raise SystemExit(f"mutmut run failed for group {group['name']} (exit {run.returncode}); "
                          f"its copy: {scratch}")
@@ -112,23 +151,49 @@ def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, st
         raise SystemExit(f"mutmut results failed for group {group['name']}:\n{out.stderr}")
     rows = [(m["module"], m["name"], m["status"]) for m in map(RESULT.match, out.stdout.splitlines())
             if m and m["status"] not in NOT_TRIED]
-    return rows, seconds
+    return rows, seconds, cpu
 
 
-def report(rows: list[tuple[str, str, str, str]], seconds: dict[str, float]) -> str:
+def judge(group: dict, rows: list[tuple[str, str, str]]) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Rows with each survivor that the group's `equivalent` list names marked "equivalent" (it
+    leaves the score's denominator), and a note for every entry that no longer applies (the
+    mutant was killed, or is gone: mutmut numbers a function's mutants in order, so an edit of
+    the function renumbers them and the list must be reviewed)."""
+    listed = dict(group.get("equivalent", []))
+    seen = {name: status for _, name, status in rows}
+    stale = [f"{group['name']}: {name}: listed as equivalent but {seen[name]}" if name in seen
+             else f"{group['name']}: {name}: listed as equivalent but no such mutant"
+             for name in listed if seen.get(name) not in ("survived", "no tests")]
+    return [(m, n, "equivalent" if n in listed and s in ("survived", "no tests") else s)
+            for m, n, s in rows], stale
+
+
+def report(rows: list[tuple[str, str, str, str]], seconds: dict[str, float], cpu: dict[str, float],
+           stale: list[str] = (), why: dict[str, str] | None = None) -> str:
     per_module: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for group, module, _, status in rows:
         per_module[(group, module)]["killed" if status in KILLED else status] += 1
     lines = [f"{'group':<15} {'module':<34} {'tried':>6} {'killed':>7} {'survived':>9} "
-             f"{'no tests':>9} {'score':>7} {'group time':>11}"]
+             f"{'no tests':>9} {'equiv':>6} {'score':>7} {'wall':>8} {'cpu/core':>9}"]
     for (group, module), c in sorted(per_module.items()):
         tried = sum(c.values())
+        judged = tried - c["equivalent"]
+        score = f"{c['killed'] / judged:>7.1%}" if judged else f"{'-':>7}"
         lines.append(f"{group:<15} {module:<34} {tried:>6} {c['killed']:>7} {c['survived']:>9} "
-                     f"{c['no tests']:>9} {c['killed'] / tried:>7.1%} {seconds[group] / 60:>9.1f} m")
-    missed = sorted((g, n, s) for g, _, n, s in rows if s not in KILLED)
+                     f"{c['no tests']:>9} {c['equivalent']:>6} {score} {seconds[group] / 60:>6.1f} m "
+                     f"{cpu[group] / CORES / 60:>7.1f} m")
+    lines.append(f"score = killed / (tried - equivalent). total: {sum(seconds.values()) / 60:.1f} min "
+                 f"wall, {sum(cpu.values()) / CORES / 60:.1f} min of CPU per core ({CORES} cores)")
+    missed = sorted((g, n, s) for g, _, n, s in rows if s not in KILLED | {"equivalent"})
     if missed:
         lines += ["", "not killed (make mutate-show G=<group> M=<mutant>):"]
         lines += [f"  {g}: {n}: {s}" for g, n, s in missed]
+    equivalent = sorted((g, n) for g, _, n, s in rows if s == "equivalent")
+    if equivalent:
+        lines += ["", "judged equivalent ([tool.ptf-mutate] `equivalent`):"]
+        lines += [f"  {g}: {n}: {(why or {}).get(n, '')}" for g, n in equivalent]
+    if stale:
+        lines += ["", "equivalent entries to review:"] + [f"  {x}" for x in stale]
     return "\n".join(lines)
 
 
@@ -144,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown group(s) {sorted(unknown)}; groups: {[g['name'] for g in groups]}")
     chosen = [g for g in groups if not args.groups or g["name"] in args.groups]
-    rows, seconds = [], {}
+    rows, seconds, cpu, stale, why = [], {}, {}, [], {}
     for group in chosen:
-        got, seconds[group["name"]] = run_group(group, conf["mutmut"], args.dir)
+        got, seconds[group["name"]], cpu[group["name"]] = run_group(group, conf["mutmut"], args.dir)
+        got, old = judge(group, got)
         rows += [(group["name"], *r) for r in got]
-    text = report(rows, seconds)
+        stale += old
+        why.update(dict(group.get("equivalent", [])))
+    text = report(rows, seconds, cpu, stale, why)
     print("\n" + text)
     (args.dir / "report.txt").write_text(text + "\n")
     return 0
