@@ -118,3 +118,83 @@ def test_plot_data(variant):
     parts.append(plot_data.to_csv(plot_data.curve_rows(inp["curves_rows"]), plot_data.CURVES_COLUMNS))
     parts.append(plot_data.to_csv(plot_data.matrix_rows(fg["sequential"]), plot_data.MATRIX_COLUMNS))
     _check(f"plot-data-{variant}.csv", "\n".join(parts))
+
+
+# ---------------------------------------------------------------- workspace checks (fast cases)
+
+from ptf.report import workspace as ws  # noqa: E402
+
+
+def test_check_clean_message():
+    ws.check_clean({})
+    status = {f"stage{i}": [{"changed outs": {f"f{j}": "modified" for j in range(6)}}, "always changed"]
+              for i in range(8)}
+    status["a"] = {"changed deps": "params.yaml"}
+    status["b"] = []
+    with pytest.raises(ws.ResultsError) as e:
+        ws.check_clean(status)
+    assert str(e.value) == (
+        "`dvc status` is not clean, so the outputs do not match dvc.lock: "
+        "a (changed deps: params.yaml) | b (changed) | "
+        "stage0 (changed outs: f0, f1, f2, f3 (+2 more); always changed) | "
+        "stage1 (changed outs: f0, f1, f2, f3 (+2 more); always changed) | "
+        "stage2 (changed outs: f0, f1, f2, f3 (+2 more); always changed) | "
+        "stage3 (changed outs: f0, f1, f2, f3 (+2 more); always changed) | (+4 more stages). "
+        "Run `dvc repro` (or `dvc checkout`) first.")
+    with pytest.raises(ws.ResultsError) as e:
+        ws.check_clean({"s": [{"changed outs": {"a": 1, "b": 2, "c": 3, "d": 4}}]})
+    assert "s (changed outs: a, b, c, d)." in str(e.value)
+
+
+def test_lock_stamp_in_a_git_repo(tmp_path):
+    import subprocess
+
+    with pytest.raises(ws.ResultsError) as e:
+        ws.lock_stamp(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'dvc.lock'}: missing; run `dvc repro` first"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    import hashlib
+    sha = hashlib.sha256(b"schema: '2.0'\n").hexdigest()
+    assert ws.sha256_file(tmp_path / "dvc.lock") == sha
+    assert ws.lock_stamp(tmp_path) == {"lock_sha256": sha, "git_commit": None, "git_clean": False}
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    assert ws.lock_stamp(tmp_path)["git_commit"] is None          # no commit yet
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert ws.lock_stamp(tmp_path) == {"lock_sha256": sha, "git_commit": head, "git_clean": True}
+    (tmp_path / "docs/figures").mkdir(parents=True)
+    (tmp_path / "docs/results.md").write_text("page")                # the page's own outputs
+    (tmp_path / "docs/figures/a.png").write_text("png")
+    assert ws.lock_stamp(tmp_path)["git_clean"] is True
+    (tmp_path / "other.txt").write_text("x")
+    assert ws.lock_stamp(tmp_path)["git_clean"] is False
+
+
+def test_declared_metrics_and_sources(tmp_path):
+    with pytest.raises(ws.ResultsError) as e:
+        ws.declared_metrics(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'dvc.yaml'}: missing"
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  a:\n    cmd: x\n    metrics:\n    - data/metrics/a.json:\n        cache: false\n    - data/b.json\n"
+        "  ft:\n    foreach: ${finetune.runs}\n    do:\n      cmd: y\n"
+        "      metrics:\n      - data/metrics/finetune/${item.task}/${item.strategy}.json\n"
+        "  c:\n    cmd: z\n")
+    assert ws.declared_metrics(tmp_path) == ["data/metrics/a.json", "data/b.json", "data/metrics/finetune/*/*.json"]
+    (tmp_path / "dvc.yaml").write_text("")
+    assert ws.declared_metrics(tmp_path) == []
+    from ptf.measures.outputs import Matrix
+    m = Matrix.grid(["t"], ["full"])
+    assert [p.relative_to(tmp_path).as_posix() for p in ws.source_files(tmp_path, m)] == [
+        "data/metrics/pretrain.json", "data/metrics/curves.json", "data/metrics/sequential.json",
+        "data/metrics/forgetting.json", "data/metrics/baselines.json", "data/metrics/finetune/t/full.json"]
+    (tmp_path / "params.yaml").write_text("x: 1\n")                     # no forgetting section
+    assert ws.reference_and_scratch(tmp_path) == ("full", "scratch")
+    (tmp_path / "params.yaml").write_text("forgetting:\n  reference_strategy: lora\n  scratch_strategy: s2\n")
+    assert ws.reference_and_scratch(tmp_path) == ("lora", "s2")
