@@ -121,3 +121,8 @@ def test_select_l2_ties_go_to_the_stronger_l2_and_progress_is_called_per_fit():
     assert weak.model.l2 == 1e-3 and weak.val_accuracy[1e-3] == 1.0 and weak.val_accuracy[1e3] == 0.5
     with pytest.raises(AssertionError, match="^empty L2 grid$"):
         select_l2(x, [0, 1, 0, 1], x, [0, 1, 0, 1], 2, [])
+
+
+def test_select_l2_passes_its_iteration_cap_on():
+    sel = select_l2(DENSE, LABELS, DENSE, LABELS, 3, [0.05], max_iter=1)
+    assert sel.model.iterations == 1
