@@ -126,3 +126,12 @@ def test_select_l2_ties_go_to_the_stronger_l2_and_progress_is_called_per_fit():
 def test_select_l2_passes_its_iteration_cap_on():
     sel = select_l2(DENSE, LABELS, DENSE, LABELS, 3, [0.05], max_iter=1)
     assert sel.model.iterations == 1
+
+
+def test_a_class_absent_from_train_still_has_a_column():
+    # 3 classes declared, only 0 and 1 in the training labels: W is (features, 3), and the
+    # absent class is never predicted (its logit only loses: mean softmax mass pushed down)
+    m = fit_logreg(DENSE, [0, 1, 0, 1], 3, l2=0.05, max_iter=200)
+    assert tuple(m.weight.shape) == (3, 3) and tuple(m.bias.shape) == (3,)
+    assert 2 not in m.predict(DENSE)
+    assert m.bias[2] < m.bias[0] and m.bias[2] < m.bias[1]
