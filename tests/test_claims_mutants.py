@@ -69,6 +69,9 @@ def test_samples_seeds_sorted_notes_and_units():
     b = cm.block_sample({"s0": np.array([3.0, 5.0])}, np.array([1.0, 1.0]), np.array([2.0, 4.0]))
     # (3 - 1 + 5 - 1) / (2 + 4) = 1
     assert b.values().tolist() == [1.0] and b.den.tolist() == [[2.0, 4.0]] and b.note == ""
+    assert b.seeds == ("s0",) and b.units == "held-out blocks"
+    two = cm.block_sample({"s1": np.array([2.0]), "s0": np.array([1.0])}, np.array([1.0]), np.array([1.0]))
+    assert two.seeds == ("s0", "s1") and two.values().tolist() == [0.0, 1.0]
 
 
 def test_draw_counts():
@@ -228,14 +231,26 @@ CFG = SimpleNamespace(alpha=0.05, bootstrap_resamples=200, bootstrap_seed=7, scr
                       forget_less_strategies=[])
 
 
+RULE_1000_7 = (
+    "Each difference gets a paired bootstrap interval (1000 resamples, seed 7): the seeds are drawn with "
+    "replacement (the same draw for both arms when they ran the same seeds) and, within them, the test "
+    "examples (for Δ LM loss: the held-out blocks), the same draw for both arms; where an arm has no "
+    "per-example data only the seeds are drawn, and the comparison says so. The interval is the "
+    "difference ± t(seeds − 1) × the bootstrap standard error (scaled by √(n/(n−1)) for n seeds). "
+    "Holm's correction within each claim at α = 0.05: of m comparisons, the one with the k-th smallest "
+    "p-value gets a 1 − α/(m − k + 1) interval, and is decisive only if every one before it was. A "
+    "comparison is *reproduced* when its corrected interval lies wholly on the claimed side of 0, *not "
+    "reproduced* when wholly on the other side, *inconclusive* otherwise (or with fewer than 2 seeds). "
+    "A claim is reproduced when every comparison is, not reproduced when any is not, partly reproduced "
+    "when some are and the rest are inconclusive, inconclusive otherwise.")
+
+
 def test_rule_text():
-    text = cm.rule(0.05, 1000, 7)
-    assert text.startswith("Each difference gets a paired bootstrap interval (1000 resamples, seed 7): "
-                           "the seeds are drawn with replacement")
-    assert "Holm's correction within each claim at α = 0.05: of m comparisons" in text
-    assert text.endswith("partly reproduced when some are and the rest are inconclusive, "
-                         "inconclusive otherwise.")
-    assert cm.rule(0.1, 500, 0) != text and "α = 0.1:" in cm.rule(0.1, 500, 0)
+    # the rule as the results page prints it: every statement of it is the module's statistics
+    # (t with seeds - 1 df, the sqrt(n / (n - 1)) scaling, Holm's 1 - alpha / (m - k + 1))
+    assert cm.rule(0.05, 1000, 7) == RULE_1000_7
+    assert cm.rule(0.1, 500, 0) == (RULE_1000_7.replace("(1000 resamples, seed 7)", "(500 resamples, seed 0)")
+                                    .replace("α = 0.05:", "α = 0.1:"))
 
 
 def _row(task, strategy, fraction, seed, acc, n_labels):
@@ -282,12 +297,13 @@ def test_claim_forget_less_names_costs_and_titles():
                 "accuracy": cm.seed_sample({"s0": acc, "s1": acc + 0.01})}
 
     tasks = {"movies": {"full": _arm(0.5), "lora": _arm(0.1), "l2sp": _arm(0.2), "scratch": _arm(0.0)},
-             "news": {"lora": _arm(0.1)}}                         # no reference: skipped
+             "aaa": {"lora": _arm(0.1)}, "news": {"lora": _arm(0.1)}}   # no reference: skipped
     smp = {("movies", "full"): samples(0.5, 0.52, 0.80), ("movies", "lora"): samples(0.1, 0.12, 0.70),
            ("movies", "l2sp"): samples(0.2, 0.21, 0.79), ("movies", "scratch"): samples(0.0, 0.0, 0.5)}
     out = cm.claim_forget_less(tasks, smp, CFG)
     assert set(out["comparisons"]) == {"movies/l2sp", "movies/lora"}        # not full, not scratch
     lora = out["comparisons"]["movies/lora"]
+    assert (lora["task"], lora["strategy"]) == ("movies", "lora") and set(out["by_task"]) == {"movies"}
     assert lora["delta_loss"] == {"mean": 0.1, "std": 0.0, "n": 2}
     assert lora["reference_delta_loss"] == {"mean": 0.5, "std": 0.0, "n": 2}
     assert lora["diff"] == pytest.approx(0.11 - 0.51)
