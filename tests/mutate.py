@@ -1,8 +1,8 @@
 """`make mutate`: mutation testing (mutmut 3) of the modules the results rest on, group by group.
 
 In:  the groups of `[tool.ptf-mutate]` in pyproject.toml (each: mutant-name globs, the files
-     they are in, the tests of those modules, fast targeted files first, and the survivors judged
-     equivalent, each with why) and the shared `[tool.mutmut]` settings; the project's files as
+     they are in, the tests of those modules, fast targeted files first, tests left out as too
+     slow to run per mutant, and the survivors judged equivalent, each with why) and the shared `[tool.mutmut]` settings; the project's files as
      `git ls-files` lists them (tracked, or untracked and not ignored).
 Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need one) whose
      pyproject.toml gets the group's `only_mutate` and test selection and whose tests/conftest.py
@@ -59,9 +59,11 @@ def toml_value(v) -> str:
 
 def group_pyproject(text: str, shared: dict, group: dict) -> str:
     """pyproject.toml with its [tool.mutmut] table replaced by the shared settings plus the
-    group's only_mutate and test selection (the group tables are dropped)."""
+    group's only_mutate and test selection, less its `deselect`ed tests (the group tables are
+    dropped)."""
+    deselect = [arg for node in group.get("deselect", []) for arg in ("--deselect", node)]
     cfg = {**shared, "only_mutate": group["only_mutate"],
-           "pytest_add_cli_args_test_selection": group["tests"]}
+           "pytest_add_cli_args_test_selection": group["tests"] + deselect}
     head = text[:re.search(r"^\[tool\.mutmut\]", text, re.M).start()]
     return head + "[tool.mutmut]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.items())
 
@@ -162,7 +164,7 @@ def judge(group: dict, rows: list[tuple[str, str, str]]) -> tuple[list[tuple[str
     listed = dict(group.get("equivalent", []))
     seen = {name: status for _, name, status in rows}
     stale = [f"{group['name']}: {name}: listed as equivalent but {seen[name]}" if name in seen
-             else f"{group['name']}: {name}: listed as equivalent but no such mutant"
+             else f"{group['name']}: {name}: listed as equivalent but not among the mutants tried"
              for name in listed if seen.get(name) not in ("survived", "no tests")]
     return [(m, n, "equivalent" if n in listed and s in ("survived", "no tests") else s)
             for m, n, s in rows], stale
