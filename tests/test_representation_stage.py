@@ -181,3 +181,15 @@ def test_main_prints_one_error_line_naming_the_key(tmp_path):
     assert r.returncode == 1
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: invalid params: representation.batch_size"), r.stderr
+
+
+def test_no_other_task_to_probe(root):
+    """A run with one task (the smoke run): CKA only; the probe part is empty, not an error."""
+    from ptf.report.representation_section import section_representation
+
+    r = rp.run(cfg(probe={**PARAMS["probe"], "tasks": ["movies"]}), matrix([("movies", "full")]), root)
+    rec = r["tasks"]["movies"]["full"]["seeds"]["seed0"]
+    assert rec["probe"] == {} and rec["probe_lost_mean"] is None and rec["cka_last"] < 1.0
+    assert r["tasks"]["movies"]["full"]["mean_std"]["probe_lost_mean"]["n"] == 0
+    text = "\n".join(section_representation(json.loads(json.dumps(r))))
+    assert "| movies | full | 2 |" in text and "n/a" in text

@@ -276,4 +276,6 @@ def _scalars(rec: dict[str, Any]) -> dict[str, float | None]:
             out.update({f"lm.{x}": y for x, y in v.items() if isinstance(y, (int, float)) or y is None})
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = None if isinstance(v, float) and math.isnan(v) else v
+        elif v is None:                    # e.g. no other task to probe: kept, as n = 0
+            out[k] = None
     return out
