@@ -317,3 +317,11 @@ def test_claim_forget_less_names_costs_and_titles():
     none = cm.claim_forget_less({"news": {"lora": _arm(0.1)}}, smp, CFG)
     assert none["claim"] == "the other strategies forget less than full (smaller Δ held-out LM loss)"
     assert none["missing"] == "full or every compared strategy is not in the declared matrix"
+
+
+def test_a_note_on_either_arm_is_reported_when_both_have_seeds_only():
+    # both arms per-seed (no fallback): the first arm's note, or else the second's
+    a = cm.seed_sample({"s0": 0.6, "s1": 0.7}, note="m")
+    b = cm.seed_sample({"s0": 0.5, "s1": 0.5})
+    assert cm.paired_bootstrap(a, b, 100, np.random.default_rng(0))["resampled"] == "seeds only (m)"
+    assert cm.paired_bootstrap(b, a, 100, np.random.default_rng(0))["resampled"] == "seeds only (m)"
