@@ -325,3 +325,13 @@ def test_a_note_on_either_arm_is_reported_when_both_have_seeds_only():
     b = cm.seed_sample({"s0": 0.5, "s1": 0.5})
     assert cm.paired_bootstrap(a, b, 100, np.random.default_rng(0))["resampled"] == "seeds only (m)"
     assert cm.paired_bootstrap(b, a, 100, np.random.default_rng(0))["resampled"] == "seeds only (m)"
+
+
+def test_bootstrap_standard_error_is_a_sample_std():
+    # the standard error is the sample std (ddof 1) of the resampled differences: defined from 2
+    # resamples on (ddof 2 would divide by zero there)
+    a = cm.seed_sample({"s0": 1.0, "s1": 0.0, "s2": 0.5})
+    b = cm.seed_sample({"s0": 0.0, "s1": 0.0, "s2": 0.0})
+    with np.errstate(all="raise"):
+        r = cm.paired_bootstrap(a, b, 2, np.random.default_rng(0))
+    assert math.isfinite(r["se"]) and r["se"] >= 0
