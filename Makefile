@@ -24,12 +24,14 @@ test: setup
 
 # Mutation testing (not part of `make test`): tests/mutate.py runs mutmut (pinned in
 # requirements-mutate.txt) group by group over the modules the results rest on, each group's
-# mutants against the tests of its modules only ([tool.ptf-mutate] in pyproject.toml), in scratch
-# copies under $(MUTATE_DIR), so nothing lands in the work tree. It prints the score per module
-# and every mutant not killed. `make mutate GROUPS="cl_metrics claims"` runs some groups; the
-# diff of one mutant: `make mutate-show G=cl_metrics M=<mutant name>`. Measured on 2 shared
-# cores: cl_metrics (343 mutants, test_cl_metrics.py) 43 s; report (3,279 mutants, test_results.py
-# and test_report_prose.py) about 1 tested mutant/s, so tens of minutes: run groups as needed.
+# mutants against the tests of its modules only ([tool.ptf-mutate] in pyproject.toml: the fast,
+# targeted tests/test_*_mutants.py first, so that most mutants stop at their first failing test;
+# tests too slow to run per mutant deselected; the survivors judged equivalent listed with why),
+# in scratch copies under $(MUTATE_DIR), so nothing lands in the work tree. It prints per module
+# the score killed / (tried - equivalent), the group's wall time and CPU time per core (the wall
+# time depends on what else runs on the machine), and every mutant not killed.
+# `make mutate GROUPS="cl_metrics claims"` runs some groups; the diff of one mutant:
+# `make mutate-show G=cl_metrics M=<mutant name>`.
 MUTATE_DIR ?= $(or $(TMPDIR),/tmp)/ptf-mutate
 GROUPS ?=
 .PHONY: mutate mutate-show
