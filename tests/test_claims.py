@@ -155,3 +155,13 @@ def test_a_true_effect_is_found():
     print(f"\ntrue effect +0.15, 5 seeds: {reproduced:.1%} of comparisons reproduced")
     assert reproduced >= 0.8
     assert not np.any(verdicts == cm.NOT_REPRODUCED)
+
+
+def test_by_task_is_each_tasks_own_verdict():
+    """A claim's per-task verdict counts only that task's (Holm-corrected) comparisons."""
+    comps = {"a/x": {"task": "a", "verdict": cm.REPRODUCED}, "a/y": {"task": "a", "verdict": cm.INCONCLUSIVE},
+             "b/x": {"task": "b", "verdict": cm.NOT_REPRODUCED}, "c/x": {"task": "c", "verdict": cm.REPRODUCED}}
+    got = cm.by_task(comps)
+    assert {t: v["verdict"] for t, v in got.items()} == {"a": cm.PARTLY, "b": cm.NOT_REPRODUCED, "c": cm.REPRODUCED}
+    assert got["a"]["counts"] == {cm.REPRODUCED: 1, cm.NOT_REPRODUCED: 0, cm.INCONCLUSIVE: 1, "total": 2}
+    assert cm.by_task({}) == {}

@@ -36,7 +36,7 @@ def claim(kind: str, diffs: dict[str, float], se: float = 0.01) -> dict:
         costs = {k: c["accuracy_cost"] for k, c in comps.items()}
         cm.holm(costs, "less", CFG.alpha, field="verdict_lower_accuracy")
     return {"claim": f"{kind} claim", "rule": cm.rule(0.05, 500, 0), "comparisons": comps,
-            **cm.overall([c["verdict"] for c in comps.values()])}
+            "by_task": cm.by_task(comps), **cm.overall([c["verdict"] for c in comps.values()])}
 
 
 def sequential(matrix: list[list[float]], majority: list[float]) -> tuple[dict, dict]:
@@ -127,6 +127,14 @@ def test_no_sentence_contradicts_the_numbers(name):
                                                         or fg["claims"]["forget_less"]["verdict"] != cm.REPRODUCED)
     if not sc["forget"]:
         assert "than the other strategies (none of them ran beside it)" in page
+    # every task's verdict on each claim: its own comparisons', or "not measured" without any
+    by_task = "\n".join(sections.section_verdicts_by_task(fg, "source"))
+    want = [fg["claims"][k]["by_task"].get("source") for k in ("few_labels", "forget_less")]
+    row = next(line for line in by_task.splitlines() if line.startswith("| source |"))
+    cells = [c.strip() for c in row.strip("|").split(" | ")][1:]
+    for cell, v in zip(cells, want):
+        assert cell.startswith(f"{v['verdict']} (") if v else cell.startswith("not measured"), (cell, v)
+    assert f"| source | {want[0]['verdict'] if want[0] else 'not measured'} |" in summary
 
 
 def test_the_checker_catches_contradictions():
