@@ -139,6 +139,7 @@ def test_scripts_import_no_private_name_and_no_tests(folder):
 # exactly the arms that `finetune.runs` declares; WiSE-FT evaluates on the fine-tune's subsets
 # and measures drift exactly as the forgetting stage does.
 UPSTREAM_MATRIX_KEYS = {"forgetting": ("finetune.runs",),
+                        "representation": ("finetune.runs",),
                         "wise_ft": ("finetune.data", "forgetting.max_blocks", "forgetting.batch_size",
                                     "forgetting.mask_prob", "forgetting.mask_seed", "forgetting.worse_margin")}
 

@@ -17,6 +17,7 @@ from ptf.measures.claims import REPRODUCED
 from ptf.measures.outputs import sequential_name
 from ptf.report import prose
 from ptf.report.fmt import is_num, num, pct_digits, pm, table
+from ptf.report.representation_section import section_representation
 
 NOTES = Path("docs/results_notes.md")
 
@@ -275,6 +276,7 @@ def render_page(metrics: dict[str, Any], stamp: dict[str, Any], notes: dict[str,
     L += section_curves(metrics["curves"], scratch) + [""]
     L += section_tasks(metrics["forgetting"]) + [""]
     L += section_baselines(metrics["baselines"], metrics["forgetting"]) + [""]
+    L += section_representation(metrics["representation"]) + [""]
     wise = section_wise_ft(metrics["forgetting"])
     L += wise + ([""] if wise else [])
     L += section_sequential(metrics["sequential"], metrics["forgetting"]) + [""]

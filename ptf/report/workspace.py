@@ -32,6 +32,7 @@ METRICS = {
     "sequential": outputs.SEQUENTIAL_JSON,
     "forgetting": paths.METRICS / "forgetting.json",
     "baselines": paths.METRICS / "baselines.json",
+    "representation": paths.METRICS / "representation.json",
 }
 
 
