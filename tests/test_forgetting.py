@@ -287,6 +287,22 @@ def test_mlm_identical_backbone_zero_drift_and_perturbed_positive(tmp_path):
     assert cl.drift(base, moved, counts)["delta_loss"] != 0.0
 
 
+def test_objective_of_each_head_and_a_body_without_one_is_refused(tmp_path):
+    """A bare encoder (a released foundation such as all-MiniLM's BertModel) has no LM head: the
+    drift would be measured under a random head that AutoModelForCausalLM adds, so it is refused."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel, LlamaConfig, LlamaForCausalLM
+
+    small = dict(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=32)
+    BertForMaskedLM(BertConfig(**small)).save_pretrained(tmp_path / "mlm")
+    LlamaForCausalLM(LlamaConfig(**small)).save_pretrained(tmp_path / "clm")
+    BertModel(BertConfig(**small)).save_pretrained(tmp_path / "body")
+    assert (dr.objective_of(tmp_path / "mlm"), dr.objective_of(tmp_path / "clm")) == ("mlm", "clm")
+    with pytest.raises(StageError, match=r"body/config.json: architecture BertModel has no LM head, so the "
+                                         r"held-out LM-loss drift is not applicable"):
+        dr.objective_of(tmp_path / "body")
+
+
 # ---------------------------------------------------------------- verdicts
 
 def _curves(pre_accs, scratch_accs):

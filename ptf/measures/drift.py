@@ -92,10 +92,20 @@ def block_nll(lm, inputs, labels, objective: str, batch_size: int):
 
 
 def objective_of(pretrained: Path) -> str:
+    """The pretraining objective of the saved LM: `mlm` for a `...MaskedLM`, `clm` for a
+    `...CausalLM` / `...LMHeadModel`. A body without an LM head (a released encoder such as a bare
+    `BertModel` foundation) is refused: an Auto LM class would add a randomly initialised head,
+    and the loss under it would be noise, not drift."""
     from transformers import AutoConfig
 
     arch = (AutoConfig.from_pretrained(pretrained).architectures or [""])[0]
-    return "mlm" if arch.endswith("MaskedLM") else "clm"
+    if arch.endswith("MaskedLM"):
+        return "mlm"
+    if arch.endswith(("CausalLM", "LMHeadModel")):
+        return "clm"
+    raise StageError(f"{Path(pretrained) / 'config.json'}: architecture {arch or '(none)'} has no LM head, so "
+                     "the held-out LM-loss drift is not applicable (a head added here would be random); "
+                     "measure its forgetting with the representation stage (CKA, probe retention)")
 
 
 @dataclass
