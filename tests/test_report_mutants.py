@@ -5,7 +5,8 @@ otherwise each need tests/test_results.py's fake DVC run.
 In:  tests/data/report/inputs.json: what `scripts/results.run` hands to `sections.render_page`
      (the metrics files, the evidence card, notes, stamp, sources) and what the forgetting stage
      hands to `render_summary` and the plot-data writers, captured once from the fake run of
-     tests/test_results.py (its values are distinctive: a cell quoting the wrong source differs).
+     tests/test_results.py (its values are distinctive: a cell quoting the wrong source differs),
+     plus a representation.json in the shape of tests/test_representation_section.py's.
      Variants change the inputs where the page branches (verdicts, notes, git state, missing
      parts).
 Out: tests/data/report/<variant>.md|.csv; a difference fails with a unified diff.
@@ -69,6 +70,8 @@ def _bare(inp: dict) -> dict:
     inp["notes"] = {k: v for k, v in inp["notes"].items() if k in ("few_labels", "forget_less")}
     inp["stamp"] = {"lock_sha256": inp["stamp"]["lock_sha256"], "git_commit": None}
     inp["metrics"]["pretrain"].pop("unigram_ppl", None)
+    inp["metrics"]["representation"]["lm"] = {
+        "applicable": False, "note": "not applicable: the pretrained model (BertModel) has no LM head"}
     return inp
 
 
@@ -191,9 +194,12 @@ def test_declared_metrics_and_sources(tmp_path):
     assert ws.declared_metrics(tmp_path) == []
     from ptf.measures.outputs import Matrix
     m = Matrix.grid(["t"], ["full"])
+    # every metrics file of the page, then the declared arms' fine-tune metrics
     assert [p.relative_to(tmp_path).as_posix() for p in ws.source_files(tmp_path, m)] == [
-        "data/metrics/pretrain.json", "data/metrics/curves.json", "data/metrics/sequential.json",
-        "data/metrics/forgetting.json", "data/metrics/baselines.json", "data/metrics/finetune/t/full.json"]
+        *(p.as_posix() for p in ws.METRICS.values()), "data/metrics/finetune/t/full.json"]
+    assert {"data/metrics/pretrain.json", "data/metrics/curves.json", "data/metrics/sequential.json",
+            "data/metrics/forgetting.json", "data/metrics/baselines.json"} <= {
+                p.as_posix() for p in ws.METRICS.values()}
     (tmp_path / "params.yaml").write_text("x: 1\n")                     # no forgetting section
     assert ws.reference_and_scratch(tmp_path) == ("full", "scratch")
     (tmp_path / "params.yaml").write_text("forgetting:\n  reference_strategy: lora\n  scratch_strategy: s2\n")
