@@ -204,3 +204,39 @@ def test_declared_metrics_and_sources(tmp_path):
     assert ws.reference_and_scratch(tmp_path) == ("full", "scratch")
     (tmp_path / "params.yaml").write_text("forgetting:\n  reference_strategy: lora\n  scratch_strategy: s2\n")
     assert ws.reference_and_scratch(tmp_path) == ("lora", "s2")
+
+
+# ---------------------------------------------------------------- plot data: the edge cases
+
+def _ms(mean, std=0.0, n=2):
+    return {"mean": mean, "std": std, "n": n}
+
+
+def _arm_stats(delta, gain, tf):
+    return {"delta_loss": _ms(delta, 0.01), "gain_over_chance": _ms(gain, 0.02), "gain_over_scratch": _ms(gain),
+            "test_accuracy": _ms(0.5), "trainable_fraction": _ms(tf)}
+
+
+def test_tradeoff_rows_skip_what_has_no_point():
+    tasks = {"t": {"a": {"drift_applicable": True, "mean_std": _arm_stats(0.1, 0.2, None)},
+                   "b": {"drift_applicable": False, "mean_std": _arm_stats(0.1, 0.2, 1.0)},      # scratch
+                   "c": {"drift_applicable": True, "mean_std": _arm_stats(None, 0.2, 1.0)},     # no drift
+                   "d": {"drift_applicable": True, "mean_std": _arm_stats(0.3, None, 0.5)},     # no gain
+                   "e": {"drift_applicable": True, "mean_std": _arm_stats(0.4, 0.1, 0.25)},
+                   "wise_ft": {"drift_applicable": True, "mean_std": _arm_stats(0.1, 0.2, 1.0)}}}
+    rows = plot_data.tradeoff_rows(tasks, "chance")
+    assert [r["strategy"] for r in rows] == ["a", "e"]          # c, d skipped, e still reached
+    assert rows[0]["trainable_pct"] is None and rows[1]["trainable_pct"] == 25.0
+    csv_text = plot_data.to_csv(rows + [{"task": "x", "extra": 1}], ["task", "strategy", "trainable_pct"])
+    assert csv_text == "task,strategy,trainable_pct\nt,a,\nt,e,25\nx,,\n"
+
+
+def test_curve_and_matrix_rows_without_task_order_or_adjustment():
+    rows = plot_data.curve_rows([{"task": "", "strategy": "full", "fraction": 0.5, "n_labels": 10,
+                                  "test_accuracy": 0.75}])
+    assert rows[0]["series"] == "full" and rows[0]["seeds"] == 1
+    seq = {"run": {"raw": {"matrix": [[0.5, 0.4], [0.9, 0.45], [0.8, 0.95]]}}}
+    m = plot_data.matrix_rows(seq)
+    assert [(r["after"], r["task"]) for r in m[:3]] == [("0 before", "0 task0"), ("0 before", "1 task1"),
+                                                         ("1 task0", "0 task0")]
+    assert all(r["accuracy_chance_adjusted"] is None for r in m) and len(m) == 6
