@@ -3,7 +3,7 @@ data/metrics/representation.json (stage `representation`) to Markdown lines.
 
 In:  the loaded representation.json (`stages.representation`: held_out, probe, lm, tasks).
 Out: `section_representation(rep)` -> list of Markdown lines: what was measured (sizes from the
-     file), one table per arm (CKA of the last layer and the lowest layer, probe accuracy lost,
+     file), one table per arm (CKA of the last layer and the lowest CKA of any layer, probe accuracy lost,
      LM loss drift in nats/token and bits/byte or why it does not apply), CKA per layer, the
      probes' accuracies before fine-tuning, and sentences that name the extremes. Every number and
      every name in a sentence comes from the file; nothing is written by hand.
@@ -14,7 +14,7 @@ from typing import Any
 
 from ptf.report.fmt import is_num, names, num, plural, pm, table
 
-COLUMNS = ["task", "strategy", "seeds", "CKA, last layer", "CKA, lowest layer", "probe accuracy lost",
+COLUMNS = ["task", "strategy", "seeds", "CKA, last layer", "CKA, lowest of the layers", "probe accuracy lost",
            "probe accuracy after", "Δ LM loss (nats/token)", "Δ LM loss (bits/byte)"]
 
 
