@@ -383,7 +383,7 @@ def pipeline_run_of(deployed: dict[str, Any], flow_run: Any) -> Any:
 
 
 def test_every_stage_that_logs_has_its_run_under_the_flows_pipeline_run(deployed, first_run, stages):
-    """Each of pretrain, every finetune item, curves, sequential and forgetting: its own stage
+    """Each of pretrain, every finetune item, curves, sequential, wise_ft and forgetting: its own stage
     run, FINISHED, under this flow run's pipeline run, linked from the flow's summary."""
     client, parent = pipeline_run_of(deployed, first_run)
     assert parent.info.status == "FINISHED" and parent.data.tags["ptf.level"] == "pipeline"
@@ -395,7 +395,7 @@ def test_every_stage_that_logs_has_its_run_under_the_flows_pipeline_run(deployed
             assert r.data.tags["dvc.stage"] not in by_stage, r.data.tags["dvc.stage"]
             by_stage[r.data.tags["dvc.stage"]] = r
     logging = [s for s in stages if s.split("@")[0] in ("pretrain", "finetune", "curves", "sequential",
-                                                        "forgetting")]
+                                                        "wise_ft", "forgetting")]
     assert {"pretrain", "curves", "sequential", "forgetting"} <= set(logging)
     assert any(s.startswith("finetune@") for s in logging)
     assert sorted(by_stage) == sorted(logging)

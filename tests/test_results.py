@@ -32,6 +32,7 @@ from ptf.report import evidence
 from scripts import results as rs
 from stages import forgetting as fg
 from tests.finetune_fixtures import make_pretrained, make_tokenizer, runs_of
+from tests.test_representation_section import REP
 from tests.test_forgetting import store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +171,7 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
                    "forget_less": cm.claim_forget_less(tasks, samples, cfg)},
     }
     write(root, "data/metrics/forgetting.json", forgetting)
+    write(root, "data/metrics/representation.json", REP)   # its section: tests/test_representation_section.py
     for name in ("tradeoff", "learning_curves", "accuracy_matrix"):
         p = root / "data/plots" / f"{name}.png"
         p.write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode())
