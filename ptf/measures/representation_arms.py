@@ -117,17 +117,13 @@ def block_batches(ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor
 
 def padded_batches(rows: Sequence[Sequence[int]], pad_id: int, batch_size: int):
     """Right-padded batches of `rows` in the given order (right padding keeps every real token
-    at its own position, for absolute and rotary positions alike)."""
+    at its own position, for absolute and rotary positions alike): `ptf.data.tasks.collate`'s."""
+    from ptf.data.tasks import collate
+
     out = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        n = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for j, r in enumerate(chunk):
-            ids[j, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-            mask[j, :len(r)] = 1
-        out.append((ids, mask))
+        b = collate([(list(r), 0) for r in rows[i:i + batch_size]], pad_id, pad_left=False)
+        out.append((b["input_ids"], b["attention_mask"]))
     return out
 
 
