@@ -47,7 +47,7 @@ from ptf.measures import arms as am
 from ptf.measures import cl_metrics as cl
 from ptf.measures import outputs as out
 from ptf.measures.claims import claim_few_labels, claim_forget_less
-from ptf.measures.drift import EvalSet
+from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
 from ptf.models.strategies import STRATEGIES
 from ptf.report import plot_data as pd
@@ -135,9 +135,66 @@ def mlflow_metrics(tasks: dict[str, Any], sequential: dict[str, Any]) -> dict[st
     return metrics
 
 
-def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, Any]:
+def inputs(root: Path, matrix: out.Matrix) -> dict[str, Any]:
+    """Every input but the models' weights, read and checked before any compute or MLflow run."""
+    runs = out.read_finetune(root, matrix)
+    out.read_models(root, runs)
+    return {"runs": runs, "curves": out.read_curves(root),
+            "sequential": am.sequential_block(out.read_sequential(root)),
+            "wise": out.read_wise_ft(root, matrix)}
+
+
+def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) -> dict[str, Any]:
+    """forgetting.json's content, from the `inputs` that `run` checked. A pretrained model without an LM
+    head (a released encoder) gets no LM drift: every arm's drift is null with the reason
+    (`ptf.measures.drift.NO_LM_HEAD`), and claim 2 is not measured, never invented."""
     from tqdm import tqdm
 
+    runs, curves, sequential, wise = got["runs"], got["curves"], got["sequential"], got["wise"]
+    pre = root / paths.PRETRAINED
+    ev = (EvalSet.build(root, pre, cfg.max_blocks, cfg.batch_size, cfg.mask_prob, cfg.mask_seed)
+          if lm_objective(pre) else None)
+    sums, drifts = {}, {}
+    if ev is not None:
+        jobs = [(t, s, seed) for t in sorted(runs) for s in sorted(runs[t]) if s != cfg.scratch_strategy
+                for seed in sorted(runs[t][s]["seeds"])]
+        for job in tqdm(jobs, desc="forgetting: held-out LM loss", unit="model"):
+            sums[job] = ev.measure(out.model_dir(root, *job))
+            drifts[job] = cl.drift(ev.base_sums, sums[job], ev.counts, cfg.worse_margin)
+    no_drift = None if ev is not None else NO_LM_HEAD
+    tasks = am.task_table(runs, drifts, cfg.scratch_strategy, no_drift)
+    base_sums, counts = (ev.base_sums, ev.counts) if ev is not None else (None, None)
+    samples = am.claim_samples(runs, sums, base_sums, counts)
+    wise_points = []
+    if wise is not None:
+        if ev is not None:
+            check_same_blocks(wise, ev)
+        t = wise["task"]
+        arm, samples[(t, am.WISE_FT)], wise_points = am.wise_ft_arm(
+            wise, base_sums, counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
+        tasks[t][am.WISE_FT] = arm
+    if ev is not None:
+        base_loss = cl.pooled_loss(ev.base_sums, ev.counts)
+        held_out = {"applicable": True, "objective": ev.objective, "blocks": int(ev.inputs.shape[0]),
+                    "block_indices": ev.indices, "tokens": int(ev.counts.sum()), "loss_pretrained": base_loss,
+                    "ppl_pretrained": math.exp(base_loss), "mask_seed": cfg.mask_seed,
+                    "mask_prob": cfg.mask_prob if ev.objective == "mlm" else None,
+                    "lm_head": "pretrained output layer (untied copy) on the fine-tuned backbone"}
+    else:
+        held_out = {"applicable": False, "objective": None, "note": NO_LM_HEAD}
+    return {
+        "eval": held_out,
+        "matrix": matrix.describe(),
+        "tasks": tasks,
+        "wise_ft": ({"task": wise["task"], "source": wise["source"], "chosen_alpha": wise["chosen_alpha"],
+                     "points": wise_points} if wise is not None else None),
+        "sequential": sequential,
+        "claims": {"few_labels": claim_few_labels(curves, cfg),
+                   "forget_less": claim_forget_less(tasks, samples, cfg, not_applicable=no_drift)},
+    }
+
+
+def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, Any]:
     from ptf.report.forgetting_report import render_summary, write_figures
     from ptf.training.tracking import check_reachable, input_hashes, start_run, tracking_uri
 
@@ -147,61 +204,28 @@ def run(cfg: Config, matrix: out.Matrix, root: Path = Path(".")) -> dict[str, An
         raise StageError(f"{pre}: no pretrained model; run `dvc repro pretrain`")
     check_weights(pre, PRETRAINED_REMEDY)  # a truncated file: say which one, before any compute
     check_reachable(tracking_uri(root), experiment=cfg.experiment)
-    runs = out.read_finetune(root, matrix)
-    out.read_models(root, runs)
-    curves = out.read_curves(root)
-    sequential = am.sequential_block(out.read_sequential(root))
-    wise = out.read_wise_ft(root, matrix)
-
-    ev = EvalSet.build(root, pre, cfg.max_blocks, cfg.batch_size, cfg.mask_prob, cfg.mask_seed)
-    jobs = [(t, s, seed) for t in sorted(runs) for s in sorted(runs[t]) if s != cfg.scratch_strategy
-            for seed in sorted(runs[t][s]["seeds"])]
-    sums, drifts = {}, {}
-    for job in tqdm(jobs, desc="forgetting: held-out LM loss", unit="model"):
-        sums[job] = ev.measure(out.model_dir(root, *job))
-        drifts[job] = cl.drift(ev.base_sums, sums[job], ev.counts, cfg.worse_margin)
-    tasks = am.task_table(runs, drifts, cfg.scratch_strategy)
-    samples = am.claim_samples(runs, sums, ev.base_sums, ev.counts)
-    base_loss = cl.pooled_loss(ev.base_sums, ev.counts)
-    wise_points = []
-    if wise is not None:
-        check_same_blocks(wise, ev)
-        t = wise["task"]
-        arm, samples[(t, am.WISE_FT)], wise_points = am.wise_ft_arm(
-            wise, ev.base_sums, ev.counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
-        tasks[t][am.WISE_FT] = arm
-    result = {
-        "eval": {"objective": ev.objective, "blocks": int(ev.inputs.shape[0]), "block_indices": ev.indices,
-                 "tokens": int(ev.counts.sum()), "loss_pretrained": base_loss,
-                 "ppl_pretrained": math.exp(base_loss), "mask_seed": cfg.mask_seed,
-                 "mask_prob": cfg.mask_prob if ev.objective == "mlm" else None,
-                 "lm_head": "pretrained output layer (untied copy) on the fine-tuned backbone"},
-        "matrix": matrix.describe(),
-        "tasks": tasks,
-        "wise_ft": ({"task": wise["task"], "source": wise["source"], "chosen_alpha": wise["chosen_alpha"],
-                     "points": wise_points} if wise is not None else None),
-        "sequential": sequential,
-        "claims": {"few_labels": claim_few_labels(curves, cfg),
-                   "forget_less": claim_forget_less(tasks, samples, cfg)},
-    }
-    trade = pd.tradeoff_rows(tasks, cfg.tradeoff_gain, result["wise_ft"])
-    crows = pd.curve_rows(curves)
-    summary = render_summary(result, cfg)
-
-    write_json(root / METRICS_JSON, result)
-    maybe_die("forgetting")  # fault-injection point (tests/test_faults.py)
-    write_text(root / SUMMARY_MD, summary)
-    write_text(root / TRADEOFF_CSV, pd.to_csv(trade, pd.TRADEOFF_COLUMNS))
-    write_text(root / CURVES_OUT_CSV, pd.to_csv(crows, pd.CURVES_COLUMNS))
-    write_text(root / MATRIX_CSV, pd.to_csv(pd.matrix_rows(sequential), pd.MATRIX_COLUMNS))
-    write_figures(root, trade, crows, sequential, cfg, {k: root / v for k, v in PNGS.items()})
-    print(summary)
-
     deps = {"pretrained": paths.PRETRAINED, "shards": paths.SHARDS, "finetune_metrics": out.FT_METRICS,
             "curves": out.CURVES_CSV, "curves_summary": out.CURVES_JSON, "sequential": out.SEQUENTIAL_JSON,
             "wise_ft": out.WISE_FT_JSON}
-    with start_run("forgetting", params={**cfg.model_dump(), "matrix": result["matrix"]},
+    got = inputs(root, matrix)
+    # the run opens before the measuring, so that its duration is the stage's
+    with start_run("forgetting", params={**cfg.model_dump(), "matrix": matrix.describe()},
                    tags=input_hashes(root, deps), root=root, experiment=cfg.experiment) as mlrun:
+        result = measure(cfg, matrix, root, got)
+        tasks, sequential = result["tasks"], result["sequential"]
+        trade = pd.tradeoff_rows(tasks, cfg.tradeoff_gain, result["wise_ft"])
+        crows = pd.curve_rows(got["curves"])
+        summary = render_summary(result, cfg)
+
+        write_json(root / METRICS_JSON, result)
+        maybe_die("forgetting")  # fault-injection point (tests/test_faults.py)
+        write_text(root / SUMMARY_MD, summary)
+        write_text(root / TRADEOFF_CSV, pd.to_csv(trade, pd.TRADEOFF_COLUMNS))
+        write_text(root / CURVES_OUT_CSV, pd.to_csv(crows, pd.CURVES_COLUMNS))
+        write_text(root / MATRIX_CSV, pd.to_csv(pd.matrix_rows(sequential), pd.MATRIX_COLUMNS))
+        write_figures(root, trade, crows, sequential, cfg, {k: root / v for k, v in PNGS.items()})
+        print(summary)
+
         mlrun.log(mlflow_metrics(tasks, sequential), step=0)
         mlrun.set_tags({f"claim.{k}": c["verdict"] for k, c in result["claims"].items()})
         if mlrun.enabled:

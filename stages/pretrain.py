@@ -364,8 +364,10 @@ def main() -> None:
     cfg = load_section(SECTION, Config)
     m = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"pretrain: val ppl {m['val_ppl']:.1f} (unigram {m['unigram_ppl']:.1f}), "
-          f"{m['tokens_per_s']:,.0f} tokens/s, {m['wall_time_s']:.0f} s", flush=True)
+        # no perplexity without an LM head (a foundation used as it is): say so, don't crash
+        ppl = "n/a (no LM head)" if m["val_ppl"] is None else f"{m['val_ppl']:.1f}"
+        print(f"pretrain: val ppl {ppl} (unigram {m['unigram_ppl']:.1f}), "
+              f"{m['tokens_per_s']:,.0f} tokens/s, {m['wall_time_s']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

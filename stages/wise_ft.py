@@ -112,7 +112,7 @@ def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")
 
     from ptf.data.tasks import load_task
     from ptf.measures import cl_metrics as cl
-    from ptf.measures.drift import EvalSet, block_nll
+    from ptf.measures.drift import NO_LM_HEAD, EvalSet, block_nll, lm_objective
     from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights, load_classifier, predict_ids
     from ptf.models.interpolation import backbone, pretrained_backbone_state, wise_ft_models
     from ptf.models.lm import pretrained_lm
@@ -134,9 +134,11 @@ def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")
             raise StageError(f"{out.finetune_file(root, cfg.task, cfg.source)}: its {key} differ from "
                              f"data/tasks/{cfg.task} under finetune.data; rerun `dvc repro "
                              f"finetune@{cfg.task}-{cfg.source}`")
-    ev = EvalSet.build(root, pre, ev_cfg.max_blocks, ev_cfg.batch_size, ev_cfg.mask_prob, ev_cfg.mask_seed)
+    # a foundation without an LM head: accuracy per alpha only, the drift null (never a random head)
+    ev = (EvalSet.build(root, pre, ev_cfg.max_blocks, ev_cfg.batch_size, ev_cfg.mask_prob, ev_cfg.mask_seed)
+          if lm_objective(pre) else None)
     pre_state = pretrained_backbone_state(pre)
-    lm = pretrained_lm(pre)
+    lm = pretrained_lm(pre) if ev is not None else None
     per_alpha: dict[float, list[dict[str, Any]]] = {a: [] for a in cfg.alphas}
     for seed in seeds:
         ft = load_classifier(out.model_dir(root, cfg.task, cfg.source, seed))
@@ -146,6 +148,11 @@ def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")
                 pred = predict_ids(clf, split.ids, 64)
                 acc, f1 = accuracy_f1(pred, split.labels, data.n_classes)
                 rec.update({f"{name}_accuracy": acc, f"{name}_macro_f1": f1, f"{name}_predictions": pred})
+            if ev is None:
+                rec.update({k: None for k in ("loss_finetuned", "delta_loss", "rel_delta_pct", "share_worse",
+                                              "block_sums")})
+                per_alpha[alpha].append(rec)
+                continue
             target = backbone(lm)
             missing, unexpected = target.load_state_dict(backbone(clf).state_dict(), strict=False)
             unexpected = [k for k in unexpected if not k.startswith("pooler.")]
@@ -159,15 +166,18 @@ def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")
             per_alpha[alpha].append(rec)
             print(f"wise_ft {cfg.task}/{cfg.source} {seed} alpha={alpha:g}: val {rec['val_accuracy']:.4f} "
                   f"test {rec['test_accuracy']:.4f} Δ LM loss {rec['delta_loss']:+.4f}")
+    held_out = ({"applicable": True, "objective": ev.objective, "blocks": int(ev.inputs.shape[0]),
+                 "block_indices": ev.indices, "tokens": int(ev.counts.sum()),
+                 "loss_pretrained": cl.pooled_loss(ev.base_sums, ev.counts),
+                 "block_counts": [int(c) for c in ev.counts]} if ev is not None
+                else {"applicable": False, "objective": None, "note": NO_LM_HEAD})
     points = summarise([{"alpha": a, "seeds": per_alpha[a]} for a in cfg.alphas])
     result = {
         "task": cfg.task, "source": cfg.source, "alphas": cfg.alphas,
         "label_names": data.label_names, "n_classes": data.n_classes,
         "validation_labels": list(data.validation.labels), "test_labels": list(data.test.labels),
         "trainable_fraction": metrics.get("trainable_fraction"),
-        "eval": {"objective": ev.objective, "blocks": int(ev.inputs.shape[0]), "block_indices": ev.indices,
-                 "tokens": int(ev.counts.sum()), "loss_pretrained": cl.pooled_loss(ev.base_sums, ev.counts),
-                 "block_counts": [int(c) for c in ev.counts]},
+        "eval": held_out,
         "points": points, "chosen_alpha": choose_alpha(points),
         "wall_time_s": time.perf_counter() - t0,
     }

@@ -301,6 +301,7 @@ def test_objective_of_each_head_and_a_body_without_one_is_refused(tmp_path):
     with pytest.raises(StageError, match=r"body/config.json: architecture BertModel has no LM head, so the "
                                          r"held-out LM-loss drift is not applicable"):
         dr.objective_of(tmp_path / "body")
+    assert dr.lm_objective(tmp_path / "body") is None and dr.lm_objective(tmp_path / "mlm") == "mlm"
 
 
 # ---------------------------------------------------------------- verdicts
@@ -671,3 +672,37 @@ def test_wise_ft_on_other_blocks_or_an_undeclared_arm_is_refused(ran_wise, tmp_p
     with pytest.raises(StageError, match=r"wise_ft.json: mixes the arm movies-full, which finetune.runs does not declare"):
         fg.run(cfg(), out.Matrix.grid(["movies"], ["lora", "scratch"]), root)
 
+
+
+def headless(root: Path) -> None:
+    """The pretrained model as a released encoder ships it: the same weights, declared as the
+    bare body (no LM head), which is all `lm_objective` reads."""
+    f = root / "data/models/pretrained/config.json"
+    conf = json.loads(f.read_text())
+    f.write_text(json.dumps({**conf, "architectures": ["LlamaModel"]}))
+
+
+def test_a_foundation_without_an_lm_head_gets_null_drift_and_claim_2_not_measured(ran_wise, tmp_path):
+    import shutil
+
+    root = shutil.copytree(ran_wise[0], tmp_path / "root")
+    headless(root)
+    w = json.loads((root / out.WISE_FT_JSON).read_text())
+    for p in w["points"].values():
+        for r in p["seeds"]:
+            r["block_sums"] = None            # what stage wise_ft writes without an LM head
+    w["eval"] = {"applicable": False, "objective": None, "note": dr.NO_LM_HEAD}
+    (root / out.WISE_FT_JSON).write_text(json.dumps(w))
+    res = fg.run(cfg(), MATRIX, root)
+    assert res["eval"] == {"applicable": False, "objective": None, "note": dr.NO_LM_HEAD}
+    for s, arm in res["tasks"]["movies"].items():
+        assert arm["drift_applicable"] is False and arm["mean_std"]["delta_loss"]["n"] == 0, s
+        note = arm["seeds"]["seed0"]["drift_note"]
+        assert ("no LM head" in note) == (s != "scratch"), (s, note)
+        assert arm["mean_std"]["test_accuracy"] == ran_wise[1]["tasks"]["movies"][s]["mean_std"]["test_accuracy"]
+    c2 = res["claims"]["forget_less"]
+    assert c2["comparisons"] == {} and c2["applicable"] is False and c2["verdict"] == cm.INCONCLUSIVE
+    assert c2["missing"].startswith("not measured on LM drift: not applicable: the pretrained model has no LM head")
+    assert res["claims"]["few_labels"] == ran_wise[1]["claims"]["few_labels"]   # claim 1 needs no head
+    summary = (root / fg.SUMMARY_MD).read_text()
+    assert "no LM head" in summary

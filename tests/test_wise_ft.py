@@ -115,3 +115,24 @@ def test_a_peft_source_or_a_missing_arm_is_refused_before_compute(trained, monke
         W.run(parse_section("wise_ft", {**SECTION, "source": "lora"}, W.Config), ev, data, root)
     with pytest.raises(StageError, match=r"finetune/movies/l2sp.json: missing.*dvc repro finetune@movies-l2sp"):
         W.run(parse_section("wise_ft", {**SECTION, "source": "l2sp"}, W.Config), ev, data, root)
+
+
+def test_a_foundation_without_an_lm_head_gets_accuracy_per_alpha_and_null_drift(trained, tmp_path):
+    """A bare encoder: every alpha is still mixed and scored on validation and test (alpha 1 is
+    the fine-tune itself), and its drift is null with the reason, not measured under a random head."""
+    import shutil
+
+    from ptf.measures.drift import NO_LM_HEAD
+    from tests.test_forgetting import headless
+
+    root, p, res = trained
+    copy = shutil.copytree(root, tmp_path / "root")
+    headless(copy)
+    cfg = parse_section("wise_ft", SECTION, W.Config)
+    got = W.run(cfg, parse_section("forgetting", EVAL, W.EvalKeys), DataCfg(**p["data"]), copy)
+    assert got["eval"] == {"applicable": False, "objective": None, "note": NO_LM_HEAD}
+    for key, pt in got["points"].items():
+        assert [r["test_accuracy"] for r in pt["seeds"]] == [r["test_accuracy"] for r in res["points"][key]["seeds"]]
+        assert all(r["delta_loss"] is None and r["block_sums"] is None for r in pt["seeds"])
+        assert pt["mean_std"]["delta_loss"]["n"] == 0
+    assert got["chosen_alpha"] == res["chosen_alpha"]

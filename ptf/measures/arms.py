@@ -33,9 +33,12 @@ STAT_KEYS = ["test_accuracy", "macro_f1", "trainable_fraction", "gain_over_chanc
              "ppl_finetuned"]
 
 
+NO_BACKBONE = "not applicable: no pretrained backbone to drift from"
+
+
 def per_model_record(ft: dict[str, Any], drift: dict[str, Any] | None, scratch_mean: float | None,
-                     applicable: bool) -> dict[str, Any]:
-    """One model's row: its task metrics, its gains and (when applicable) its drift."""
+                     applicable: bool, note: str = NO_BACKBONE) -> dict[str, Any]:
+    """One model's row: its task metrics, its gains and (when applicable) its drift; else `note`."""
     chance = 1.0 / ft["n_classes"] if ft.get("n_classes") else None
     acc = ft["test_accuracy"]
     rec = {
@@ -51,7 +54,7 @@ def per_model_record(ft: dict[str, Any], drift: dict[str, Any] | None, scratch_m
     for k in DRIFT_KEYS:
         rec[k] = drift[k] if (applicable and drift is not None) else None
     if not applicable:
-        rec["drift_note"] = "not applicable: no pretrained backbone to drift from"
+        rec["drift_note"] = note
     return rec
 
 
@@ -69,15 +72,17 @@ def scratch_mean(runs_of_task: dict[str, Any], scratch_strategy: str) -> float |
 
 
 def task_table(runs: dict[str, dict[str, dict[str, Any]]], drifts: dict[tuple[str, str, str], dict[str, Any]],
-               scratch_strategy: str) -> dict[str, dict[str, Any]]:
-    """{task: {strategy: aggregate}} of every declared arm."""
+               scratch_strategy: str, no_drift: str | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {strategy: aggregate}} of every declared arm. `no_drift`: why no arm has an LM drift
+    (a pretrained model without an LM head), else None."""
     tasks: dict[str, dict[str, Any]] = {}
     for t in sorted(runs):
         smean = scratch_mean(runs[t], scratch_strategy)
         tasks[t] = {}
         for s in sorted(runs[t]):
-            per_seed = {seed: per_model_record(rec, drifts.get((t, s, seed)), smean,
-                                               applicable=s != scratch_strategy)
+            applicable = s != scratch_strategy and no_drift is None
+            note = NO_BACKBONE if s == scratch_strategy else (no_drift or NO_BACKBONE)
+            per_seed = {seed: per_model_record(rec, drifts.get((t, s, seed)), smean, applicable, note)
                         for seed, rec in sorted(runs[t][s]["seeds"].items())}
             tasks[t][s] = aggregate(per_seed)
     return tasks
@@ -95,8 +100,10 @@ def accuracy_sample(arm: dict[str, Any]) -> Sample:
 
 
 def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[tuple[str, str, str], np.ndarray],
-                  base_sums: np.ndarray, counts: np.ndarray) -> dict[tuple[str, str], dict[str, Sample | None]]:
-    """{(task, strategy): {"accuracy": Sample, "delta": Sample | None (no drift)}}."""
+                  base_sums: np.ndarray | None, counts: np.ndarray | None
+                  ) -> dict[tuple[str, str], dict[str, Sample | None]]:
+    """{(task, strategy): {"accuracy": Sample, "delta": Sample | None (no drift)}}; `base_sums`
+    None: no LM drift was measured (`block_sums` is empty then)."""
     out: dict[tuple[str, str], dict[str, Sample | None]] = {}
     for t, arms in runs.items():
         labels = {s: arm["test_labels"] for s, arm in arms.items() if arm.get("test_labels") is not None}
@@ -113,12 +120,16 @@ def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[t
 WISE_FT = "wise_ft"
 
 
-def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray, counts: np.ndarray, worse_margin: float,
-                smean: float | None) -> tuple[dict[str, Any], dict[str, Sample], dict[str, dict[str, Any]]]:
+def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.ndarray | None,
+                worse_margin: float, smean: float | None
+                ) -> tuple[dict[str, Any], dict[str, Sample | None], dict[str, dict[str, Any]]]:
     """(the arm at the validation-chosen alpha, its claim samples, every alpha's point).
 
     Each seed's drift is recomputed from its per-block sums against the forgetting stage's own
-    pretrained sums (`ptf.measures.cl_metrics.drift`), so its numbers are the other arms' measure."""
+    pretrained sums (`ptf.measures.cl_metrics.drift`), so its numbers are the other arms' measure.
+    `base_sums` None (a pretrained model without an LM head): accuracy only, drift null."""
+    lm = base_sums is not None
+    note = wise.get("eval", {}).get("note") or NO_BACKBONE
     points, chosen = {}, wise["chosen_alpha"]["alpha"]
     arm = samples = None
     for key, p in wise["points"].items():
@@ -126,8 +137,8 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray, counts: np.ndarray,
         for r in p["seeds"]:
             ft = {"test_accuracy": r["test_accuracy"], "macro_f1": r.get("test_macro_f1"),
                   "trainable_fraction": wise.get("trainable_fraction"), "n_classes": wise["n_classes"]}
-            drift = cl.drift(base_sums, r["block_sums"], counts, worse_margin)
-            per_seed[f"seed{r['seed']}"] = {**per_model_record(ft, drift, smean, applicable=True),
+            drift = cl.drift(base_sums, r["block_sums"], counts, worse_margin) if lm else None
+            per_seed[f"seed{r['seed']}"] = {**per_model_record(ft, drift, smean, lm, note),
                                             "val_accuracy": r["val_accuracy"]}
         agg = aggregate(per_seed)
         agg["mean_std"]["val_accuracy"] = mean_std([per_seed[s]["val_accuracy"] for s in sorted(per_seed)])
@@ -138,7 +149,7 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray, counts: np.ndarray,
             samples = {"accuracy": prediction_sample({f"seed{r['seed']}": r["test_predictions"] for r in p["seeds"]},
                                                      wise["test_labels"]),
                        "delta": block_sample({f"seed{r['seed']}": np.asarray(r["block_sums"]) for r in p["seeds"]},
-                                             base_sums, counts)}
+                                             base_sums, counts) if lm else None}
     if arm is None:
         raise StageError(f"wise_ft.json: chosen_alpha {chosen} is not one of its points; rerun `dvc repro wise_ft`")
     return arm, samples, points

@@ -282,12 +282,17 @@ def claim_few_labels(curves: list[dict[str, Any]], cfg) -> dict[str, Any]:
 
 
 def claim_forget_less(tasks: dict[str, dict[str, Any]], samples: dict[tuple[str, str], dict[str, Sample]],
-                      cfg) -> dict[str, Any]:
+                      cfg, not_applicable: str | None = None) -> dict[str, Any]:
     """Claim 2: each compared arm's delta LM loss is below the reference's (`samples[(task, s)]
-    ["delta"]`), with its accuracy cost (`["accuracy"]`, Holm-corrected as a family of its own)."""
+    ["delta"]`), with its accuracy cost (`["accuracy"]`, Holm-corrected as a family of its own).
+    `not_applicable`: why no LM drift exists (a pretrained model without an LM head): the claim
+    is then not measured (no comparison, inconclusive, `missing` says why)."""
     comps: dict[str, dict[str, Any]] = {}
     costs: dict[str, dict[str, Any]] = {}
     ref = cfg.reference_strategy
+    text = f"the other strategies forget less than {ref} (smaller Δ held-out LM loss)"
+    if not_applicable is not None:
+        return {**_claim(text, comps, cfg, f"not measured on LM drift: {not_applicable}"), "applicable": False}
     for task in sorted(tasks):
         arms = tasks[task]
         if ref not in arms:

@@ -91,11 +91,16 @@ def block_nll(lm, inputs, labels, objective: str, batch_size: int):
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()
 
 
-def objective_of(pretrained: Path) -> str:
+NO_LM_HEAD = ("not applicable: the pretrained model has no LM head (a bare encoder such as a released "
+              "BertModel), and held-out LM loss needs one (a head added here would be random); its "
+              "forgetting is measured by the representation stage (CKA, probe retention)")
+
+
+def lm_objective(pretrained: Path) -> str | None:
     """The pretraining objective of the saved LM: `mlm` for a `...MaskedLM`, `clm` for a
-    `...CausalLM` / `...LMHeadModel`. A body without an LM head (a released encoder such as a bare
-    `BertModel` foundation) is refused: an Auto LM class would add a randomly initialised head,
-    and the loss under it would be noise, not drift."""
+    `...CausalLM` / `...LMHeadModel`; None for a body without an LM head (a released encoder
+    such as a bare `BertModel` foundation): an Auto LM class would add a randomly initialised
+    head, and the loss under it would be noise, not drift (`NO_LM_HEAD` says so)."""
     from transformers import AutoConfig
 
     arch = (AutoConfig.from_pretrained(pretrained).architectures or [""])[0]
@@ -103,9 +108,20 @@ def objective_of(pretrained: Path) -> str:
         return "mlm"
     if arch.endswith(("CausalLM", "LMHeadModel")):
         return "clm"
-    raise StageError(f"{Path(pretrained) / 'config.json'}: architecture {arch or '(none)'} has no LM head, so "
-                     "the held-out LM-loss drift is not applicable (a head added here would be random); "
-                     "measure its forgetting with the representation stage (CKA, probe retention)")
+    return None
+
+
+def objective_of(pretrained: Path) -> str:
+    """`lm_objective`, refusing a body without an LM head with a StageError naming its config."""
+    objective = lm_objective(pretrained)
+    if objective is None:
+        from transformers import AutoConfig
+
+        arch = (AutoConfig.from_pretrained(pretrained).architectures or ["(none)"])[0]
+        raise StageError(f"{Path(pretrained) / 'config.json'}: architecture {arch} has no LM head, so "
+                         "the held-out LM-loss drift is not applicable (a head added here would be random); "
+                         "measure its forgetting with the representation stage (CKA, probe retention)")
+    return objective
 
 
 @dataclass

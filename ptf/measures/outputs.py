@@ -200,7 +200,8 @@ def sequential_name(run: dict[str, Any]) -> str:
 
 def read_wise_ft(root: Path, matrix: Matrix) -> dict[str, Any] | None:
     """The WiSE-FT points of wise_ft.json, or None when the file is absent. Its source arm must
-    be a declared arm; every point needs per-seed accuracies, predictions and block sums."""
+    be a declared arm; every point needs per-seed accuracies, predictions and block sums (null
+    when its `eval` says the LM drift is not applicable)."""
     path = Path(root) / WISE_FT_JSON
     if not path.is_file():
         return None
@@ -214,6 +215,7 @@ def read_wise_ft(root: Path, matrix: Matrix) -> dict[str, Any] | None:
     labels = _labels(obj.get("test_labels"), f"{where}: test_labels")
     if labels is None or not isinstance(obj.get("n_classes"), int):
         raise StageError(f"{where}: needs `test_labels` and `n_classes`; rerun `dvc repro wise_ft`")
+    lm = (obj.get("eval") or {}).get("applicable", True)   # False: no LM head, so no block sums
     for p in obj["points"].values():
         if not isinstance(p, dict) or _num(p.get("alpha")) is None or not isinstance(p.get("seeds"), list) or not p["seeds"]:
             raise StageError(f"{where}: every point needs a numeric `alpha` and per-seed records")
@@ -221,7 +223,7 @@ def read_wise_ft(root: Path, matrix: Matrix) -> dict[str, Any] | None:
             preds = _labels(r.get("test_predictions"), f"{where}: alpha {p['alpha']}: test_predictions")
             if (not isinstance(r.get("seed"), int) or _num(r.get("test_accuracy")) is None
                     or _num(r.get("val_accuracy")) is None or preds is None or len(preds) != len(labels)
-                    or not isinstance(r.get("block_sums"), list)):
+                    or not (isinstance(r.get("block_sums"), list) or (r.get("block_sums") is None and not lm))):
                 raise StageError(f"{where}: alpha {p['alpha']}: a seed record lacks seed, val/test "
                                  "accuracy, test_predictions or block_sums; rerun `dvc repro wise_ft`")
     if _num((obj.get("chosen_alpha") or {}).get("alpha")) is None:

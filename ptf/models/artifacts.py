@@ -183,9 +183,13 @@ def save_classifier(clf, tokenizer, dest: Path, meta: dict[str, Any],
         clf.peft_config["default"].base_model_name_or_path = str(dest / BASE_DIR)
         clf.save_pretrained(str(dest))
         adapter_config = dest / "adapter_config.json"
+        conf = json.loads(adapter_config.read_text())
+        # peft writes target_modules from a set, in hash-randomised order: sorted, the file (and
+        # DVC's hash of the model) is the same from run to run
+        if isinstance(conf.get("target_modules"), list):
+            conf["target_modules"] = sorted(conf["target_modules"])
         adapter_config.write_text(json.dumps(
-            {**json.loads(adapter_config.read_text()),
-             "base_model_name_or_path": str(publish / BASE_DIR)}, indent=2, sort_keys=True) + "\n")
+            {**conf, "base_model_name_or_path": str(publish / BASE_DIR)}, indent=2, sort_keys=True) + "\n")
     _describe(dest, publish, tok, meta, results, train)
     if entry.merge is not None:
         merged = entry.merge(copy.deepcopy(clf))

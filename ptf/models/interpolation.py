@@ -61,11 +61,17 @@ def backbone(model):
 
 def pretrained_backbone_state(pretrained_dir: Path) -> dict[str, torch.Tensor]:
     """The pretrained backbone's tensors (keys relative to the backbone), taken from the
-    pretrained LM so that nothing the checkpoint lacks (a pooler) is invented."""
+    pretrained LM so that nothing the checkpoint lacks (a pooler) is invented; a foundation
+    saved without an LM head (a bare `BertModel`) is that backbone itself, pooler included."""
+    from transformers import AutoModel
+
+    from ptf.measures.drift import lm_objective
     from ptf.models.lm import pretrained_lm
 
-    lm = pretrained_lm(Path(pretrained_dir))
-    return {k: v.detach().clone() for k, v in backbone(lm).state_dict().items()}
+    pretrained_dir = Path(pretrained_dir)
+    body = (backbone(pretrained_lm(pretrained_dir)) if lm_objective(pretrained_dir)
+            else AutoModel.from_pretrained(pretrained_dir))
+    return {k: v.detach().clone() for k, v in body.state_dict().items()}
 
 
 def _check(pre: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor]) -> None:

@@ -22,11 +22,14 @@ def render_summary(result: dict[str, Any], cfg) -> str:
     L: list[str] = []
     L.append("# Forgetting: what fine-tuning bought and what it cost")
     L.append("")
-    L.append(f"Held-out pretraining objective ({ev['objective']}): {ev['blocks']} validation blocks, "
-             f"{ev['tokens']} scored tokens; pretrained loss {ev['loss_pretrained']:.4f} "
-             f"(perplexity {ev['ppl_pretrained']:.2f}). Δ LM loss = the fine-tuned backbone under the "
-             "pretrained LM head minus the pretrained model, same blocks (> 0: forgot). "
-             "Values are mean ± sample std over seeds.")
+    if ev.get("applicable", True):
+        L.append(f"Held-out pretraining objective ({ev['objective']}): {ev['blocks']} validation blocks, "
+                 f"{ev['tokens']} scored tokens; pretrained loss {ev['loss_pretrained']:.4f} "
+                 f"(perplexity {ev['ppl_pretrained']:.2f}). Δ LM loss = the fine-tuned backbone under the "
+                 "pretrained LM head minus the pretrained model, same blocks (> 0: forgot). "
+                 "Values are mean ± sample std over seeds.")
+    else:
+        L.append(f"Held-out LM loss: {ev['note']}. Values are mean ± sample std over seeds.")
     L.append("")
     L.append("## Per task and strategy")
     L.append("")
@@ -39,7 +42,8 @@ def render_summary(result: dict[str, Any], cfg) -> str:
             rows.append([
                 task, s, str(ms["test_accuracy"]["n"]), pm(ms["test_accuracy"]), pm(ms["macro_f1"]),
                 pm(ms["gain_over_chance"], sign=True), pm(ms["gain_over_scratch"], sign=True),
-                pm(ms["delta_loss"], 4, sign=True) if drift else "n/a (no pretrained backbone)",
+                pm(ms["delta_loss"], 4, sign=True) if drift else
+                ("n/a (no pretrained backbone)" if s == cfg.scratch_strategy else "n/a (no LM head)"),
                 pm(ms["rel_delta_pct"], 2, sign=True) if drift else "n/a",
                 pm(ms["share_worse"], 1, scale=100) + "%" if drift else "n/a",
                 pm(ms["trainable_fraction"], 2, scale=100)])
@@ -53,7 +57,8 @@ def render_summary(result: dict[str, Any], cfg) -> str:
     for key in sorted(c1["comparisons"]):
         L.append(f"   - {prose.few_labels_line(key, c1['comparisons'][key], cfg.scratch_strategy)}.")
     c2 = result["claims"]["forget_less"]
-    L.append(f"2. **{c2['claim']}**: **{c2['verdict']}**. {prose.counts_sentence(c2)}")
+    L.append(f"2. **{c2['claim']}**: " + (f"**{c2['verdict']}**. {prose.counts_sentence(c2)}"
+                                         if c2.get("applicable", True) else f"{c2['missing']}."))
     for key in sorted(c2["comparisons"]):
         L.append(f"   - {prose.forget_less_line(key, c2['comparisons'][key], cfg.reference_strategy)}.")
     if c2["comparisons"]:
@@ -123,6 +128,9 @@ def write_figures(root: Path, trade: list[dict[str, Any]], curves: list[dict[str
     ax.set_title("Learning vs forgetting (mean ± std over seeds)")
     if trade:
         ax.legend(fontsize=7, ncol=2, loc="best")
+    else:  # e.g. a foundation without an LM head: no drift to plot, said on the figure
+        ax.text(0.5, 0.5, "no Δ LM loss measured\n(the pretrained model has no LM head)",
+                ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     _save(fig, dests["tradeoff"])
     plt.close(fig)

@@ -36,7 +36,7 @@ def wise_ft_label(alpha: float, chosen: bool) -> str:
 
 def tradeoff_rows(tasks: dict[str, dict[str, Any]], gain: str,
                   wise: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One point per task x strategy with drift, and one per WiSE-FT alpha (`wise`: the
+    """One point per task x strategy with drift, and one per WiSE-FT alpha with drift (`wise`: the
     forgetting result's `wise_ft`; its chosen arm in `tasks` is not repeated); `gain` is
     "chance" or "scratch"."""
     rows = []
@@ -50,7 +50,7 @@ def tradeoff_rows(tasks: dict[str, dict[str, Any]], gain: str,
                 continue
             rows.append(_point(task, s, ms, gkey))
     for p in ((wise or {}).get("points") or {}).values():
-        if p["mean_std"][gkey]["mean"] is not None:
+        if p["mean_std"][gkey]["mean"] is not None and p["mean_std"]["delta_loss"]["mean"] is not None:
             rows.append(_point(wise["task"], wise_ft_label(p["alpha"], p["chosen"]), p["mean_std"], gkey))
     return rows
 
