@@ -17,16 +17,32 @@ from ptf.measures.claims import REPRODUCED
 from ptf.measures.outputs import sequential_name
 from ptf.report import prose
 from ptf.report.fmt import is_num, num, pct_digits, pm, table
+from ptf.report.foundation_section import section_foundation
 from ptf.report.representation_section import section_representation
 
 NOTES = Path("docs/results_notes.md")
 
 
-def read_notes(path: Path) -> dict[str, str]:
-    """`## <name>` sections of docs/results_notes.md, verbatim (HTML comments kept; a section
-    holding only comments or blanks counts as empty and is left out)."""
+class Notes(dict):
+    """People's notes, {section name: text}, and the file they come from (`path`)."""
+
+    def __init__(self, sections: dict[str, str], path: Path = NOTES):
+        super().__init__(sections)
+        self.path = Path(path)
+
+
+def notes_file_of(page: Path) -> Path:
+    """The notes of a page: docs/results.md -> docs/results_notes.md,
+    docs/results-foundation.md -> docs/results-foundation_notes.md."""
+    return Path(page).with_name(Path(page).stem + "_notes.md")
+
+
+def read_notes(path: Path, shown_as: Path = NOTES) -> Notes:
+    """`## <name>` sections of a notes file (docs/results_notes.md), verbatim (HTML comments kept;
+    a section holding only comments or blanks counts as empty and is left out); `shown_as`: its
+    path from the repository root, as the page names it."""
     if not path.is_file():
-        return {}
+        return Notes({}, shown_as)
     found: dict[str, str] = {}
     name, buf = None, []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -39,12 +55,13 @@ def read_notes(path: Path) -> dict[str, str]:
             buf.append(line)
     if name is not None:
         found[name] = "\n".join(buf).strip("\n")
-    return {k: v for k, v in found.items() if re.sub(r"<!--.*?-->", "", v, flags=re.S).strip()}
+    return Notes({k: v for k, v in found.items() if re.sub(r"<!--.*?-->", "", v, flags=re.S).strip()}, shown_as)
 
 
 def quote_notes(name: str, notes: dict[str, str], missing: str) -> list[str]:
-    L = [f"<!-- BEGIN notes: {NOTES.as_posix()}, section `## {name}` (written by people) -->"]
-    L += [notes[name]] if name in notes else [f"*{missing} Add it under `## {name}` in `{NOTES.as_posix()}`.*"]
+    where = getattr(notes, "path", NOTES).as_posix()
+    L = [f"<!-- BEGIN notes: {where}, section `## {name}` (written by people) -->"]
+    L += [notes[name]] if name in notes else [f"*{missing} Add it under `## {name}` in `{where}`.*"]
     return L + [f"<!-- END notes `## {name}` -->"]
 
 
@@ -54,6 +71,8 @@ def section_history(notes: dict[str, str]) -> list[str]:
 
 
 def section_pretrain(pre: dict[str, Any]) -> list[str]:
+    if pre.get("init") == "foundation":
+        return section_foundation(pre)
     L = ["## Pretraining", "",
          f"Objective `{pre.get('objective', 'n/a')}`; the unigram baseline is the perplexity of the "
          "same held-out targets under add-one-smoothed token frequencies of the training shards: a "
@@ -78,7 +97,7 @@ def _frac_key(k: str) -> float:
         return math.inf
 
 
-def section_curves(curves: dict[str, Any], scratch: str) -> list[str]:
+def section_curves(curves: dict[str, Any], scratch: str, fig: str = "figures") -> list[str]:
     res = curves.get("results") or {}
     n_seeds = len(curves.get("seeds") or []) or None
     strategies = list(res)
@@ -95,22 +114,26 @@ def section_curves(curves: dict[str, Any], scratch: str) -> list[str]:
         rows.append([f, " / ".join(str(int(n)) for n in labels) or "n/a"]
                     + [pm({"n": n_seeds, **res[s][f]}) if f in res[s] else "n/a" for s in strategies])
     L += table(["fraction", "labels", *strategies], rows)
-    return L + ["", "![Learning curves: test accuracy against the number of labels](figures/learning_curves.png)"]
+    return L + ["", f"![Learning curves: test accuracy against the number of labels]({fig}/learning_curves.png)"]
 
 
 TASK_COLUMNS = ["task", "strategy", "seeds", "test accuracy", "gain vs chance", "gain vs scratch",
                 "Δ LM loss (nats/token)", "Δ LM loss %", "blocks worse %", "trainable %"]
 
 
-def section_tasks(fg: dict[str, Any]) -> list[str]:
+def section_tasks(fg: dict[str, Any], fig: str = "figures") -> list[str]:
     ev = fg.get("eval") or {}
+    lm = ev.get("applicable", True)
+    forgetting = ("Forgetting = Δ held-out LM loss: the fine-tuned backbone under the pretrained LM head "
+                  f"minus the pretrained model, on the same {ev.get('blocks', 'n/a')} held-out blocks "
+                  f"({ev.get('tokens', 'n/a')} tokens; pretrained loss {num(ev.get('loss_pretrained'), 4)}); "
+                  "> 0 means the pretraining objective got worse." if lm else
+                  f"Δ held-out LM loss: {ev.get('note', 'not measured')} (below).")
     L = ["## Per task and strategy: what fine-tuning bought and what it cost", "",
          "Gain = test accuracy minus chance (1 / classes) or minus the mean `scratch` accuracy of the "
-         "task. Forgetting = Δ held-out LM loss: the fine-tuned backbone under the pretrained LM head "
-         f"minus the pretrained model, on the same {ev.get('blocks', 'n/a')} held-out blocks "
-         f"({ev.get('tokens', 'n/a')} tokens; pretrained loss {num(ev.get('loss_pretrained'), 4)}); "
-         "> 0 means the pretraining objective got worse. Mean ± std over seeds "
+         f"task. {forgetting} Mean ± std over seeds "
          "(`data/metrics/forgetting.json`, from `data/metrics/finetune/<task>/<strategy>.json`).", ""]
+    no_drift = "n/a (no pretrained backbone)" if lm else "n/a (no LM head)"
     rows = []
     for task in sorted(fg["tasks"]):
         for s in sorted(fg["tasks"][task]):
@@ -123,12 +146,13 @@ def section_tasks(fg: dict[str, Any]) -> list[str]:
                          pm(ms.get("test_accuracy")),
                          pm(ms.get("gain_over_chance"), sign=True),
                          pm(ms.get("gain_over_scratch"), sign=True),
-                         pm(ms.get("delta_loss"), 4, sign=True) if drift else "n/a (no pretrained backbone)",
+                         pm(ms.get("delta_loss"), 4, sign=True) if drift else
+                         ("n/a (no pretrained backbone)" if s == "scratch" else no_drift),
                          pm(ms.get("rel_delta_pct"), 2, sign=True) if drift else "n/a",
                          pm(ms.get("share_worse"), 1, scale=100) if drift else "n/a",
                          num(tf, pct_digits(tf), scale=100)])
     L += table(TASK_COLUMNS, rows)
-    return L + ["", "![Learning vs forgetting: gain against Δ held-out LM loss](figures/tradeoff.png)"]
+    return L + ["", f"![Learning vs forgetting: gain against Δ held-out LM loss]({fig}/tradeoff.png)"]
 
 
 def section_baselines(base: dict[str, Any], fg: dict[str, Any]) -> list[str]:
@@ -190,10 +214,16 @@ def section_wise_ft(fg: dict[str, Any]) -> list[str]:
             for p in w["points"].values()]
     L += table(["α", "validation accuracy", "test accuracy", "gain vs chance", "Δ LM loss (nats/token)",
                 "blocks worse %"], rows)
+    if all(not is_num(p["mean_std"]["delta_loss"]["mean"]) for p in w["points"].values()):
+        c = w["chosen_alpha"]   # no LM head: accuracy only (prose.wise_ft_sentence compares drift)
+        best = next(p for p in w["points"].values() if p["chosen"])
+        return L + ["", f"The α chosen on validation is {c['alpha']:g} ({c['rule']}): test accuracy "
+                        f"{pm(best['mean_std']['test_accuracy'])}. No Δ LM loss: the pretrained model "
+                        "has no LM head."]
     return L + ["", prose.wise_ft_sentence(w)]
 
 
-def section_sequential(run: dict[str, Any] | None, fg: dict[str, Any]) -> list[str]:
+def section_sequential(run: dict[str, Any] | None, fg: dict[str, Any], fig: str = "figures") -> list[str]:
     L = ["## Sequential fine-tuning: the accuracy matrix", ""]
     if not run:
         return L + ["No sequential run in `data/metrics/sequential.json`."]
@@ -219,7 +249,7 @@ def section_sequential(run: dict[str, Any] | None, fg: dict[str, Any]) -> list[s
              ["chance-adjusted", num(a.get("acc")), num(a.get("bwt"), sign=True),
               num(a.get("fwt"), sign=True), num(a.get("avg_forgetting"))]])
         L += ["", " ".join(prose.bwt_sentences(m))]
-    return L + ["", "![Accuracy matrix of the sequential run](figures/accuracy_matrix.png)"]
+    return L + ["", f"![Accuracy matrix of the sequential run]({fig}/accuracy_matrix.png)"]
 
 
 def _not_reproduced(claim_name: str, claim: dict[str, Any], notes: dict[str, str]) -> list[str]:
@@ -246,6 +276,11 @@ def section_claims(fg: dict[str, Any], notes: dict[str, str], reference: str, sc
     if c1.get("verdict") != REPRODUCED:
         L += [""] + _not_reproduced("few_labels", c1, notes)
     comps2 = c2.get("comparisons") or {}
+    if c2.get("applicable") is False:     # no LM head: nothing to compare, and no "not reproduced"
+        why = str(c2.get("missing", "")).removeprefix("not measured on LM drift: ").removeprefix("not applicable: ")
+        L += ["", "### Claim 2 (forgetting): fine-tuning strategies that forget less than "
+                  f"`{reference}`", "", f"**Not measured on LM drift**: {why}."]
+        return L + (["", "### Notes", ""] + quote_notes("general", notes, "") if "general" in notes else [])
     L += ["", f"### Claim 2 (forgetting): {prose.forget_less_heading(c2, reference)}", "",
           f"**Verdict: {c2.get('verdict', 'n/a')}.** Tested: {c2.get('claim', 'n/a')}. "
           + prose.counts_sentence(c2)]
@@ -260,26 +295,33 @@ def section_claims(fg: dict[str, Any], notes: dict[str, str], reference: str, sc
 
 
 def render_page(metrics: dict[str, Any], stamp: dict[str, Any], notes: dict[str, str],
-                card_lines: list[str], sources: dict[str, str], reference: str, scratch: str) -> str:
+                card_lines: list[str], sources: dict[str, str], reference: str, scratch: str,
+                fig: str = "figures", beside: list[str] | None = None) -> str:
+    """The page; `fig`: the figures' folder relative to the page; `beside`: the lines of a
+    comparison with another run (`ptf.report.foundation_section.section_beside`)."""
     commit = stamp.get("git_commit")
     git = (f"git commit `{commit}` (clean tree)" if stamp.get("git_clean")
            else f"git commit `{commit}` **plus uncommitted changes**" if commit else "no git commit")
-    L = ["# Results of the default run", "",
+    found = metrics["pretrain"].get("foundation") or {}
+    title = (f"# Results of the foundation run (`{found.get('name')}`)" if metrics["pretrain"].get("init") == "foundation"
+             else "# Results of the default run")
+    L = [title, "",
          "<!-- Generated by `python -m scripts.results` (make results). Do not edit: edit "
-         "docs/results_notes.md and regenerate. -->", "",
+         f"{getattr(notes, 'path', NOTES).as_posix()} and regenerate. -->", "",
          f"Generated from `dvc.lock` sha256 `{stamp['lock_sha256']}` with `dvc status` clean; "
          f"{git}. Every number in the tables below is a value of the metrics files that `dvc.yaml` "
          "declares (`dvc metrics show`, git-tracked); the verdicts are those computed by the "
          "forgetting stage.", ""]
     L += section_history(notes) + [""]
     L += section_pretrain(metrics["pretrain"]) + [""]
-    L += section_curves(metrics["curves"], scratch) + [""]
-    L += section_tasks(metrics["forgetting"]) + [""]
+    L += section_curves(metrics["curves"], scratch, fig) + [""]
+    L += section_tasks(metrics["forgetting"], fig) + [""]
     L += section_baselines(metrics["baselines"], metrics["forgetting"]) + [""]
     L += section_representation(metrics["representation"]) + [""]
+    L += beside + [""] if beside else []
     wise = section_wise_ft(metrics["forgetting"])
     L += wise + ([""] if wise else [])
-    L += section_sequential(metrics["sequential"], metrics["forgetting"]) + [""]
+    L += section_sequential(metrics["sequential"], metrics["forgetting"], fig) + [""]
     L += section_claims(metrics["forgetting"], notes, reference, scratch) + [""]
     L += section_verdicts_by_task(metrics["forgetting"], metrics["curves"].get("task")) + [""]
     L += card_lines + [""]

@@ -52,7 +52,7 @@ def _git(root: Path, *args: str) -> str | None:
     return p.stdout if p.returncode == 0 else None
 
 
-def lock_stamp(root: Path) -> dict[str, Any]:
+def lock_stamp(root: Path, page: Path = PAGE, figures: Path = FIGURES) -> dict[str, Any]:
     """sha256 of dvc.lock's bytes; the git commit, and whether the tree is clean apart from the
     page's own outputs (then the commit alone reproduces the page)."""
     lock = root / LOCK
@@ -60,7 +60,7 @@ def lock_stamp(root: Path) -> dict[str, Any]:
         raise ResultsError(f"{lock}: missing; run `dvc repro` first")
     commit = _git(root, "rev-parse", "--verify", "HEAD")
     porcelain = _git(root, "status", "--porcelain", "--", ".",
-                     f":(exclude){PAGE.as_posix()}", f":(exclude){FIGURES.as_posix()}")
+                     f":(exclude){Path(page).as_posix()}", f":(exclude){Path(figures).as_posix()}")
     return {"lock_sha256": sha256_file(lock),
             "git_commit": commit.strip() if commit else None,
             "git_clean": porcelain is not None and porcelain.strip() == "" and bool(commit)}
