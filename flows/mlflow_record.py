@@ -12,13 +12,20 @@ Out: `open_pipeline` -> the pipeline run's id: a run named and tagged for what r
          stage restored from DVC's run cache or up to date gets a run that points to the run
          that produced its outputs (`ptf.produced_by`; found by the outputs' hash `dvc.outs`
          that this step tags on every stage run it sees run, else the stage's latest run), with
-         that run's tags and numbers;
+         that run's tags and numbers; one whose outputs no run of this tracking store produced
+         (a fresh store: data from `dvc pull`, or a new clone where DVC skips every stage) gets
+         a stage run of its own, named and tagged from params.yaml (`finetune source/full [up to
+         date; no producing run in this tracking store]`, tag `ptf.no_producer`), with its
+         metrics files' numbers. A stage logs to MLflow when its deps list
+         ptf/training/tracking.py (tests/test_dag.py keeps deps complete); the others (download,
+         tokenize, baselines, representation, ...) get no run;
        - each stage run gets its DVC metrics file's numbers under stable names, the fine-tune
          runs (and the LR-selected configuration runs, `ptf.selected`) the forgetting stage's
          measures of their arm and seed, the sequential run its BWT/FWT;
        - the pipeline run gets the summary: `data/metrics/forgetting_summary.md` (as its
          description and an artifact), the figures `data/plots/*.png`, forgetting.json, the
-         verdicts as tags and metrics (`claim.<name>`), and the view that opens its runs table;
+         verdicts as tags and metrics (`claim.<name>`), the counts `ptf.stages.ran`, `.reused`
+         and `.no_producer`, and the view that opens its runs table;
        - it ends FINISHED or FAILED.
 
     python -m flows.mlflow_record repro [DVC REPRO ARGS]   # open, dvc repro, close
@@ -47,9 +54,12 @@ from ptf.common.cli import StageError
 from ptf.training import tracking_store as store
 from ptf.training.tracking import EXPERIMENT, check_reachable, redact, tracking_uri
 from ptf.training.tracking_tree import (LEVEL_TAG, OWNER_TAG, PARENT_TAG, PIPELINE, PIPELINE_ENV,
-                                        PIPELINE_TAG, STAGE, file_sha, pipeline_tags)
+                                        PIPELINE_TAG, STAGE, file_sha, foundation_tags, pipeline_tags,
+                                        stage_name)
 
-OUTS_TAG, PRODUCER_TAG = "dvc.outs", "ptf.produced_by"
+OUTS_TAG, PRODUCER_TAG, NO_PRODUCER_TAG = "dvc.outs", "ptf.produced_by", "ptf.no_producer"
+NO_PRODUCER = "no producing run in this tracking store"
+TRACKING_DEP = "ptf/training/tracking.py"  # a stage that imports it logs runs (deps: tests/test_dag.py)
 SUMMARY_MD = paths.METRICS / "forgetting_summary.md"
 FORGETTING_JSON = paths.METRICS / "forgetting.json"
 NOTE_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
@@ -105,7 +115,8 @@ def outs_hash(outs: dict[str, str | None]) -> str:
 
 
 def dvc_outputs(root: Path) -> dict[str, dict[str, Any]]:
-    """Per pipeline stage, in dvc.yaml's order: its outputs' hashes (from dvc.lock) and metrics files."""
+    """Per pipeline stage, in dvc.yaml's order: its outputs' hashes (from dvc.lock), metrics files
+    and whether it logs to MLflow ("logs": its deps list ptf/training/tracking.py)."""
     import contextlib
 
     from dvc.repo import Repo
@@ -113,7 +124,8 @@ def dvc_outputs(root: Path) -> dict[str, dict[str, Any]]:
 
     with contextlib.chdir(root), Repo(str(root)) as repo:
         return {s.addressing: {"outs": {str(o.def_path): o.hash_info.value for o in s.outs},
-                               "metrics": [str(o.def_path) for o in s.outs if o.metric]}
+                               "metrics": [str(o.def_path) for o in s.outs if o.metric],
+                               "logs": any(str(d.def_path) == TRACKING_DEP for d in s.deps)}
                 for s in repo.index.stages if isinstance(s, PipelineStage)}
 
 
@@ -122,7 +134,8 @@ def producer_of(client: Any, exp_id: str, stage: str, outs: str) -> tuple[Any, s
     runs = client.search_runs([exp_id], f"tags.`dvc.stage` = '{stage}' and tags.`{LEVEL_TAG}` = "
                               f"'{STAGE}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=200)
-    own = [r for r in runs if PRODUCER_TAG not in r.data.tags]
+    # pointer runs and runs of stages with no producer made no outputs: never a producer
+    own = [r for r in runs if PRODUCER_TAG not in r.data.tags and NO_PRODUCER_TAG not in r.data.tags]
     for r in own:
         if r.data.tags.get(OUTS_TAG) == outs:
             return r, "outputs hash"
@@ -139,6 +152,54 @@ def pointer_run(client: Any, exp_id: str, pipeline: str, stage: str, producer: A
     name = f"{producer.info.run_name} [{status}]"
     run = client.create_run(exp_id, run_name=name, tags={**tags, "mlflow.runName": name})
     log_numbers(client, run.info.run_id, producer.data.metrics)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def declared_tags(root: Path, dvc_stage: str) -> dict[str, str]:
+    """The tags the stage's call site would pass to `start_run` (task, strategy, order,
+    objective, init), from params.yaml, for a stage that did not run; its run's name is made of
+    these alone. `finetune@<key>`: its item of `finetune.runs`."""
+    import yaml
+
+    file = root / "params.yaml"
+    params = (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    base, _, key = dvc_stage.partition("@")
+    finetune = params.get("finetune") or {}   # curves and sequential are keys of it
+    section = params.get(base) or finetune.get(base) or {}
+    if base == "finetune":
+        item = (finetune.get("runs") or {}).get(key) or {}
+        tags = {k: item[k] for k in ("task", "strategy") if k in item}
+    elif base == "sequential" and section.get("order"):
+        plan = section.get("strategy") or {}
+        tags = {"order": ",".join(section["order"]),
+                "strategy": ",".join(str(plan.get(t, "")) for t in section["order"])}
+    elif base == "wise_ft":
+        tags = {"task": section.get("task"), "strategy": "wise_ft"}
+    elif base == "curves":
+        tags = {"task": section.get("task")}
+    elif base == "pretrain":
+        tags = {"objective": section.get("objective"), "init": section.get("init")}
+    else:
+        tags = {}
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def unproduced_run(client: Any, root: Path, exp_id: str, pipeline: str, stage: str, status: str,
+                   outs: str) -> str:
+    """A stage that did not run and whose outputs no run of this store produced (a fresh store):
+    a stage run of its own, named like the run the stage would log, its status and the missing
+    producer in the name; the caller logs its metrics files' numbers."""
+    base = stage.split("@")[0]
+    own = declared_tags(root, stage)
+    found = foundation_tags(root) if base != "pretrain" else {}  # as tracking_tree.place tags it
+    commit = client.get_run(pipeline).data.tags.get("mlflow.source.git.commit")
+    name = f"{stage_name(base, stage, own)} [{status}; {NO_PRODUCER}]"
+    tags = {**found, **own, "dvc.stage": stage, "stage": base, PARENT_TAG: pipeline,
+            PIPELINE_TAG: pipeline, LEVEL_TAG: STAGE, OUTS_TAG: outs, "dvc.status": status,
+            NO_PRODUCER_TAG: "true", "mlflow.runName": name,
+            **({"mlflow.source.git.commit": commit} if commit else {})}
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -213,7 +274,7 @@ def close_pipeline(root: Path, pipeline: str, statuses: dict[str, str] | None = 
                               order_by=["attributes.start_time ASC"])
     ran = {r.data.tags.get("dvc.stage"): r for r in mine if r.data.tags.get(LEVEL_TAG) == STAGE}
     children = [r for r in mine if r.data.tags.get(LEVEL_TAG) not in (STAGE, PIPELINE)]
-    stage_ids, stage_runs = {}, {}
+    stage_ids, stage_runs, unproduced = {}, {}, []
     for stage, info in dvc_outputs(root).items():
         outs, said = outs_hash(info["outs"]), (statuses or {}).get(stage)
         if (only is not None and stage not in only) or (stage not in ran and said in ("failed", "not run")):
@@ -225,18 +286,27 @@ def close_pipeline(root: Path, pipeline: str, statuses: dict[str, str] | None = 
             client.set_tag(run_id, "dvc.status", said or "ran")
         else:
             found = producer_of(client, exp_id, stage, outs)
-            if found is None:
-                continue  # a stage that logs nothing to MLflow (download, tokenize, ...)
-            run_id = pointer_run(client, exp_id, pipeline, stage, *found, said or "reused", outs)
+            if found is None and not info["logs"]:
+                continue  # a stage that logs nothing to MLflow (download, tokenize, baselines, ...)
+            if found:
+                run_id = pointer_run(client, exp_id, pipeline, stage, *found, said or "reused", outs)
+            else:  # a fresh store: the stage still appears, with the numbers of its metrics files
+                run_id = unproduced_run(client, root, exp_id, pipeline, stage, said or "reused", outs)
+                unproduced.append(stage)
         for rel in info["metrics"]:
             log_numbers(client, run_id, view.stable_metrics(read_json(root / rel)))
         stage_ids[stage] = run_id
         stage_runs[stage] = client.get_run(run_id)
     verdicts = attach_measures(client, root, stage_runs, children)
+    if "forgetting" in unproduced:  # as its own run would: forgetting.json has no top-level numbers
+        for k, v in verdicts.items():
+            client.set_tag(stage_ids["forgetting"], f"claim.{k}", v)
+        log_numbers(client, stage_ids["forgetting"], view.verdict_metrics(verdicts))
     summarise(client, root, pipeline, verdicts)
     for k, v in {"dvc.lock.sha256.after": file_sha(root / "dvc.lock"),
                  "ptf.stages.ran": str(sum(1 for s in stage_ids if s in ran)),
-                 "ptf.stages.reused": str(sum(1 for s in stage_ids if s not in ran))}.items():
+                 "ptf.stages.reused": str(sum(1 for s in stage_ids if s not in ran)),
+                 "ptf.stages.no_producer": str(len(unproduced))}.items():
         if v:
             client.set_tag(pipeline, k, v)
     key = view.share_view(client, exp_id, pipeline)
