@@ -2,7 +2,8 @@
 
 In:  the groups of `[tool.ptf-mutate]` in pyproject.toml (each: mutant-name globs, the files
      they are in, the tests of those modules, fast targeted files first, tests left out as too
-     slow to run per mutant, and the survivors judged equivalent, each with why) and the shared `[tool.mutmut]` settings; the project's files as
+     slow to run per mutant, the survivors judged equivalent, each with why, and `mutmut`: settings
+     of its own over the shared `[tool.mutmut]` ones) and the shared settings; the project's files as
      `git ls-files` lists them (tracked, or untracked and not ignored).
 Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need one) whose
      pyproject.toml gets the group's `only_mutate` and test selection and whose tests/conftest.py
@@ -58,11 +59,11 @@ def toml_value(v) -> str:
 
 
 def group_pyproject(text: str, shared: dict, group: dict) -> str:
-    """pyproject.toml with its [tool.mutmut] table replaced by the shared settings plus the
-    group's only_mutate and test selection, less its `deselect`ed tests (the group tables are
-    dropped)."""
+    """pyproject.toml with its [tool.mutmut] table replaced by the shared settings, the group's
+    own `mutmut` settings over them, and the group's only_mutate and test selection, less its
+    `deselect`ed tests (the group tables are dropped)."""
     deselect = [arg for node in group.get("deselect", []) for arg in ("--deselect", node)]
-    cfg = {**shared, "only_mutate": group["only_mutate"],
+    cfg = {**shared, **group.get("mutmut", {}), "only_mutate": group["only_mutate"],
            "pytest_add_cli_args_test_selection": group["tests"] + deselect}
     head = text[:re.search(r"^\[tool\.mutmut\]", text, re.M).start()]
     return head + "[tool.mutmut]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.items())

@@ -335,3 +335,21 @@ def test_bootstrap_standard_error_is_a_sample_std():
     with np.errstate(all="raise"):
         r = cm.paired_bootstrap(a, b, 2, np.random.default_rng(0))
     assert math.isfinite(r["se"]) and r["se"] >= 0
+
+
+def test_claim_forget_less_not_measured_without_an_lm_head():
+    # arms and samples that would give comparisons: `not_applicable` says why none is made
+    tasks = {"movies": {"full": _arm(0.5), "lora": _arm(0.1)}}
+    smp = {("movies", s): {"delta": cm.seed_sample({"s0": d, "s1": d + 0.01}),
+                           "accuracy": cm.seed_sample({"s0": 0.7, "s1": 0.8})}
+           for s, d in (("full", 0.5), ("lora", 0.1))}
+    out = cm.claim_forget_less(tasks, smp, CFG, not_applicable="the model has no LM head")
+    assert out == {"claim": "the other strategies forget less than full (smaller Δ held-out LM loss)",
+                   "rule": cm.rule(CFG.alpha, CFG.bootstrap_resamples, CFG.bootstrap_seed),
+                   "alpha": CFG.alpha, "comparisons": {}, "by_task": {}, "verdict": I,
+                   "counts": {cm.REPRODUCED: 0, cm.NOT_REPRODUCED: 0, I: 0, "total": 0},
+                   "missing": "not measured on LM drift: the model has no LM head", "applicable": False}
+    # measured (the default): comparisons, and no `applicable` key
+    measured = cm.claim_forget_less(tasks, smp, CFG)
+    assert set(measured["comparisons"]) == {"movies/lora"} and "applicable" not in measured
+    assert cm.claim_forget_less(tasks, smp, CFG, None)["comparisons"].keys() == {"movies/lora"}

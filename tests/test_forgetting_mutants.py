@@ -352,3 +352,119 @@ def test_sequential_block():
     bad = {**run, "matrix": [[0.5, 0.5]]}
     assert _raises(am.sequential_block, bad) == ("sequential run 'full': accuracy matrix must have T+1 rows and "
                                                  "T >= 1 columns, got shape (1, 2)")
+
+
+# ---------------------------------------------------------------- no LM head: no drift, said why
+
+def _no_lm_seed(block_sums):
+    return {"seed": 0, "test_accuracy": 0.5, "val_accuracy": 0.6, "test_predictions": [1, 0], "block_sums": block_sums}
+
+
+def test_read_wise_ft_without_lm_drift(tmp_path):
+    m = out.Matrix.grid(["movies"], ["full"])
+    lacks = ("alpha 0.5: a seed record lacks seed, val/test accuracy, test_predictions or block_sums; "
+             "rerun `dvc repro wise_ft`")
+    # `eval.applicable` false: null block sums are what it should have
+    obj = _wise(points={"0.5": {"alpha": 0.5, "seeds": [_no_lm_seed(None)]}},
+                eval={"applicable": False, "note": "no LM head"})
+    _write(tmp_path, "data/metrics/wise_ft.json", obj)
+    assert out.read_wise_ft(tmp_path, m) == obj
+    # ... but not block sums of another type
+    obj["points"]["0.5"]["seeds"][0]["block_sums"] = "x"
+    p = _write(tmp_path, "data/metrics/wise_ft.json", obj)
+    assert _raises(out.read_wise_ft, tmp_path, m) == f"{p}: {lacks}"
+    # with the LM drift applicable (said, or by default) null block sums are refused
+    for ev in ({"applicable": True}, {}, None):
+        obj = _wise(points={"0.5": {"alpha": 0.5, "seeds": [_no_lm_seed(None)]}}, eval=ev)
+        p = _write(tmp_path, "data/metrics/wise_ft.json", obj)
+        assert _raises(out.read_wise_ft, tmp_path, m) == f"{p}: {lacks}"
+
+
+def test_per_model_record_says_why_there_is_no_drift():
+    drift = {k: 1.0 for k in am.DRIFT_KEYS}
+    rec = am.per_model_record({"test_accuracy": 0.5, "n_classes": 2}, drift, None, False, "no LM head here")
+    assert rec["drift_note"] == "no LM head here" and all(rec[k] is None for k in am.DRIFT_KEYS)
+    assert am.NO_BACKBONE == "not applicable: no pretrained backbone to drift from"
+
+
+def test_task_table_without_lm_drift():
+    runs = _runs()
+    drifts = {("movies", "full", "seed0"): {k: 0.1 for k in am.DRIFT_KEYS},
+              ("movies", "full", "seed1"): {k: 0.3 for k in am.DRIFT_KEYS}}
+    t = am.task_table(runs, drifts, "scratch", no_drift="why: no LM head")
+    full, scratch = t["movies"]["full"], t["movies"]["scratch"]
+    assert full["drift_applicable"] is False and scratch["drift_applicable"] is False
+    assert [r["drift_note"] for r in full["seeds"].values()] == ["why: no LM head"] * 2
+    assert [r["drift_note"] for r in scratch["seeds"].values()] == [am.NO_BACKBONE] * 2   # scratch: its own reason
+    assert full["mean_std"]["delta_loss"] == {"mean": None, "std": None, "n": 0}
+    assert full["mean_std"]["test_accuracy"]["mean"] == 0.625
+    # the default: the drift of every arm but scratch, and scratch's note
+    t = am.task_table(runs, drifts, "scratch")
+    assert "drift_note" not in t["movies"]["full"]["seeds"]["seed0"]
+    assert t["movies"]["scratch"]["seeds"]["seed0"]["drift_note"] == am.NO_BACKBONE
+
+
+def test_claim_samples_without_lm_drift():
+    s = am.claim_samples(_runs(), {}, None, None)
+    assert s[("movies", "full")]["delta"] is None and s[("movies", "scratch")]["delta"] is None
+    assert s[("movies", "full")]["accuracy"].values() == pytest.approx([0.5, 0.75])
+
+
+def test_wise_ft_arm_without_lm_drift():
+    wise = {"task": "movies", "source": "full", "n_classes": 2, "test_labels": [1, 1], "trainable_fraction": 0.25,
+            "chosen_alpha": {"alpha": 0.5, "rule": "r"}, "eval": {"applicable": False, "note": "no head"},
+            "points": {"0.5": {"alpha": 0.5, "seeds": [
+                {"seed": 0, "test_accuracy": 1.0, "val_accuracy": 0.6, "test_predictions": [1, 1], "block_sums": None},
+                {"seed": 1, "test_accuracy": 0.5, "val_accuracy": 0.8, "test_predictions": [0, 1], "block_sums": None}]}}}
+    arm, samples, points = am.wise_ft_arm(wise, None, None, 0.0, 0.25)
+    assert samples["delta"] is None and samples["accuracy"].values() == pytest.approx([1.0, 0.5])
+    assert arm["drift_applicable"] is False
+    assert [r["drift_note"] for r in arm["seeds"].values()] == ["no head", "no head"]
+    assert all(r[k] is None for r in arm["seeds"].values() for k in am.DRIFT_KEYS)
+    assert arm["mean_std"]["delta_loss"] == {"mean": None, "std": None, "n": 0}
+    assert arm["mean_std"]["test_accuracy"]["mean"] == 0.75 and points["0.5"]["chosen"] is True
+    # the point's trainable fraction is wise_ft.json's, per seed
+    assert [r["trainable_fraction"] for r in arm["seeds"].values()] == [0.25, 0.25]
+    assert arm["mean_std"]["trainable_fraction"] == {"mean": 0.25, "std": 0.0, "n": 2}
+    # no note in `eval` (or no `eval`): the generic reason
+    for ev in ({"applicable": False}, None):
+        if ev is None:
+            del wise["eval"]
+        else:
+            wise["eval"] = ev
+        arm, _, _ = am.wise_ft_arm(wise, None, None, 0.0, 0.25)
+        assert arm["seeds"]["seed0"]["drift_note"] == am.NO_BACKBONE
+
+
+@pytest.mark.parametrize("archs, objective", [
+    (["BertForMaskedLM"], "mlm"), (["RobertaForMaskedLM"], "mlm"), (["LlamaForCausalLM"], "clm"),
+    (["GPT2LMHeadModel"], "clm"), (["BertModel"], None), (["BertModel", "BertForMaskedLM"], None),
+    ([], None), (None, None)])
+def test_lm_objective_from_the_first_architecture(tmp_path, archs, objective):
+    cfg = {"model_type": "bert"} if archs is None else {"model_type": "bert", "architectures": archs}
+    _write(tmp_path, "m/config.json", cfg)
+    assert dr.lm_objective(tmp_path / "m") == objective
+    if objective is not None:
+        assert dr.objective_of(tmp_path / "m") == objective
+        return
+    shown = archs[0] if archs else "(none)"
+    assert _raises(dr.objective_of, tmp_path / "m") == (
+        f"{tmp_path / 'm' / 'config.json'}: architecture {shown} has no LM head, so the held-out LM-loss "
+        "drift is not applicable (a head added here would be random); measure its forgetting with the "
+        "representation stage (CKA, probe retention)")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("finetune:\n  runs:\n    a-full: {task: a}\n",
+     "invalid params: finetune.runs.a-full.strategy: missing key; expected field required"),
+    ("finetune:\n  lr: 1\n", "invalid params: finetune.runs: got None; expected: Input should be a valid dictionary"),
+])
+def test_read_matrix_names_the_key_it_refuses(tmp_path, text, message):
+    from ptf.common.config import ConfigError
+
+    p = _write(tmp_path, "params.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        out.read_matrix(p)
+    assert str(e.value) == message
+    _write(tmp_path, "other.yaml", "pretrain: {}\n")
+    assert _raises(out.read_matrix, tmp_path / "other.yaml") == f"{tmp_path / 'other.yaml'}: no `finetune` section"

@@ -31,7 +31,9 @@ import pytest
 
 from ptf.measures import claims as cm
 from ptf.report import evidence, plot_data, sections
+from ptf.measures.drift import NO_LM_HEAD
 from ptf.report.forgetting_report import render_summary
+from ptf.report.foundation_section import section_beside, section_foundation
 
 DATA = Path(__file__).resolve().parent / "data" / "report"
 INPUTS = json.loads((DATA / "inputs.json").read_text())
@@ -75,7 +77,42 @@ def _bare(inp: dict) -> dict:
     return inp
 
 
-VARIANTS = {"run": lambda inp: copy.deepcopy(inp), "contrary": _contrary, "bare": _bare}
+FOUNDATION = {"name": "org/tiny-foundation", "revision": "0.1.0", "sha256": "cd" * 32, "source": "pypi",
+              "architecture": "BertModel", "model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
+              "layers": 6}
+
+
+def _foundation(inp: dict) -> dict:
+    """A foundation run without an LM head (as tests/test_results_foundation.py makes one): no LM
+    drift anywhere, claim 2 not measured, its own notes file and figures folder, and its arms
+    beside the run's (`beside`: full +0.01, linear_probe the same, scratch -0.02; lora not in
+    the other run, wise_ft never compared)."""
+    inp = copy.deepcopy(inp)
+    m = inp["metrics"]
+    other = copy.deepcopy(m["forgetting"])
+    del other["tasks"]["movies"]["lora"]
+    m["pretrain"] = {**m["pretrain"], "init": "foundation", "lm_head": None, "val_loss": None, "val_ppl": None,
+                     "steps": 0, "foundation": FOUNDATION}
+    fg = m["forgetting"]
+    fg["eval"] = {"applicable": False, "objective": None, "note": NO_LM_HEAD}
+    for arms in fg["tasks"].values():
+        for arm in arms.values():
+            arm["drift_applicable"] = False
+            for k in ("delta_loss", "rel_delta_pct", "share_worse"):
+                arm["mean_std"][k] = {"mean": None, "std": None, "n": 0}
+    shift = {"full": 0.01, "linear_probe": 0.0, "scratch": -0.02, "lora": 0.05}
+    for s, d in shift.items():
+        fg["tasks"]["movies"][s]["mean_std"]["test_accuracy"]["mean"] += d
+    for p in fg["wise_ft"]["points"].values():
+        for k in ("delta_loss", "rel_delta_pct", "share_worse"):
+            p["mean_std"][k] = {"mean": None, "std": None, "n": 0}
+    fg["claims"]["forget_less"] = cm.claim_forget_less({}, {}, _cfg(inp), not_applicable=NO_LM_HEAD)
+    inp["fig"] = "figures-foundation"
+    inp["beside"] = section_beside(fg, other, "the default run", "ef" * 32, "`finetune.train.max_steps` 20 (here 40)")
+    return inp
+
+
+VARIANTS = {"run": lambda inp: copy.deepcopy(inp), "contrary": _contrary, "bare": _bare, "foundation": _foundation}
 
 
 def _check(name: str, got: str) -> None:
@@ -98,9 +135,15 @@ def _cfg(inp: dict) -> SimpleNamespace:
 def test_results_page(variant):
     inp = VARIANTS[variant](INPUTS)
     best = tuple(inp["best"])
-    page = sections.render_page(inp["metrics"], inp["stamp"], inp["notes"],
+    notes = inp["notes"]
+    if variant == "foundation":
+        notes = sections.Notes(notes, Path("docs/results-foundation_notes.md"))
+        kw = {"fig": inp["fig"], "beside": inp["beside"]}
+    else:
+        kw = {}
+    page = sections.render_page(inp["metrics"], inp["stamp"], notes,
                                 evidence.render_card(inp["card"], best), inp["sources"],
-                                inp["reference"], inp["scratch"])
+                                inp["reference"], inp["scratch"], **kw)
     _check(f"page-{variant}.md", page)
 
 
@@ -110,7 +153,7 @@ def test_forgetting_summary(variant):
     _check(f"summary-{variant}.md", render_summary(inp["metrics"]["forgetting"], _cfg(inp)))
 
 
-@pytest.mark.parametrize("variant", ["run", "bare"])
+@pytest.mark.parametrize("variant", ["run", "bare", "foundation"])
 def test_plot_data(variant):
     inp = VARIANTS[variant](INPUTS)
     fg = inp["metrics"]["forgetting"]
@@ -240,3 +283,99 @@ def test_curve_and_matrix_rows_without_task_order_or_adjustment():
     assert [(r["after"], r["task"]) for r in m[:3]] == [("0 before", "0 task0"), ("0 before", "1 task1"),
                                                          ("1 task0", "0 task0")]
     assert all(r["accuracy_chance_adjusted"] is None for r in m) and len(m) == 6
+
+
+# ---------------------------------------------------------------- WiSE-FT sentence: every branch
+
+def _wise(chosen: float, points: dict[float, tuple[float, float]]) -> dict:
+    """wise_ft's shape: per alpha (test accuracy mean, Δ LM loss mean), stds 0.01 / 0.001, 3 seeds."""
+    return {"source": "full", "chosen_alpha": {"alpha": chosen, "rule": "highest mean validation accuracy"},
+            "points": {f"alpha={a:g}": {"alpha": a, "mean_std": {"test_accuracy": _ms(acc, 0.01, 3),
+                                                                  "delta_loss": _ms(dl, 0.001, 3)}}
+                       for a, (acc, dl) in points.items()}}
+
+
+def test_wise_ft_sentence_more_forgetting_than_alpha_one():
+    from ptf.report import prose
+
+    # chosen 0.5: accuracy 0.8 - 0.9 = -0.1, Δ LM loss 0.03 - 0.01 = +0.02 (forgets more than α = 1)
+    w = _wise(0.5, {0.0: (0.7, 0.0), 0.5: (0.8, 0.03), 1.0: (0.9, 0.01)})
+    assert prose.wise_ft_sentence(w) == (
+        "The α chosen on validation is 0.5 (highest mean validation accuracy): test accuracy 0.800 ± 0.010, "
+        "Δ LM loss +0.0300 ± 0.0010. Against α = 1 (`full` itself) that is -0.100 test accuracy and "
+        "+0.0200 nats/token of Δ LM loss (more forgetting).")
+
+
+def test_wise_ft_sentence_less_and_no_change():
+    from ptf.report import prose
+
+    w = _wise(0.25, {0.25: (0.95, 0.005), 1.0: (0.75, 0.02)})
+    w["source"] = "lora"
+    assert prose.wise_ft_sentence(w) == (
+        "The α chosen on validation is 0.25 (highest mean validation accuracy): test accuracy 0.950 ± 0.010, "
+        "Δ LM loss +0.0050 ± 0.0010. Against α = 1 (`lora` itself) that is +0.200 test accuracy and "
+        "-0.0150 nats/token of Δ LM loss (less forgetting).")
+    w = _wise(0.5, {0.5: (0.75, 0.0625), 1.0: (0.5, 0.0625)})
+    assert prose.wise_ft_sentence(w).endswith(
+        "that is +0.250 test accuracy and +0.0000 nats/token of Δ LM loss (no change in forgetting).")
+
+
+def test_wise_ft_sentence_without_alpha_one_to_compare():
+    from ptf.report import prose
+
+    first = ("The α chosen on validation is 1 (highest mean validation accuracy): test accuracy 0.900 ± 0.010, "
+             "Δ LM loss -0.0100 ± 0.0010.")
+    assert prose.wise_ft_sentence(_wise(1.0, {0.0: (0.5, 0.0), 1.0: (0.9, -0.01)})) == first   # α = 1 chosen
+    assert prose.wise_ft_sentence(_wise(0.5, {0.0: (0.5, 0.0), 0.5: (0.6, 0.02)})) == (     # no α = 1 point
+        "The α chosen on validation is 0.5 (highest mean validation accuracy): test accuracy 0.600 ± 0.010, "
+        "Δ LM loss +0.0200 ± 0.0010.")
+
+
+# ---------------------------------------------------------------- the foundation sections, by hand
+
+def test_section_foundation_further_pretrained_with_a_head():
+    pre = {"init": "foundation", "steps": 1500, "objective": "mlm", "lm_head": "BertForMaskedLM",
+           "val_loss": 2.5, "unigram_ppl": 300.0, "params_total": 22713216,
+           "foundation": {**FOUNDATION, "architecture": "BertForMaskedLM"}}
+    assert section_foundation(pre) == [
+        "## The foundation model", "",
+        "Not pretrained here: the run starts from `org/tiny-foundation`, further pretrained on this run's "
+        "corpus for 1500 steps (mlm; domain-adaptive pretraining) (`data/metrics/pretrain.json`, "
+        "`foundation`). Its own tokenizer is used throughout.", "",
+        "| measure | value |", "|---|---|",
+        "| name | `org/tiny-foundation` |", "| revision | `0.1.0` |",
+        f"| sha256 (pinned source) | `{'cd' * 32}` |",
+        "| architecture | `BertForMaskedLM` (bert) |", "| layers × hidden size | 6 × 384 |",
+        "| vocabulary | 30522 |", "| parameters (total) | 22713216 |", "| LM head | BertForMaskedLM |",
+        "| validation loss (nats/token) | 2.5000 |", "| unigram baseline perplexity | 300.00 |"]
+    # nothing known: every cell says so, and no perplexity without a validation loss
+    bare = section_foundation({"steps": None})
+    assert bare[2].startswith("Not pretrained here: the run starts from `None`, used as it is: no pretraining step")
+    assert "| LM head | none |" in bare and "| validation loss (nats/token) | n/a |" in bare
+    assert "| layers × hidden size | n/a × n/a |" in bare
+    assert bare[-1] == ("No validation perplexity: the foundation ships no LM head, and a head added here "
+                        "would be random.") and bare[-2] == ""
+
+
+def test_section_beside_edge_cases():
+    def fg(**arms):
+        return {"tasks": {"t": {s: {"mean_std": {"test_accuracy": _ms(*v)}} for s, v in arms.items()}}}
+
+    head = ["## Beside B", "",
+            "The same task × strategy arms in B (its `data/metrics/forgetting.json`, from the `dvc.lock` with "
+            "sha256 `s`): test accuracy, mean ± std over seeds. What differs besides the starting model: d.", ""]
+    assert section_beside(fg(full=(0.5,)), fg(lora=(0.5,)), "B", "s", "d") == head + [
+        "No task × strategy arm is in both runs."]
+    assert section_beside({}, fg(full=(0.5,)), "B", "s", "d")[-1] == "No task × strategy arm is in both runs."
+    # one arm with no mean here: no difference, not counted; one higher of 2 arms
+    got = section_beside(fg(a=(0.75, 0.05, 3), b=(None,), wise_ft=(0.9,)),
+                         fg(a=(0.5, 0.0, 1), b=(0.25, 0.0, 1), wise_ft=(0.1,)), "B", "s", "d")
+    assert got == head + ["| task | strategy | this run | B | difference |", "|---|---|---|---|---|",
+                          "| t | a | 0.750 ± 0.050 | 0.500 | +0.250 |", "| t | b | n/a | 0.250 | n/a |",
+                          "", "This run's mean test accuracy is higher on 1 of 2 arms (means only: the seeds "
+                              "of the two runs are not paired)."]
+    one = section_beside(fg(a=(0.5,)), fg(a=(0.5,)), "B", "s", "d")
+    assert one[-1].startswith("This run's mean test accuracy is higher on 0 of 1 arm (")
+    # the other run's arm has no accuracy block: not compared
+    assert section_beside(fg(a=(0.5,)), {"tasks": {"t": {"a": {"mean_std": {}}}}}, "B", "s", "d")[-1] == \
+        "No task × strategy arm is in both runs."
