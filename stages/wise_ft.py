@@ -107,16 +107,7 @@ def _check_source(root: Path, cfg: Config) -> tuple[dict[str, Any], list[str]]:
 
 
 def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")) -> dict[str, Any]:
-    import torch
-    from transformers import AutoTokenizer
-
-    from ptf.data.tasks import load_task
-    from ptf.measures import cl_metrics as cl
-    from ptf.measures.drift import NO_LM_HEAD, EvalSet, block_nll, lm_objective
-    from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights, load_classifier, predict_ids
-    from ptf.models.interpolation import backbone, pretrained_backbone_state, wise_ft_models
-    from ptf.models.lm import pretrained_lm
-    from ptf.training.finetuning import accuracy_f1
+    from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
     from ptf.training.tracking import check_reachable, input_hashes, start_run, tracking_uri
 
     root = Path(root)
@@ -126,6 +117,38 @@ def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")
     check_weights(pre, PRETRAINED_REMEDY)
     metrics, seeds = _check_source(root, cfg)
     check_reachable(tracking_uri(root), experiment=cfg.experiment)
+    deps = {"pretrained": paths.PRETRAINED, "shards": paths.SHARDS,
+            "source_metrics": out.finetune_file(Path("."), cfg.task, cfg.source)}
+    # the run opens before the measuring, so that its duration is the stage's (it was ~0 s)
+    with start_run("wise_ft", params={**cfg.model_dump(), **ev_cfg.model_dump()},
+                   tags={"task": cfg.task, "strategy": "wise_ft", **input_hashes(root, deps)},
+                   root=root, experiment=cfg.experiment) as mlrun:
+        result = measure(cfg, ev_cfg, data_cfg, root, metrics, seeds)
+        write_json(root / OUTPUT, result)
+        for p in result["points"].values():
+            mlrun.log({f"alpha_{p['alpha']:g}.{k}": p["mean_std"][k]["mean"] for k in STAT_KEYS
+                       if p["mean_std"][k]["mean"] is not None}, step=0)
+        mlrun.log({"chosen_alpha": result["chosen_alpha"]["alpha"]}, step=0)
+        mlrun.log_artifact(root / OUTPUT, "wise_ft")
+    return result
+
+
+def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metrics: dict[str, Any],
+            seeds: list[str]) -> dict[str, Any]:
+    """wise_ft.json's content: every alpha x seed mixed, scored on validation and test, and its
+    held-out LM drift (null, with the reason, for a pretrained model without an LM head)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ptf.data.tasks import load_task
+    from ptf.measures import cl_metrics as cl
+    from ptf.measures.drift import NO_LM_HEAD, EvalSet, block_nll, lm_objective
+    from ptf.models.artifacts import load_classifier, predict_ids
+    from ptf.models.interpolation import backbone, pretrained_backbone_state, wise_ft_models
+    from ptf.models.lm import pretrained_lm
+    from ptf.training.finetuning import accuracy_f1
+
+    pre = root / paths.PRETRAINED
     t0 = time.perf_counter()
     torch.manual_seed(0)
     data = load_task(root, cfg.task, AutoTokenizer.from_pretrained(pre), data_cfg)
@@ -181,17 +204,6 @@ def run(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path = Path(".")
         "points": points, "chosen_alpha": choose_alpha(points),
         "wall_time_s": time.perf_counter() - t0,
     }
-    write_json(root / OUTPUT, result)
-    deps = {"pretrained": paths.PRETRAINED, "shards": paths.SHARDS,
-            "source_metrics": out.finetune_file(Path("."), cfg.task, cfg.source)}
-    with start_run("wise_ft", params={**cfg.model_dump(), **ev_cfg.model_dump()},
-                   tags={"task": cfg.task, "strategy": "wise_ft", **input_hashes(root, deps)},
-                   root=root, experiment=cfg.experiment) as mlrun:
-        for p in points.values():
-            mlrun.log({f"alpha_{p['alpha']:g}.{k}": p["mean_std"][k]["mean"] for k in STAT_KEYS
-                       if p["mean_std"][k]["mean"] is not None}, step=0)
-        mlrun.log({"chosen_alpha": result["chosen_alpha"]["alpha"]}, step=0)
-        mlrun.log_artifact(root / OUTPUT, "wise_ft")
     return result
 
 

@@ -136,3 +136,18 @@ def test_a_foundation_without_an_lm_head_gets_accuracy_per_alpha_and_null_drift(
         assert all(r["delta_loss"] is None and r["block_sums"] is None for r in pt["seeds"])
         assert pt["mean_std"]["delta_loss"]["n"] == 0
     assert got["chosen_alpha"] == res["chosen_alpha"]
+
+
+def test_its_mlflow_run_spans_the_measuring(trained):
+    """The stage run opens before the mixing and scoring (it used to open after, lasting ~0 s)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    _, _, res = trained
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(SECTION["experiment"])
+    r = client.search_runs([exp.experiment_id], "tags.`dvc.stage` = 'wise_ft'",
+                           order_by=["attributes.start_time ASC"])[0]   # the fixture's (others may follow)
+    assert (r.info.end_time - r.info.start_time) / 1000 >= res["wall_time_s"]
+    assert r.data.metrics["chosen_alpha"] == res["chosen_alpha"]["alpha"]
