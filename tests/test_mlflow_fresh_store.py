@@ -114,14 +114,14 @@ def test_each_run_is_named_and_tagged_as_the_stage_own_run(fresh):
 
 def test_each_run_carries_its_metrics_files_numbers(fresh):
     from flows import mlflow_view as view
-    from flows.mlflow_record import dvc_outputs
+    from flows.mlflow_record import dvc_outputs, shown
 
     outputs = dvc_outputs(fresh["repo"])
     for stage, run in fresh["runs"].items():
         files = outputs[stage]["metrics"]
         assert files, stage
         for rel in files:
-            want = view.stable_metrics(json.loads((fresh["repo"] / rel).read_text()))
+            want = {k: shown(v) for k, v in view.stable_metrics(json.loads((fresh["repo"] / rel).read_text())).items()}
             assert {k: run.data.metrics.get(k) for k in want} == want, (stage, rel)
         if stage.startswith("finetune@"):   # the forgetting stage's measures of its arm too
             assert {"test_accuracy", "gain_over_chance", "wall_time_s"} <= set(run.data.metrics), stage
@@ -146,3 +146,13 @@ def test_a_later_execution_takes_none_of_them_for_a_producer(fresh, monkeypatch)
     for stage, run in runs.items():
         assert run.data.tags["ptf.no_producer"] == "true" and "ptf.produced_by" not in run.data.tags
         assert run.info.run_name.endswith(" [reused; no producing run in this tracking store]"), stage
+
+
+def test_numbers_are_logged_as_the_runs_table_should_show_them():
+    """A residue of floating point (a scratch arm's gain over its own mean, 3.7e-17) would show
+    as "3.70074341..." in the runs table: logged rounded to 6 places, it reads 0."""
+    from flows.mlflow_record import shown
+
+    assert shown(3.700743415417188e-17) == 0.0 and str(shown(-1e-12)) == "0.0"
+    assert shown(0.5488888888888889) == 0.548889 and shown(-0.0299999999) == -0.03
+    assert shown(1760.4669543279997) == 1760.466954
