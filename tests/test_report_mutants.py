@@ -344,7 +344,7 @@ def test_section_foundation_further_pretrained_with_a_head():
         "`foundation`). Its own tokenizer is used throughout.", "",
         "| measure | value |", "|---|---|",
         "| name | `org/tiny-foundation` |", "| revision | `0.1.0` |",
-        f"| sha256 (pinned source) | `{'cd' * 32}` |",
+        f"| sha256 (tree hash of its files) | `{'cd' * 32}` |",
         "| architecture | `BertForMaskedLM` (bert) |", "| layers × hidden size | 6 × 384 |",
         "| vocabulary | 30522 |", "| parameters (total) | 22713216 |", "| LM head | BertForMaskedLM |",
         "| validation loss (nats/token) | 2.5000 |", "| unigram baseline perplexity | 300.00 |"]

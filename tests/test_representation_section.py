@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+from ptf.report import representation_section as rs
 from ptf.report.representation_section import section_representation
 
 
@@ -48,7 +49,8 @@ def test_section_from_numbers():
     assert "| movies | scratch | 2 | n/a (random init) |" in text
     assert "| movies/full | 0.990 ± 0.000 | 0.800 ± 0.000 | 0.610 ± 0.000 |" in text
     assert "moved most under `movies/full` (CKA 0.610) and least under `movies/linear_probe` (CKA 1.000)" in text
-    assert "fell most under `movies/full` (+0.051 lost) and least under `movies/linear_probe` (+0.000)" in text
+    assert ("Probe accuracy on the other tasks fell most under `movies/full` (by 0.051), and did not change "
+            "under `movies/linear_probe`.") in text
     assert "5.3000 nats/token = 1.9116 bits/byte" in text and "0.2500 tokens per byte" in text
     assert "Not applicable (random init: no pretrained backbone to drift from): `movies/scratch`." in text
 
@@ -66,3 +68,14 @@ def test_one_arm_no_comparison_sentence():
     del rep["tasks"]["movies"]["linear_probe"]
     text = "\n".join(section_representation(rep))
     assert "moved most" not in text and "Probe accuracy on the other tasks: `movies/full` lost +0.051." in text
+
+
+def test_the_probe_sentence_takes_its_verb_from_the_sign():
+    """A negative "accuracy lost" is a gain: the sentence says "rose", never "fell least"
+    (the foundation run's probes rose under every fine-tuned arm)."""
+    assert rs.probe_change(("a/probe", 0.0), ("b/full", -0.048)) == \
+        "fell under no arm, and rose most under `b/full` (by 0.048)"
+    assert rs.probe_change(("a/full", 0.051), ("b/lora", 0.012)) == \
+        "fell most under `a/full` (by 0.051), and fell least under `b/lora` (by 0.012)"
+    assert rs.probe_change(("a/full", 0.03), ("b/full", -0.01)) == \
+        "fell most under `a/full` (by 0.030), and rose most under `b/full` (by 0.010)"

@@ -86,7 +86,7 @@ def test_the_foundation_is_named_with_its_pin(runs):
     _, _, page = runs
     rows = dict((r[0], r[1]) for r in table_rows(page.split("## The foundation model")[1], "| measure"))
     assert rows["name"] == "`org/tiny-foundation`" and rows["revision"] == "`0.1.0`"
-    assert rows["sha256 (pinned source)"] == f"`{'ab' * 32}`"
+    assert rows["sha256 (tree hash of its files)"] == f"`{'ab' * 32}`"
     assert rows["layers × hidden size"] == "6 × 384" and rows["LM head"] == "none"
     assert "used as it is" in page and "No validation perplexity" in page
 
