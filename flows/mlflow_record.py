@@ -204,11 +204,21 @@ def unproduced_run(client: Any, root: Path, exp_id: str, pipeline: str, stage: s
     return run.info.run_id
 
 
+DECIMALS = 6   # what the runs table shows of a number this module logs
+
+
+def shown(v: float) -> float:
+    """A number as the runs table should show it: rounded to `DECIMALS` places, so that a
+    floating-point residue (3.7e-17 for a gain of exactly 0, which the table truncates to
+    "3.70074341...") reads 0; the metrics files keep every digit."""
+    return round(float(v), DECIMALS) + 0.0   # + 0.0: no "-0"
+
+
 def log_numbers(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    items = [Metric(k, shown(v), now, step) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[i:i + 1000])
 

@@ -25,7 +25,7 @@ def section_foundation(pre: dict[str, Any]) -> list[str]:
          f"Not pretrained here: the run starts from `{f.get('name')}`, {how} (`data/metrics/pretrain.json`, "
          "`foundation`). Its own tokenizer is used throughout.", ""]
     rows = [["name", f"`{f.get('name')}`"], ["revision", f"`{f.get('revision')}`"],
-            ["sha256 (pinned source)", f"`{f.get('sha256')}`"],
+            ["sha256 (tree hash of its files)", f"`{f.get('sha256')}`"],
             ["architecture", f"`{f.get('architecture')}` ({f.get('model_type')})"],
             ["layers × hidden size", f"{num(f.get('layers'), 0)} × {num(f.get('hidden_size'), 0)}"],
             ["vocabulary", num(f.get("vocab_size"), 0)],

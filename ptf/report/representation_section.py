@@ -36,6 +36,19 @@ def _extreme(rep: dict[str, Any], key: str, pick) -> tuple[str, float] | None:
     return pick(vals, key=lambda x: (x[1], x[0])) if vals else None
 
 
+def probe_change(worst: tuple[str, float], best: tuple[str, float]) -> str:
+    """What the extremes of "probe accuracy lost" say, with the verb its sign gives: a negative
+    loss is a gain ("rose"), never "fell least"."""
+    parts = [f"fell most under `{worst[0]}` (by {num(worst[1])})" if worst[1] > 0 else "fell under no arm"]
+    if best[1] < 0:
+        parts.append(f"rose most under `{best[0]}` (by {num(-best[1])})")
+    elif best[1] == 0:
+        parts.append(f"did not change under `{best[0]}`")
+    else:
+        parts.append(f"fell least under `{best[0]}` (by {num(best[1])})")
+    return ", and ".join(parts)
+
+
 def section_representation(rep: dict[str, Any]) -> list[str]:
     ho, pr, lm = rep.get("held_out") or {}, rep.get("probe") or {}, rep.get("lm") or {}
     n_states = ho.get("hidden_states")
@@ -88,8 +101,7 @@ def section_representation(rep: dict[str, Any]) -> list[str]:
               f"`{hi[0]}` (CKA {num(hi[1])})."]
     worst, best = _extreme(rep, "probe_lost_mean", max), _extreme(rep, "probe_lost_mean", min)
     if worst and best and worst[0] != best[0]:
-        L += [f"Probe accuracy on the other tasks fell most under `{worst[0]}` ({num(worst[1], sign=True)} "
-              f"lost) and least under `{best[0]}` ({num(best[1], sign=True)})."]
+        L += [f"Probe accuracy on the other tasks {probe_change(worst, best)}."]
     elif worst:
         L += [f"Probe accuracy on the other tasks: `{worst[0]}` lost {num(worst[1], sign=True)}."]
     na = [f"{t}/{s}" for t, s, a in _rows(rep) if not a.get("applicable")]
