@@ -468,3 +468,11 @@ def test_read_matrix_names_the_key_it_refuses(tmp_path, text, message):
     assert str(e.value) == message
     _write(tmp_path, "other.yaml", "pretrain: {}\n")
     assert _raises(out.read_matrix, tmp_path / "other.yaml") == f"{tmp_path / 'other.yaml'}: no `finetune` section"
+
+
+def test_read_wise_ft_names_the_alpha_of_bad_predictions(tmp_path):
+    obj = _wise()
+    obj["points"]["0.5"]["seeds"][0]["test_predictions"] = [1.5, 0]
+    p = _write(tmp_path, "data/metrics/wise_ft.json", obj)
+    assert _raises(out.read_wise_ft, tmp_path, out.Matrix.grid(["movies"], ["full"])) == (
+        f"{p}: alpha 0.5: test_predictions: expected a list of class ids")

@@ -379,3 +379,17 @@ def test_section_beside_edge_cases():
     # the other run's arm has no accuracy block: not compared
     assert section_beside(fg(a=(0.5,)), {"tasks": {"t": {"a": {"mean_std": {}}}}}, "B", "s", "d")[-1] == \
         "No task × strategy arm is in both runs."
+
+
+def test_forgetting_summary_of_a_sequential_run_without_chance_adjustment():
+    # cl_metrics leaves `chance_adjusted` out when the chance rates are unknown: n/a, not a crash
+    inp = copy.deepcopy(INPUTS)
+    seq = inp["metrics"]["forgetting"]["sequential"]
+    assert seq
+    for q in seq.values():
+        q.pop("chance_adjusted", None)
+        q["raw"]["bwt"] = 0.125                  # a gain: printed with its + sign
+    text = render_summary(inp["metrics"]["forgetting"], _cfg(inp))
+    rows = [line for line in text.splitlines() if " → " in line and line.startswith("| ")]
+    assert len(rows) == len(seq) and all(r.endswith("| n/a | n/a | n/a | n/a |") for r in rows)
+    assert all(r.split(" | ")[2] == "+0.125" for r in rows)

@@ -350,3 +350,91 @@ def test_probe_retention_passes_its_penalty_on():
     assert probe_retention(part, part, 2)["before"] == 1.0
     assert probe_retention(part, part, 2, l2=100.0) == {"before": 0.0, "after": 0.0, "lost": 0.0,
                                                          "retention": pytest.approx(math.nan, nan_ok=True)}
+
+
+def test_probe_score_hands_its_settings_to_the_probe(monkeypatch):
+    seen = []
+    real = ra.fit_probe
+
+    def spy(x, y, n_classes, l2=1e-3, max_iter=200):
+        seen.append((x.tolist(), list(y), n_classes, l2, max_iter))
+        return real(x, y, n_classes, l2, max_iter)
+
+    monkeypatch.setattr(ra, "fit_probe", spy)
+    p = ra.ProbeSet("a", 2, [[0], [0]], [0, 1], [[0]], [1])
+    x = (np.array([[-1.0], [1.0]]), np.array([[2.0]]))
+    assert ra.probe_score(p, x, ra.Settings(l2=0.5, max_iter=7)) == 1.0
+    assert seen == [([[-1.0], [1.0]], [0, 1], 2, 0.5, 7)]
+
+
+def test_linear_cka_computes_in_float64_whatever_it_is_given():
+    from ptf.measures.representation import linear_cka
+
+    rng = np.random.default_rng(5)
+    x32, y32 = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32)
+    want = linear_cka(x32.astype(np.float64), y32.astype(np.float64))
+    assert linear_cka(x32, y32) == want                               # not float32 arithmetic
+    assert linear_cka(x32, y32.astype(np.float64)) == want
+    assert linear_cka(x32.astype(np.float64), y32) == want
+
+
+def test_linear_cka_of_no_variance_is_nan_without_dividing_by_zero():
+    from ptf.measures.representation import linear_cka
+
+    x = np.array([[1.0, 2.0], [3.0, 5.0], [4.0, 4.0]])
+    with np.errstate(all="raise"):                       # 0 / 0 would raise here
+        assert math.isnan(linear_cka(np.ones((3, 2)), x))
+        assert math.isnan(linear_cka(x, np.zeros((3, 1))))
+        assert math.isnan(linear_cka(np.ones((2, 3)), np.ones((2, 3))))   # the Gram form too
+
+
+def test_probe_predicts_on_standardised_features():
+    from ptf.measures.representation import Probe
+
+    # z = (x - 3) / 10; logits (-z + 0.5, z): class 1 where z > 0.25, i.e. x > 5.5
+    p = Probe(mean=np.array([3.0]), std=np.array([10.0]),
+              weight=torch.tensor([[-1.0, 1.0]], dtype=torch.float64), bias=torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert p.predict(np.array([[5.0], [8.0], [2.0], [0.0]])).tolist() == [0, 1, 0, 0]
+    assert p.predict([[5], [6]]).tolist() == [0, 1]                     # a list of ints works too
+
+
+# ----------------------------------------------------------------------------- representation.fit_probe
+def test_fit_probe_standardises_small_spreads_and_offsets():
+    from ptf.measures.representation import fit_probe, probe_accuracy
+
+    # std 0.5 (below 1, above the 1e-12 floor): divided by 0.5, not left alone
+    p = fit_probe(np.array([[-0.5], [0.5]]), [0, 1], 2)
+    assert p.std.tolist() == [0.5] and p.mean.tolist() == [0.0]
+    # far from 0: trained on x - mean, as predict standardises; every training example right
+    x = np.array([[9.0], [10.0], [11.0], [12.0]])
+    q = fit_probe(x, [0, 0, 1, 1], 2)
+    assert q.mean.tolist() == [10.5] and probe_accuracy(q, x, [0, 0, 1, 1]) == 1.0
+
+
+def test_fit_probe_is_float64_for_any_input():
+    from ptf.measures.representation import fit_probe
+
+    rng = np.random.default_rng(2)
+    x32 = rng.normal(size=(12, 3)).astype(np.float32)
+    y = [0, 1, 2] * 4
+    p = fit_probe(x32, y, 3)
+    assert p.weight.dtype == torch.float64 and p.bias.dtype == torch.float64
+    q = fit_probe(x32.astype(np.float64), y, 3)
+    assert torch.equal(p.weight, q.weight) and torch.equal(p.bias, q.bias)
+
+
+def test_fit_probe_runs_lbfgs_with_its_iterations_and_a_line_search(monkeypatch):
+    from ptf.measures.representation import fit_probe
+
+    made = []
+    real = torch.optim.LBFGS
+
+    def spy(params, **kw):
+        made.append(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "LBFGS", spy)
+    fit_probe(np.array([[-1.0], [1.0]]), [0, 1], 2, max_iter=17)
+    fit_probe(np.array([[-1.0], [1.0]]), [0, 1], 2)
+    assert made == [{"max_iter": 17, "tolerance_grad": 1e-10, "line_search_fn": "strong_wolfe"},
+                    {"max_iter": 200, "tolerance_grad": 1e-10, "line_search_fn": "strong_wolfe"}]
