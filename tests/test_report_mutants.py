@@ -34,6 +34,7 @@ from ptf.report import evidence, plot_data, sections
 from ptf.measures.drift import NO_LM_HEAD
 from ptf.report.forgetting_report import render_summary
 from ptf.report.foundation_section import section_beside, section_foundation
+from tests.test_results_foundation import without_lm_drift
 
 DATA = Path(__file__).resolve().parent / "data" / "report"
 INPUTS = json.loads((DATA / "inputs.json").read_text())
@@ -94,18 +95,10 @@ def _foundation(inp: dict) -> dict:
     m["pretrain"] = {**m["pretrain"], "init": "foundation", "lm_head": None, "val_loss": None, "val_ppl": None,
                      "steps": 0, "foundation": FOUNDATION}
     fg = m["forgetting"]
-    fg["eval"] = {"applicable": False, "objective": None, "note": NO_LM_HEAD}
-    for arms in fg["tasks"].values():
-        for arm in arms.values():
-            arm["drift_applicable"] = False
-            for k in ("delta_loss", "rel_delta_pct", "share_worse"):
-                arm["mean_std"][k] = {"mean": None, "std": None, "n": 0}
+    without_lm_drift(fg)
     shift = {"full": 0.01, "linear_probe": 0.0, "scratch": -0.02, "lora": 0.05}
     for s, d in shift.items():
         fg["tasks"]["movies"][s]["mean_std"]["test_accuracy"]["mean"] += d
-    for p in fg["wise_ft"]["points"].values():
-        for k in ("delta_loss", "rel_delta_pct", "share_worse"):
-            p["mean_std"][k] = {"mean": None, "std": None, "n": 0}
     fg["claims"]["forget_less"] = cm.claim_forget_less({}, {}, _cfg(inp), not_applicable=NO_LM_HEAD)
     inp["fig"] = "figures-foundation"
     inp["beside"] = section_beside(fg, other, "the default run", "ef" * 32, "`finetune.train.max_steps` 20 (here 40)")

