@@ -19,8 +19,10 @@ $(VENV)/.installed: requirements.txt
 repro: setup
 	python -m flows.mlflow_record repro   # dvc repro, grouped as one MLflow pipeline run
 
+# Two pytest-xdist workers, a whole module per worker at a time (its module fixtures run once), in
+# the order tests/conftest.py gives: the modules that run the smoke pipeline first.
 test: setup
-	pytest -q --durations=10 tests
+	pytest -q --durations=10 -n 2 --dist loadscope --no-loadscope-reorder tests
 
 # Mutation testing (not part of `make test`): tests/mutate.py runs mutmut (pinned in
 # requirements-mutate.txt) group by group over the modules the results rest on, each group's

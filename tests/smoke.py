@@ -55,13 +55,19 @@ def free_port() -> int:
     """A port of 127.0.0.1 for a server that a test starts on a port it is told (Prefect, MLflow,
     a torchrun rendezvous).
 
-    Never one this process handed out before (two calls never return the same port), and drawn
-    below the kernel's ephemeral range, so no outgoing connection and no `bind(0)` elsewhere is
-    given it while the server starts; it must bind at the moment it is handed out. A test that
-    only needs a port where connections are refused uses `closed_port()`, which holds the port.
+    Never one this process handed out before (two calls never return the same port), never one
+    of another pytest-xdist worker's (each worker draws from its own slice of the range), and
+    drawn below the kernel's ephemeral range, so no outgoing connection and no `bind(0)`
+    elsewhere is given it while the server starts; it must bind at the moment it is handed out.
+    A test that only needs a port where connections are refused uses `closed_port()`, which
+    holds the port.
     """
     lo, _ = _ephemeral_range()
     first = 20000 if lo > 21000 else 10000
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), worker + 1)
+    width = (lo - first) // workers
+    first, lo = first + worker * width, first + (worker + 1) * width
     with _PORTS_LOCK:
         for _ in range(1000):
             port = _RANDOM.randrange(first, lo)
