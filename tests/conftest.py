@@ -45,16 +45,17 @@ def holds_a_stage_lock(repo, pid: int) -> bool:
     return any(info.get("pid") == pid for info in lock.get("write", {}).values())
 
 
-# The modules whose fixtures run the whole smoke pipeline, handed out first (in this order) so
-# that the two workers start on them together: the smoke run (test_dashboard) on one, the Prefect
-# worker's own run (test_flows) on the other; the rest fill in behind them.
-SLOW_FIRST = ("test_dashboard.py", "test_flows.py", "test_faults.py", "test_exp_run.py",
-              "test_pipeline.py", "test_mlflow_fresh_store.py")
+# Test files run first, in this order; the rest follow in collection order. For `make test`: the
+# modules whose fixtures run the whole smoke pipeline, so that the two workers start on them
+# together: the smoke run (test_dashboard) on one, the Prefect worker's own run (test_flows) on
+# the other. (`make mutate` sets its own, the targeted fast files first: tests/mutate.py.)
+FIRST = ("test_dashboard.py", "test_flows.py", "test_faults.py", "test_exp_run.py",
+         "test_pipeline.py", "test_mlflow_fresh_store.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: order kept within
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: order kept within
 
 
 @contextmanager

@@ -70,20 +70,13 @@ def group_pyproject(text: str, shared: dict, group: dict) -> str:
 
 
 # Appended to the scratch copy's tests/conftest.py. mutmut hands each mutant's tests to pytest as
-# an unordered set of node ids and runs them with -x: sorting them by the group's `tests` order
-# (targeted, fast files first) lets a killed mutant stop at its first, cheapest failing test.
+# an unordered set of node ids and runs them with -x: conftest's collection hook sorts them by
+# its FIRST files, set here to the group's `tests` order (targeted, fast files first), so that a
+# killed mutant stops at its first, cheapest failing test.
 ORDER_HOOK = """
 
 # ---- added by tests/mutate.py in the scratch copy only: run the group's test files in order
-_MUTATE_TEST_ORDER = {order!r}
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        path = item.nodeid.split("::")[0]
-        return next((i for i, p in enumerate(_MUTATE_TEST_ORDER) if path.endswith(p)),
-                    len(_MUTATE_TEST_ORDER))
-    items.sort(key=rank)  # stable: within a file, the file's own order
+FIRST = {order!r}
 """
 
 
@@ -123,10 +116,10 @@ def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, st
     pyproject = scratch / "pyproject.toml"
     pyproject.write_text(group_pyproject(pyproject.read_text(), shared, group))
     conftest = scratch / "tests" / "conftest.py"
-    if "def pytest_collection_modifyitems" in conftest.read_text():
-        raise SystemExit("tests/conftest.py defines pytest_collection_modifyitems: "
-                         "tests/mutate.py's ordering hook would replace it")
-    conftest.write_text(conftest.read_text() + ORDER_HOOK.format(order=list(group["tests"])))
+    if not re.search(r"^FIRST = ", conftest.read_text(), re.M):
+        raise SystemExit("tests/conftest.py has no FIRST (the test files its collection hook runs "
+                         "first): tests/mutate.py cannot order the group's tests")
+    conftest.write_text(conftest.read_text() + ORDER_HOOK.format(order=tuple(Path(t).name for t in group["tests"])))
     git(scratch, "init", "-q")
     git(scratch, "add", "-A")
     git(scratch, "commit", "-qm", "make mutate scratch copy")
