@@ -199,7 +199,7 @@ def params(arch: str = "llama", **over) -> dict:
             "osf": {**lr([1e-3]), "effective_rank": 0.5, "target_modules": None},
         },
         "curves": {"task": "movies", "strategies": ["full", "scratch"], "fractions": [0.1, 1.0],
-                   "seeds": [0, 1], "max_steps": 2, "lr_search": False},
+                   "seeds": [0, 1], "epochs": 1.0, "min_steps": 2, "lr_search": False},
         "sequential": {"order": ["movies", "source"],
                        "strategy": {"movies": "full", "source": "l2sp"}, "seed": 0, "max_steps": 2},
     }

@@ -5,6 +5,7 @@ curves and sequential train through the same registry entries; bad inputs fail b
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -237,6 +238,37 @@ def test_stratified_fraction():
     assert sorted(labels[i] for i in idx) == [0] * 8 + [1] * 2
     assert idx != stratified_fraction(labels, 0.1, seed=4)
     assert len(stratified_fraction(labels, 0.001, seed=0)) == 2   # at least one per class
+
+
+def test_curves_budget_grows_with_the_labels(root):
+    """Each fraction trains ceil(epochs x labels / examples per step) steps, at least min_steps,
+    and records each seed's best-validation step within that budget."""
+    p = params()
+    p["curves"].update({"strategies": ["linear_probe"], "epochs": 2.0, "min_steps": 3})
+    c = curves.run(cfg_of(p, curves.Config), root)
+    per_step = p["train"]["batch_size"] * p["train"]["grad_accum"]
+    assert (c["epochs"], c["min_steps"], c["examples_per_step"]) == (2.0, 3, per_step)
+    small, whole = c["results"]["linear_probe"]["0.1"], c["results"]["linear_probe"]["1"]
+    assert small["steps"] == max(3, math.ceil(2 * small["n_labels"] / per_step))
+    assert whole["steps"] == math.ceil(2 * whole["n_labels"] / per_step) > small["steps"]
+    for cell in (small, whole):
+        assert len(cell["best_steps"]) == 2 and all(0 < b <= cell["steps"] for b in cell["best_steps"])
+
+
+def test_curves_steps_for_and_repeated_values():
+    cc = cfg_of(params(), curves.Config).curves
+    assert cc.model_copy(update={"epochs": 3.0, "min_steps": 40}).steps_for(2000, 16) == 375
+    assert cc.model_copy(update={"epochs": 3.0, "min_steps": 40}).steps_for(20, 16) == 40
+    assert cc.model_copy(update={"epochs": 0.5, "min_steps": 1}).steps_for(33, 16) == 2   # ceil(1.03)
+    for key, value in (("seeds", [0, 0]), ("fractions", [0.1, 0.1]), ("strategies", ["full", "full"])):
+        p = params()
+        p["curves"][key] = value
+        with pytest.raises(ConfigError, match=rf"finetune\.curves\.{key}.*repeated"):
+            cfg_of(p, curves.Config)
+    p = params()
+    p["curves"]["epochs"] = 0
+    with pytest.raises(ConfigError, match=r"finetune\.curves\.epochs"):
+        cfg_of(p, curves.Config)
 
 
 # ---------------------------------------------------------------- bad input, before training

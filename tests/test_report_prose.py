@@ -173,3 +173,19 @@ def test_out_of_domain_sentence_names_the_task_and_its_labels():
     text = "\n".join(evidence.render_card(card, ("source", "full", "seed0", 0.9)))
     assert "→ tweets: the `source` classifier must answer one of its 4 labels (movies, amazon, nyt, tweets)" in text
     assert "sentiment" not in text
+
+
+def test_curves_plateau_sentence_follows_the_best_steps():
+    """Whether scratch was still improving at the largest fraction comes from its best-validation
+    steps against its budget: the same cell with the best at the last step says the opposite."""
+    from ptf.report.sections import plateau_sentence
+
+    def cell(best):
+        return {"scratch": {"0.1": {"steps": 40, "best_steps": [20, 40]},
+                            "1": {"steps": 375, "best_steps": best}}}
+
+    stopped = " ".join(plateau_sentence(cell([120, 200, 360]), "scratch", ["0.1", "1"]))
+    assert "step 120, 200, 360 of 375" in stopped and "stopped improving before its 375 steps" in stopped
+    going = " ".join(plateau_sentence(cell([120, 375, 375]), "scratch", ["0.1", "1"]))
+    assert "in 2 of 3 seeds its best was its last step" in going and "stopped" not in going
+    assert "No best-validation steps" in " ".join(plateau_sentence({}, "scratch", ["1"]))

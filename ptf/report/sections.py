@@ -102,19 +102,41 @@ def section_curves(curves: dict[str, Any], scratch: str, fig: str = "figures") -
     n_seeds = len(curves.get("seeds") or []) or None
     strategies = list(res)
     fracs = sorted({k for by_f in res.values() for k in by_f}, key=_frac_key)
+    epochs = curves.get("epochs")
     L = ["## Data efficiency", "",
          f"Task `{curves.get('task', 'n/a')}`: test accuracy (mean ± std over seeds "
          f"{curves.get('seeds', 'n/a')}) for each fraction of the training labels, pretrained "
-         f"backbone against `{scratch}` (random init, same architecture and budget: "
-         f"{curves.get('max_steps', 'n/a')} steps) (`data/metrics/curves.json`).", ""]
+         f"backbone against `{scratch}` (random init, same architecture and budget). The budget "
+         f"grows with the labels: ceil({f'{epochs:g}' if is_num(epochs) else 'n/a'} epochs × labels / "
+         f"{curves.get('examples_per_step', 'n/a')} examples per step) optimizer steps, at least "
+         f"{curves.get('min_steps', 'n/a')} (`data/metrics/curves.json`).", ""]
     rows = []
     for f in fracs:
-        labels = sorted({res[s][f]["n_labels"] for s in strategies
-                         if f in res[s] and is_num(res[s][f].get("n_labels"))})
-        rows.append([f, " / ".join(str(int(n)) for n in labels) or "n/a"]
+        cells = [res[s][f] for s in strategies if f in res[s]]
+        labels = sorted({c["n_labels"] for c in cells if is_num(c.get("n_labels"))})
+        steps = sorted({c["steps"] for c in cells if is_num(c.get("steps"))})
+        rows.append([f, " / ".join(str(int(n)) for n in labels) or "n/a",
+                     " / ".join(str(int(n)) for n in steps) or "n/a"]
                     + [pm({"n": n_seeds, **res[s][f]}) if f in res[s] else "n/a" for s in strategies])
-    L += table(["fraction", "labels", *strategies], rows)
+    L += table(["fraction", "labels", "steps", *strategies], rows)
+    L += ["", *plateau_sentence(res, scratch, fracs)]
     return L + ["", f"![Learning curves: test accuracy against the number of labels]({fig}/learning_curves.png)"]
+
+
+def plateau_sentence(res: dict[str, Any], scratch: str, fracs: list[str]) -> list[str]:
+    """Whether `scratch` was still improving on validation when its budget ran out, at the
+    largest fraction: its best-validation step of each seed against the budget."""
+    cell = (res.get(scratch) or {}).get(fracs[-1]) if fracs else None
+    best = [b for b in (cell or {}).get("best_steps") or [] if is_num(b)]
+    if not best or not is_num(cell.get("steps")):
+        return [f"No best-validation steps of `{scratch}` at the largest fraction in curves.json."]
+    steps = int(cell["steps"])
+    at_end = sum(b >= steps for b in best)
+    verdict = (f"in {at_end} of {len(best)} seeds its best was its last step: it may still have "
+               "been improving" if at_end else
+               f"in every seed it stopped improving before its {steps} steps ran out")
+    return [f"At the largest fraction ({fracs[-1]}), `{scratch}`'s best validation accuracy came at "
+            f"step {', '.join(str(int(b)) for b in best)} of {steps} (per seed): {verdict}."]
 
 
 TASK_COLUMNS = ["task", "strategy", "seeds", "test accuracy", "gain vs chance", "gain vs scratch",

@@ -11,6 +11,7 @@ Out: `FinetuneSection` (the whole section, strict: an unknown or misspelt key an
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +51,10 @@ class CurvesCfg(StrictModel):
     strategies: list[StrategyName] = Field(min_length=1)
     fractions: list[float] = Field(min_length=1)   # of the (capped) training split, in (0, 1]
     seeds: list[int] = Field(min_length=1)
-    max_steps: int = Field(gt=0)
+    # The budget grows with the labels, so that every fraction's arms see all their labels:
+    # ceil(epochs x n_labels / examples per optimizer step) steps, at least min_steps.
+    epochs: float = Field(gt=0)
+    min_steps: int = Field(gt=0)
     lr_search: bool                     # true: search each arm's grid per fraction; false: its first LR
 
     @field_validator("fractions")
@@ -59,7 +63,20 @@ class CurvesCfg(StrictModel):
         bad = [f for f in v if not 0.0 < f <= 1.0]
         if bad:
             raise ValueError(f"label fractions must be in (0, 1], got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a label fraction is repeated: {v}")
         return v
+
+    @field_validator("seeds", "strategies")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a value is repeated: {v}")
+        return v
+
+    def steps_for(self, n_labels: int, per_step: int) -> int:
+        """Optimizer steps for a subset of `n_labels` examples, `per_step` examples a step."""
+        return max(self.min_steps, math.ceil(self.epochs * n_labels / per_step))
 
 
 class SequentialCfg(StrictModel):
