@@ -56,6 +56,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     from tqdm import tqdm
 
     from ptf.training.tracking import check_reachable, start_run, tracking_uri
+    from ptf.training.tracking_tree import sequential_tags
 
     sc = cfg.sequential
     tasks = sc.tasks
@@ -75,8 +76,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     random_init = {str(seed): random_init_accuracy(ctx, [data[t] for t in tasks], seeds_of(tasks, seed),
                                                    device) for seed in sc.seeds}
     runs = []
-    tags = {"orders": "|".join(",".join(o) for o in sc.orders), "strategies": ",".join(sc.strategies),
-            "seeds": ",".join(map(str, sc.seeds))}
+    tags = sequential_tags(sc.orders, sc.strategies, sc.seeds)
     with start_run("sequential", cfg.model_dump(), tags, root=root, experiment=cfg.experiment) as mlrun:
         for order, strategy, seed in tqdm(plan(cfg), desc="sequential runs", unit="run"):
             t1 = time.perf_counter()
