@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ptf.report import prose
-from ptf.report.fmt import pm, table
+from ptf.report.fmt import plural, pm, table
 
 MEASURES = (("ACC", "acc", False), ("BWT", "bwt", True), ("FWT", "fwt", True),
             ("forgetting", "avg_forgetting", False), ("ACC adj", "acc_adj", False),
@@ -36,7 +36,7 @@ def _row(strategy: str, order: str, ms: dict[str, Any], tasks: list[str]) -> lis
 def measures_table(block: dict[str, Any]) -> list[str]:
     tasks = [str(t) for t in block.get("tasks") or []]
     rows = [_row(g["strategy"], _arrow(g["order"]), g["mean_std"], tasks) for g in block["groups"].values()]
-    rows += [_row(s["strategy"], f"pooled over {len(s['orders'])} orders", s["mean_std"], tasks)
+    rows += [_row(s["strategy"], f"pooled over {plural(len(s['orders']), 'order')}", s["mean_std"], tasks)
              for s in block["strategies"].values()]
     return table(["strategy", "order", "seeds", *[h for h, _, _ in MEASURES], *[f"events {t}" for t in tasks]],
                  rows)
