@@ -55,7 +55,7 @@ from ptf.training import tracking_store as store
 from ptf.training.tracking import EXPERIMENT, check_reachable, redact, tracking_uri
 from ptf.training.tracking_tree import (LEVEL_TAG, OWNER_TAG, PARENT_TAG, PIPELINE, PIPELINE_ENV,
                                         PIPELINE_TAG, STAGE, file_sha, foundation_tags, pipeline_tags,
-                                        stage_name)
+                                        sequential_tags, stage_name)
 
 OUTS_TAG, PRODUCER_TAG, NO_PRODUCER_TAG = "dvc.outs", "ptf.produced_by", "ptf.no_producer"
 NO_PRODUCER = "no producing run in this tracking store"
@@ -157,7 +157,7 @@ def pointer_run(client: Any, exp_id: str, pipeline: str, stage: str, producer: A
 
 
 def declared_tags(root: Path, dvc_stage: str) -> dict[str, str]:
-    """The tags the stage's call site would pass to `start_run` (task, strategy, order,
+    """The tags the stage's call site would pass to `start_run` (task, strategy, orders,
     objective, init), from params.yaml, for a stage that did not run; its run's name is made of
     these alone. `finetune@<key>`: its item of `finetune.runs`."""
     import yaml
@@ -170,10 +170,8 @@ def declared_tags(root: Path, dvc_stage: str) -> dict[str, str]:
     if base == "finetune":
         item = (finetune.get("runs") or {}).get(key) or {}
         tags = {k: item[k] for k in ("task", "strategy") if k in item}
-    elif base == "sequential" and section.get("order"):
-        plan = section.get("strategy") or {}
-        tags = {"order": ",".join(section["order"]),
-                "strategy": ",".join(str(plan.get(t, "")) for t in section["order"])}
+    elif base == "sequential" and section.get("orders"):
+        tags = sequential_tags(section["orders"], section.get("strategies") or [], section.get("seeds") or [])
     elif base == "wise_ft":
         tags = {"task": section.get("task"), "strategy": "wise_ft"}
     elif base == "curves":
@@ -249,8 +247,8 @@ def attach_measures(client: Any, root: Path, stage_runs: dict[str, Any], childre
                 per_seed = m["seeds"].get((t["task"], t["strategy"], c.data.tags.get("seed")))
                 if picked and per_seed:
                     log_numbers(client, c.info.run_id, per_seed)
-        if stage == "sequential" and len(m["sequential"]) == 1:
-            log_numbers(client, run.info.run_id, next(iter(m["sequential"].values())))
+        if stage == "sequential" and m["sequential"]:
+            log_numbers(client, run.info.run_id, m["sequential"])
     return m["verdicts"]
 
 

@@ -10,9 +10,9 @@ Out:
     `trainable_fraction`;
   - `forgetting_measures(result)`: from forgetting.json, per (task, strategy) the arm's means
     (`gain_over_scratch`, `gain_over_chance`, `delta_loss`, `share_worse`, ...), per seed its own
-    values, per sequential run its CL measures (`bwt`, `fwt`, `avg_forgetting`, `acc`, and
-    `*_chance_adjusted`), and per claim its verdict (tag) and score (1 reproduced, 0.5 partly,
-    0 not reproduced);
+    values, the sequential runs' CL measures per strategy x order and per strategy pooled over
+    orders, mean over seeds (`full.bwt`, `full/source-movies.fwt`, `replay.acc_adj`, ...), and
+    per claim its verdict (tag) and score (1 reproduced, 0.5 partly, 0 not reproduced);
   - `share_view(client, experiment_id, pipeline_id, columns)`: MLflow's own shared view state (the
     experiment tag `mlflow.sharedViewState.<key>`, plain JSON, which the UI reads for
     `?viewStateShareKey=<key>`): the runs table filtered to the runs of one pipeline execution,
@@ -29,9 +29,10 @@ from typing import Any
 
 from ptf.training.tracking_tree import LEVEL_TAG, PIPELINE_TAG
 
-# the columns of the runs table, in this order, where a run of the execution has them
+# the columns of the runs table, in this order, where a run of the execution has them (the
+# sequential run's: full fine-tuning's measures pooled over orders, mean over seeds)
 METRIC_COLUMNS = ("test_accuracy", "gain_over_scratch", "gain_over_majority", "gain_over_chance",
-                  "delta_loss", "share_worse", "bwt", "fwt", "avg_forgetting", "trainable_pct",
+                  "delta_loss", "share_worse", "full.bwt", "full.fwt", "full.avg_forgetting", "trainable_pct",
                   "val_loss", "wall_time_s")
 TAG_COLUMNS = ("task", "strategy", "seed", "configuration", "objective", "foundation", "dvc.status")
 VERDICT_SCORE = {"reproduced": 1.0, "partly reproduced": 0.5, "not reproduced": 0.0}
@@ -62,18 +63,18 @@ def stable_metrics(obj: Any) -> dict[str, float]:
 
 def forgetting_measures(result: dict[str, Any]) -> dict[str, Any]:
     """{"arms": {(task, strategy): metrics}, "seeds": {(task, strategy, seed): metrics},
-    "sequential": {name: metrics}, "verdicts": {claim: verdict}} from forgetting.json."""
+    "sequential": {"<strategy>[/<order>].<measure>": mean over seeds}, "verdicts": {claim: verdict}}
+    from forgetting.json."""
     arms, seeds, seq = {}, {}, {}
     for task, by_strategy in (result.get("tasks") or {}).items():
         for strategy, arm in by_strategy.items():
             arms[(task, strategy)] = stable_metrics(arm.get("mean_std") or {})
             for seed, rec in (arm.get("seeds") or {}).items():  # keyed "seed0", "seed1", ...
                 seeds[(task, strategy, str(seed).removeprefix("seed"))] = stable_metrics(rec)
-    for name, block in (result.get("sequential") or {}).items():
-        m = {k: float(v) for k, v in (block.get("raw") or {}).items() if _number(v)}
-        m.update({f"{k}_chance_adjusted": float(v)
-                  for k, v in (block.get("chance_adjusted") or {}).items() if _number(v)})
-        seq[name] = m
+    for level in ("groups", "strategies"):   # per strategy x order and per strategy: mean over seeds
+        for name, block in ((result.get("sequential") or {}).get(level) or {}).items():
+            seq.update({f"{name}.{k}": float(v["mean"]) for k, v in (block.get("mean_std") or {}).items()
+                        if "." not in k and _number(v.get("mean"))})
     verdicts = {k: str(c.get("verdict")) for k, c in (result.get("claims") or {}).items()
                 if isinstance(c, dict) and c.get("verdict")}
     return {"arms": arms, "seeds": seeds, "sequential": seq, "verdicts": verdicts}

@@ -6,7 +6,7 @@ In:  a workspace whose `dvc status` is clean (the page describes exactly the `dv
        data/metrics/curves.json              accuracy per label fraction and strategy
        data/metrics/finetune/<task>/<s>.json per-seed test accuracy, trainable parameters, for
                                              exactly the arms params.yaml declares
-       data/metrics/sequential.json          the accuracy matrix of the sequential run
+       data/metrics/sequential.json          the accuracy matrices of the sequential runs
        data/metrics/forgetting.json          drift, gains, CL measures and the claims' verdicts
      the figures of the forgetting stage: data/plots/{tradeoff,learning_curves,accuracy_matrix}.png;
      data/models/pretrained/ and the best fine-tuned model (the evidence card);

@@ -14,14 +14,16 @@ Out: data/metrics/forgetting.json       nested metrics, key-sorted (git-tracked:
      data/plots/tradeoff.csv             one row per task x strategy (and per WiSE-FT alpha): delta
                                          LM loss vs task gain
      data/plots/learning_curves.csv      curves.csv averaged over seeds: task, strategy, n_labels
-     data/plots/accuracy_matrix.csv      the sequential accuracy matrix, long format
+     data/plots/accuracy_matrix.csv      the sequential accuracy matrices (mean over seeds per
+                                         strategy x order), long format
      data/plots/{tradeoff,learning_curves,accuracy_matrix}.png   the same as figures
      one MLflow run "forgetting" (ptf/training/tracking.py) with the table and the figures.
 Run: python -m stages.forgetting
 
 Measures: per fine-tuned model, the drift of the pretraining objective (`ptf.measures.drift`,
 numbers from `ptf.measures.cl_metrics.drift`) and the gain (`ptf.measures.arms`); across seeds
-mean and sample std; the sequential run's ACC/BWT/FWT/forgetting (`ptf.measures.cl_metrics`).
+mean and sample std; the sequential runs' ACC/BWT/FWT/forgetting, raw and majority-adjusted, and
+forgetting events, per run and over seeds (`ptf.measures.sequential`).
 Claims (`ptf.measures.claims`: paired bootstrap intervals over seeds and test examples or
 held-out blocks, Holm-corrected within each claim; never written by hand):
 1. few labels: at the smallest fraction of the curves, each of `few_label_strategies` beats
@@ -46,6 +48,7 @@ from ptf.common.config import PARAMS_FILE, StrictModel, load_section
 from ptf.measures import arms as am
 from ptf.measures import cl_metrics as cl
 from ptf.measures import outputs as out
+from ptf.measures import sequential as sq
 from ptf.measures.claims import claim_few_labels, claim_forget_less
 from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
@@ -126,12 +129,12 @@ def mlflow_metrics(tasks: dict[str, Any], sequential: dict[str, Any]) -> dict[st
                 v = a["mean_std"][k]["mean"]
                 if v is not None:
                     metrics[f"{t}.{s}.{k}"] = v
-    for name, seq in sequential.items():
-        for var in ("raw", "chance_adjusted"):
-            for k in ("acc", "bwt", "fwt", "avg_forgetting"):
-                v = seq.get(var, {}).get(k)
+    for level in ("groups", "strategies"):     # mean over seeds per strategy x order, per strategy
+        for name, g in (sequential.get(level) or {}).items():
+            for k in sq.SCALARS:
+                v = g["mean_std"][k]["mean"]
                 if v is not None:
-                    metrics[f"sequential.{name}.{var}.{k}"] = v
+                    metrics[f"sequential.{name}.{k}"] = v
     return metrics
 
 
@@ -140,7 +143,7 @@ def inputs(root: Path, matrix: out.Matrix) -> dict[str, Any]:
     runs = out.read_finetune(root, matrix)
     out.read_models(root, runs)
     return {"runs": runs, "curves": out.read_curves(root),
-            "sequential": am.sequential_block(out.read_sequential(root)),
+            "sequential": sq.sequential_block(out.read_sequential(root)),
             "wise": out.read_wise_ft(root, matrix)}
 
 

@@ -200,8 +200,8 @@ def params(arch: str = "llama", **over) -> dict:
         },
         "curves": {"task": "movies", "strategies": ["full", "scratch"], "fractions": [0.1, 1.0],
                    "seeds": [0, 1], "epochs": 1.0, "min_steps": 2, "lr_search": False},
-        "sequential": {"order": ["movies", "source"],
-                       "strategy": {"movies": "full", "source": "l2sp"}, "seed": 0, "max_steps": 2},
+        "sequential": {"orders": [["movies", "source"]], "strategies": ["l2sp"], "seeds": [0],
+                       "max_steps": 2},
     }
     for k, v in over.items():
         sect, _, key = k.partition(".")

@@ -15,7 +15,7 @@ R = [
     [0.70, 0.85, 0.30],  # after task 1
     [0.60, 0.80, 0.95],  # after task 2 (final)
 ]
-CHANCE = [0.5, 0.5, 0.2]
+MAJORITY = [0.5, 0.5, 0.2]
 
 
 def test_acc_and_learning_accuracy():
@@ -52,14 +52,14 @@ def test_fwt_relative_to_row_zero_and_to_a_baseline():
     assert cl.forward_transfer(R, baseline=[0.5, 0.5, 0.2]) == pytest.approx(0.0)
 
 
-def test_chance_adjustment():
+def test_majority_adjustment():
     # (a - c) / (1 - c) per column, c = [0.5, 0.5, 0.2]:
     # row 0: [0, -0.4, 0.0625]; row 1: [0.8, -0.2, 0]; row 2: [0.4, 0.7, 0.125]; row 3: [0.2, 0.6, 0.9375]
-    A = cl.chance_adjust(R, CHANCE)
+    A = cl.majority_adjust(R, MAJORITY)
     expected = [[0, -0.4, 0.0625], [0.8, -0.2, 0], [0.4, 0.7, 0.125], [0.2, 0.6, 0.9375]]
     assert A.ravel().tolist() == pytest.approx(sum(expected, []))
-    m = cl.sequential_measures(R, chance=CHANCE)
-    adj = m["chance_adjusted"]
+    m = cl.sequential_measures(R, majority=MAJORITY)
+    adj = m["majority_adjusted"]
     assert adj["acc"] == pytest.approx((0.2 + 0.6 + 0.9375) / 3)
     # forgetting: max(0.8, 0.4) - 0.2 = 0.6 ; max(-0.2, 0.7) - 0.6 = 0.1 (= raw / (1 - c))
     assert adj["forgetting"] == pytest.approx([0.6, 0.1])
@@ -70,12 +70,12 @@ def test_chance_adjustment():
     #   = ((-0.2 - -0.4) + (0.125 - 0.0625)) / 2 = 0.13125
     assert adj["fwt"] == pytest.approx(0.13125)
     assert m["raw"]["bwt"] == pytest.approx(-0.175)
-    # A scalar chance applies to every task; chance accuracy maps to 0, perfect to 1.
-    assert cl.chance_adjust([[0.5, 1.0]], 0.5).tolist() == [[0.0, 1.0]]
+    # A scalar rate applies to every task; the majority rate maps to 0, perfect to 1.
+    assert cl.majority_adjust([[0.5, 1.0]], 0.5).tolist() == [[0.0, 1.0]]
 
 
 def test_single_task_has_no_transfer_or_forgetting():
-    m = cl.sequential_measures([[0.5], [0.9]], chance=0.5)
+    m = cl.sequential_measures([[0.5], [0.9]], majority=0.5)
     assert m["raw"]["acc"] == pytest.approx(0.9)
     assert m["raw"]["bwt"] is None and m["raw"]["fwt"] is None and m["raw"]["avg_forgetting"] is None
     assert m["raw"]["forgetting"] == []
@@ -87,11 +87,11 @@ def test_bad_matrices_are_refused(bad):
         cl.sequential_measures(bad)
 
 
-def test_bad_chance_is_refused():
+def test_bad_majority_is_refused():
     with pytest.raises(cl.MatrixError):
-        cl.chance_adjust(R, [0.5, 1.0, 0.2])
+        cl.majority_adjust(R, [0.5, 1.0, 0.2])
     with pytest.raises(cl.MatrixError):
-        cl.chance_adjust(R, [0.5, 0.5])
+        cl.majority_adjust(R, [0.5, 0.5])
 
 
 def test_drift_paired():
@@ -154,19 +154,19 @@ def test_bad_matrix_messages(bad, message):
     assert _message(e) == message
 
 
-def test_bad_chance_and_baseline_messages():
+def test_bad_majority_and_baseline_messages():
     with pytest.raises(cl.MatrixError) as e:
-        cl.chance_adjust(R, [0.5, 0.5])
-    assert _message(e) == "chance must be a number or a vector of length T=3, got shape (2,)"
+        cl.majority_adjust(R, [0.5, 0.5])
+    assert _message(e) == "majority must be a number or a vector of length T=3, got shape (2,)"
     with pytest.raises(cl.MatrixError) as e:
-        cl.chance_adjust(R, [0.5, float("nan"), 0.2])
-    assert _message(e) == "chance has non-finite entries"
+        cl.majority_adjust(R, [0.5, float("nan"), 0.2])
+    assert _message(e) == "majority has non-finite entries"
     with pytest.raises(cl.MatrixError) as e:
-        cl.chance_adjust(R, [0.5, 1.0, 0.2])
-    assert _message(e) == "chance accuracies must be in [0, 1), got [0.5, 1.0, 0.2]"
+        cl.majority_adjust(R, [0.5, 1.0, 0.2])
+    assert _message(e) == "majority-class rates must be in [0, 1), got [0.5, 1.0, 0.2]"
     with pytest.raises(cl.MatrixError) as e:
-        cl.chance_adjust(R, -0.1)
-    assert _message(e) == "chance accuracies must be in [0, 1), got [-0.1, -0.1, -0.1]"
+        cl.majority_adjust(R, -0.1)
+    assert _message(e) == "majority-class rates must be in [0, 1), got [-0.1, -0.1, -0.1]"
     with pytest.raises(cl.MatrixError) as e:
         cl.forward_transfer(R, baseline=[0.5, 0.5])
     assert _message(e) == "baseline must be a number or a vector of length T=3, got shape (2,)"
@@ -175,11 +175,11 @@ def test_bad_chance_and_baseline_messages():
     assert _message(e) == "baseline has non-finite entries"
 
 
-def test_chance_zero_is_the_identity_and_a_scalar_baseline_applies_to_every_task():
+def test_majority_zero_is_the_identity_and_a_scalar_baseline_applies_to_every_task():
     # c = 0 is allowed (the bound is [0, 1)): (a - 0) / (1 - 0) = a.
-    assert cl.chance_adjust(R, 0.0).tolist() == R
+    assert cl.majority_adjust(R, 0.0).tolist() == R
     # c just below 1 is allowed too: (0.995 - 0.99) / 0.01 = 0.5
-    assert cl.chance_adjust([[0.995]], 0.99)[0].tolist() == pytest.approx([0.5])
+    assert cl.majority_adjust([[0.995]], 0.99)[0].tolist() == pytest.approx([0.5])
     # baseline 0.3 for every task: ((0.40 - 0.3) + (0.30 - 0.3)) / 2 = 0.05
     assert cl.forward_transfer(R, baseline=0.3) == pytest.approx(0.05)
 
@@ -187,26 +187,26 @@ def test_chance_zero_is_the_identity_and_a_scalar_baseline_applies_to_every_task
 def test_sequential_measures_with_a_baseline():
     # baseline b = [0.5, 0.6, 0.4]; raw FWT = ((0.40 - 0.6) + (0.30 - 0.4)) / 2 = -0.15.
     # Adjusted with c = [0.5, 0.5, 0.2]: b' = [0, 0.2, 0.25]; R'[1][1] = -0.2, R'[2][2] = 0.125
-    # (test_chance_adjustment) -> ((-0.2 - 0.2) + (0.125 - 0.25)) / 2 = -0.2625.
-    m = cl.sequential_measures(R, chance=CHANCE, baseline=[0.5, 0.6, 0.4])
+    # (test_majority_adjustment) -> ((-0.2 - 0.2) + (0.125 - 0.25)) / 2 = -0.2625.
+    m = cl.sequential_measures(R, majority=MAJORITY, baseline=[0.5, 0.6, 0.4])
     assert m["fwt_baseline"] == "given"
     assert m["raw"]["fwt"] == pytest.approx(-0.15)
-    assert m["chance_adjusted"]["fwt"] == pytest.approx(-0.2625)
+    assert m["majority_adjusted"]["fwt"] == pytest.approx(-0.2625)
     # every key of a block, raw and adjusted
     assert m["raw"] == {
         "acc": pytest.approx(2.35 / 3), "learning_accuracy": pytest.approx([0.90, 0.85, 0.95]),
         "forgetting": pytest.approx([0.30, 0.05]), "avg_forgetting": pytest.approx(0.175),
         "bwt": pytest.approx(-0.175), "fwt": pytest.approx(-0.15), "matrix": R,
     }
-    adj = m["chance_adjusted"]
+    adj = m["majority_adjusted"]
     # learning accuracy adjusted: R'[1][0] = 0.8, R'[2][1] = 0.7, R'[3][2] = 0.9375
     assert adj["learning_accuracy"] == pytest.approx([0.8, 0.7, 0.9375])
     expected = [[0, -0.4, 0.0625], [0.8, -0.2, 0], [0.4, 0.7, 0.125], [0.2, 0.6, 0.9375]]
     assert [x for row in adj["matrix"] for x in row] == pytest.approx(sum(expected, []))
     assert all(type(x) is float for row in adj["matrix"] for x in row)
-    # without a baseline: FWT against row 0, and no adjusted block without chance
+    # without a baseline: FWT against row 0, and no adjusted block without majority rates
     plain = cl.sequential_measures(R)
-    assert plain["fwt_baseline"] == "row 0" and "chance_adjusted" not in plain
+    assert plain["fwt_baseline"] == "row 0" and "majority_adjusted" not in plain
     assert plain["raw"]["fwt"] == pytest.approx(0.075)
 
 
@@ -283,3 +283,74 @@ def test_forgetting_takes_the_best_earlier_accuracy_of_each_task():
 def test_drift_relative_change_below_one_nat():
     # reference loss 5 / 10 = 0.5 nats/token (> 0, below 1), fine-tuned 0.6: +20 %
     assert cl.drift([5.0], [6.0], [10])["rel_delta_pct"] == pytest.approx(20.0)
+
+
+# ---------------------------------------------------------------- majority rates, not 1/n
+
+def test_majority_adjustment_is_not_one_over_n():
+    # A binary task whose test split is 70 % one class: a model that always answers it scores 0.7.
+    # With 1/n (0.5) that would be (0.7 - 0.5) / 0.5 = 0.4 "above chance"; against the majority
+    # rate it is (0.7 - 0.7) / 0.3 = 0, and 0.85 is (0.85 - 0.7) / 0.3 = 0.5.
+    M = [[0.70, 0.50], [0.85, 0.50], [0.70, 0.80]]      # task 1: balanced, majority 0.5
+    A = cl.majority_adjust(M, [0.7, 0.5])
+    assert A.ravel().tolist() == pytest.approx([0.0, 0.0, 0.5, 0.0, 0.0, 0.6])
+    m = cl.sequential_measures(M, majority=[0.7, 0.5])
+    # raw BWT = 0.70 - 0.85 = -0.15; adjusted = 0.0 - 0.5 = -0.5 (task 0 fell back to the majority rate)
+    assert m["raw"]["bwt"] == pytest.approx(-0.15) and m["majority_adjusted"]["bwt"] == pytest.approx(-0.5)
+    assert m["majority_adjusted"]["acc"] == pytest.approx(0.3)     # (0 + 0.6) / 2
+
+
+def test_fwt_against_a_random_init_baseline():
+    # GEM: b = the random-init accuracies [0.5, 0.45]. T = 2: FWT = R[1][1] - b[1] = 0.55 - 0.45 = 0.10
+    # (row 0, the pretrained backbone with fresh heads, would give 0.55 - 0.60 = -0.05).
+    M = [[0.50, 0.60], [0.90, 0.55], [0.80, 0.95]]
+    m = cl.sequential_measures(M, majority=[0.5, 0.5], baseline=[0.5, 0.45])
+    assert m["raw"]["fwt"] == pytest.approx(0.10) and m["fwt_baseline"] == "given"
+    assert cl.sequential_measures(M)["raw"]["fwt"] == pytest.approx(-0.05)
+    # adjusted: (0.55 - 0.5) / 0.5 - (0.45 - 0.5) / 0.5 = 0.1 + 0.1 = 0.2
+    assert m["majority_adjusted"]["fwt"] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- forgetting events (Toneva et al. 2019)
+
+# T = 3 tasks, 4 test examples each. C[i][j]: correctness on task j after i tasks (row 0: before).
+C = [
+    ["0000", "1100", "0101"],   # before any training: not counted (task j counts from row j+1)
+    ["1110", "0000", "1111"],   # after task 0: task 0 just learned
+    ["0111", "1101", "0000"],   # after task 1: task 0 example 0 forgotten (1 -> 0); task 1 just learned
+    ["1010", "0110", "1111"],   # after task 2: task 0 ex 1 and 3 forgotten; task 1 ex 0 and 3 forgotten
+]
+
+
+def test_forgetting_events_on_a_hand_made_table():
+    ev = cl.forgetting_events(C)
+    # task 0, rows 1..3: ex0 1,0,1 -> 1 event; ex1 1,1,0 -> 1; ex2 1,1,1 -> 0; ex3 0,1,0 -> 1.
+    # events 3, forgotten (>= 1 event) 3 of 4, never forgotten 1/4.
+    assert ev[0] == {"events": 3, "forgotten": 3, "never_forgotten": 0.25, "n": 4}
+    # task 1, rows 2..3: 1101 -> 0110: ex0 1->0, ex3 1->0 (ex1 stays, ex2 0->1 is learning): 2 events.
+    # Row 0's 1100 -> row 1's 0000 is before task 1 was learned: not counted.
+    assert ev[1] == {"events": 2, "forgotten": 2, "never_forgotten": 0.5, "n": 4}
+    # task 2 is the last: no later evaluation (its 1111 -> 0000 drop at rows 1 -> 2 is before it was learned)
+    assert ev[2] is None
+
+
+def test_an_example_forgotten_twice_counts_two_events_and_once_as_forgotten():
+    # T = 3, task 0 with one example: 1, 0, 1 ... rows 1..3 = 1, 0, 1 -> one event; with T = 4 and
+    # 1, 0, 1, 0: two events, one example forgotten.
+    C4 = [["0", "0", "0", "0"], ["1", "0", "0", "0"], ["0", "1", "0", "0"], ["1", "1", "1", "0"],
+          ["0", "1", "1", "1"]]
+    ev = cl.forgetting_events(C4)
+    assert ev[0] == {"events": 2, "forgotten": 1, "never_forgotten": 0.0, "n": 1}
+    assert ev[1] == {"events": 0, "forgotten": 0, "never_forgotten": 1.0, "n": 1}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([["1"]], "correctness table must have T+1 rows of T cells, got [1]"),
+    ([["1", "0"], ["1"], ["1", "1"]], "correctness table must have T+1 rows of T cells, got [2, 1, 2]"),
+    ([["1", "0"], ["10", "0"], ["1", "1"]], "correctness of task 0: every row needs the same 2 examples, as 0/1"),
+    ([["1", "0"], ["2", "0"], ["1", "1"]], "correctness of task 0: every row needs the same 1 examples, as 0/1"),
+])
+def test_bad_correctness_tables_are_refused(bad, message):
+    with pytest.raises(cl.MatrixError) as e:
+        cl.forgetting_events(bad)
+    assert _message(e) == message

@@ -106,7 +106,7 @@ def test_every_logging_stage_has_one_run_under_the_pipeline_run(dash):
     objective = next(r for r in stages if r.data.tags["dvc.stage"] == "pretrain").data.tags["objective"]
     assert names["pretrain"] == f"pretrain {objective}" and names["forgetting"] == "forgetting"
     assert names["curves"] == "curves movies"
-    assert re.fullmatch(r"sequential \w+/\w+( → \w+/\w+)+", names["sequential"]), names["sequential"]
+    assert re.fullmatch(r"sequential \w+(\+\w+)*: \w+( → \w+)+(; \w+( → \w+)+)*", names["sequential"]), names["sequential"]
     for s in (s for s in expected if s.startswith("finetune@")):
         task, strategy = s.split("@")[1].split("-", 1)
         assert names[s] == f"finetune {task}/{strategy}"
@@ -144,7 +144,7 @@ def test_the_numbers_a_reviewer_compares_are_columns(dash):
                 assert {"gain_over_scratch", "delta_loss", "share_worse"} <= set(m), (stage, sorted(m))
             (picked,) = [k for k in children(dash, run.info.run_id) if k.data.tags["ptf.selected"] == "true"]
             assert {"test_accuracy", "trainable_pct", "wall_time_s", "gain_over_chance"} <= set(picked.data.metrics)
-    assert {"bwt", "fwt", "acc"} <= set(stages["sequential"].data.metrics)
+    assert {"full.bwt", "full.fwt", "full.acc"} <= set(stages["sequential"].data.metrics)
     assert "val_loss" in stages["pretrain"].data.metrics
 
 

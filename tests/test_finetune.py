@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from finetune_fixtures import STEPS, cfg_of, make_root, params
 from ptf.common.cli import StageError
 from ptf.common.config import ConfigError, parse_section
-from ptf.data.tasks import stratified_fraction
+from ptf.data.tasks import load_task, stratified_fraction
 from ptf.models import strategies as S
 from ptf.models.artifacts import classify, load_backbone_as_lm, load_classifier
 from ptf.models.lm import lm_loss, load_pretraining_blocks
@@ -201,10 +202,26 @@ def test_curves_and_sequential(root):
     lines = (root / "data/plots/curves.csv").read_text().splitlines()
     assert lines[0] == "strategy,fraction,n_labels,seed,test_accuracy" and len(lines) == 1 + 2 * 2 * 2
     assert c["results"]["full"]["0.1"]["n_labels"] < c["results"]["full"]["1"]["n_labels"]
-    s = sequential.run(cfg_of(params(), sequential.Config), root)
-    assert len(s["matrix"]) == 3 and all(len(r) == 2 for r in s["matrix"])
-    assert s["n_classes"] == [2, 3] and s["chance"] == pytest.approx([0.5, 1 / 3])
-    assert json.loads((root / "data/metrics/sequential.json").read_text())["order"] == ["movies", "source"]
+    p = params(**{"sequential.orders": [["movies", "source"], ["source", "movies"]], "sequential.seeds": [0, 1]})
+    s = sequential.run(cfg_of(p, sequential.Config), root)
+    assert json.loads((root / "data/metrics/sequential.json").read_text()) == json.loads(json.dumps(s))
+    assert [(r["order"], r["strategy"], r["seed"]) for r in s["runs"]] == [
+        (["movies", "source"], "l2sp", 0), (["movies", "source"], "l2sp", 1),
+        (["source", "movies"], "l2sp", 0), (["source", "movies"], "l2sp", 1)]
+    assert s["n_classes"] == {"movies": 2, "source": 3} and set(s["random_init"]) == {"0", "1"}
+    tok = AutoTokenizer.from_pretrained(root / "data/models/pretrained")
+    labels = {t: load_task(root, t, tok, cfg_of(p, sequential.Config).data).test.labels for t in s["tasks"]}
+    assert s["majority"] == {t: max(y.count(c) for c in set(y)) / len(y) for t, y in labels.items()}
+    for r in s["runs"]:
+        assert len(r["matrix"]) == 3 and all(len(row) == 2 for row in r["matrix"])
+        # every accuracy is the share of its per-example correctness, over the whole test split
+        for row, cor in zip(r["matrix"], r["correct"]):
+            assert [len(c) for c in cor] == [len(labels[t]) for t in r["order"]]
+            assert row == pytest.approx([c.count("1") / len(c) for c in cor])
+    # a seed starts every order from the same heads: row 0 of the reversed order is row 0 reversed
+    by = {(tuple(r["order"]), r["seed"]): r for r in s["runs"]}
+    for seed in (0, 1):
+        assert by[("source", "movies"), seed]["correct"][0] == by[("movies", "source"), seed]["correct"][0][::-1]
 
 
 def test_sequential_trains_each_task_through_its_registry_entry(root, monkeypatch):
@@ -223,13 +240,14 @@ def test_sequential_trains_each_task_through_its_registry_entry(root, monkeypatc
 
     monkeypatch.setitem(S.REGISTRY, "lora", S.Strategy(**{**lora.__dict__, "merge": merge}))
     monkeypatch.setitem(S.REGISTRY, "ewc", S.Strategy(**{**ewc.__dict__, "regulariser": regulariser}))
-    p = params(**{"sequential.strategy": {"movies": "lora", "source": "ewc"}})
+    p = params(**{"sequential.strategies": ["lora", "ewc"]})
     s = sequential.run(cfg_of(p, sequential.Config), root)
-    assert s["strategy"] == ["lora", "ewc"] and len(s["matrix"]) == 3
-    assert calls[0] == ("merge", "PeftModelForSequenceClassification")
-    _, same, anchor_emb = calls[1]
-    assert not same
-    assert torch.equal(anchor_emb, pretrained_weights(root)["model.embed_tokens.weight"])
+    assert [r["strategy"] for r in s["runs"]] == ["lora", "ewc"] and len(s["runs"][1]["matrix"]) == 3
+    # the lora run merges after each of its two tasks; the ewc run anchors both at the pretrained backbone
+    assert calls[:2] == [("merge", "PeftModelForSequenceClassification")] * 2 and len(calls) == 4
+    for _, same, anchor_emb in calls[2:]:
+        assert not same
+        assert torch.equal(anchor_emb, pretrained_weights(root)["model.embed_tokens.weight"])
 
 
 def test_stratified_fraction():
@@ -311,7 +329,7 @@ def test_missing_task_and_bad_lora_fail_before_training(root):
     with pytest.raises(ConfigError, match="c_attn.*not found"):
         run(cfg_of(p, Config), "movies", "lora", root=root)
     assert (sorted(movies.iterdir()) if movies.exists() else []) == before
-    p["sequential"]["strategy"] = {"movies": "lora", "source": "full"}
+    p["sequential"]["strategies"] = ["full", "lora"]   # the second strategy's arm is checked before any run
     with pytest.raises(ConfigError, match="c_attn.*not found"):
         sequential.run(cfg_of(p, sequential.Config), root)
 

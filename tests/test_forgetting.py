@@ -177,10 +177,15 @@ def root(tmp_path_factory) -> Path:
     (root / "data" / "plots").mkdir(parents=True)
     (root / "data" / "plots" / "curves.csv").write_text("\n".join(curves) + "\n")
     (root / "data" / "metrics" / "curves.json").write_text(json.dumps({"task": "movies"}))
+    # one run: R = [[.5,.34],[.9,.4],[.7,.85]] over 10 movies / 20 source test examples
+    correct = [["1" * 5 + "0" * 5, "1" * 7 + "0" * 13], ["1" * 9 + "0", "1" * 8 + "0" * 12],
+               ["0" * 2 + "1" * 7 + "0", "1" * 17 + "0" * 3]]
     (root / "data" / "metrics" / "sequential.json").write_text(json.dumps({
-        "order": ["movies", "source"], "strategy": ["full", "full"],
-        "matrix": [[0.5, 0.34], [0.9, 0.40], [0.7, 0.85]], "chance": [0.5, 1 / 3], "n_classes": [2, 3],
-        "majority": [0.52, 0.45], "seed": 0, "max_steps": 5}))
+        "tasks": ["movies", "source"], "orders": [["movies", "source"]], "strategies": ["full"], "seeds": [0],
+        "runs": [{"order": ["movies", "source"], "strategy": "full", "seed": 0,
+                  "matrix": [[0.5, 0.35], [0.9, 0.40], [0.7, 0.85]], "correct": correct}],
+        "n_classes": {"movies": 2, "source": 3}, "majority": {"movies": 0.5, "source": 0.45},
+        "random_init": {"0": {"movies": 0.5, "source": 0.3}}, "max_steps": 5}))
     return root
 
 
@@ -368,11 +373,6 @@ def test_claim_forget_less_verdicts():
     assert only["verdict"] == cm.REPRODUCED and list(only["comparisons"]) == ["t/lora"]
 
 
-def test_sequential_run_names():
-    assert out.sequential_name({"strategy": ["full", "full"]}) == "full"
-    assert out.sequential_name({"strategy": ["full", "lora"]}) == "full-lora"
-
-
 def test_claim_with_one_seed_is_inconclusive():
     vals = {"full": ([0.5], [0.9]), "lora": ([0.1], [0.85])}
     tasks = {"t": {s: _arm(d[0], a[0], n=1, std=0.0) for s, (d, a) in vals.items()}}
@@ -524,12 +524,17 @@ def test_run_metrics(ran):
     assert fl["movies/lora"]["verdict"] == cm.INCONCLUSIVE and fl["movies/lora"]["reason"] == "fewer than 2 seeds"
     assert "no test_predictions" in fl["movies/lora"]["accuracy_cost"]["resampled"]
     assert "Holm" in m["claims"]["forget_less"]["rule"] and "500 resamples" in m["claims"]["forget_less"]["rule"]
-    seq = m["sequential"]["full"]
-    # R = [[.5,.34],[.9,.4],[.7,.85]]: BWT = .7 - .9 = -.2; forgetting [.2]; FWT = .4 - .34
+    seq = m["sequential"]["runs"]["full/movies-source/seed0"]
+    # R = [[.5,.35],[.9,.4],[.7,.85]]: BWT = .7 - .9 = -.2; forgetting [.2]; FWT = .4 - .3 (random init)
     assert seq["raw"]["bwt"] == pytest.approx(-0.2)
     assert seq["raw"]["forgetting"] == pytest.approx([0.2])
-    assert seq["raw"]["fwt"] == pytest.approx(0.06)
-    assert seq["chance_adjusted"]["bwt"] == pytest.approx((0.7 - 0.9) / 0.5)
+    assert seq["raw"]["fwt"] == pytest.approx(0.1)
+    # majority-adjusted: movies (a - .5) / .5: BWT (.4 - .8) = -.4
+    assert seq["majority_adjusted"]["bwt"] == pytest.approx(-0.4)
+    # movies after movies 1111111110 -> after source 0011111110: examples 0 and 1 forgotten
+    assert seq["events"]["movies"] == {"events": 2, "forgotten": 2, "never_forgotten": 0.8, "n": 10}
+    grp = m["sequential"]["groups"]["full/movies-source"]["mean_std"]
+    assert grp["bwt"] == {"mean": pytest.approx(-0.2), "std": 0.0, "n": 1}
     assert m["eval"]["blocks"] == 16
 
 
@@ -546,7 +551,7 @@ def test_run_plot_data_and_summary(ran):
     assert "| movies | scratch |" in md and "n/a (no pretrained backbone)" in md
     assert "**reproduced**. Of 2 comparisons, 2 are reproduced, 0 not reproduced and 0 inconclusive." in md
     assert "Rule: Each difference gets a paired bootstrap interval" in md
-    assert "## Sequential fine-tuning `full`" in md and "earlier tasks lost accuracy" in md
+    assert "## Sequential fine-tuning (GEM" in md and "`full`, movies → source: BWT -0.200 (1 seed): on average, earlier tasks lost accuracy" in md
 
 
 def test_run_is_deterministic(ran):

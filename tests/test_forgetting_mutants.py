@@ -168,20 +168,28 @@ def test_read_curves(tmp_path):
                                                   "run `dvc repro curves`")
 
 
-def test_read_sequential_and_its_name(tmp_path):
+def test_read_sequential(tmp_path):
+    from tests.sequential_fixtures import fake_sequential
+
     assert out.read_sequential(tmp_path) is None
     p = tmp_path / "data/metrics/sequential.json"
+    keys = "tasks, orders, strategies, seeds, n_classes, majority, random_init, runs"
     _write(tmp_path, "data/metrics/sequential.json", [])
-    assert _raises(out.read_sequential, tmp_path) == f"{p}: expected an object with `matrix`"
-    _write(tmp_path, "data/metrics/sequential.json", {"matrix": [[1]], "order": ["a"], "strategy": "full"})
-    assert _raises(out.read_sequential, tmp_path) == f"{p}: expected `order` and `strategy` lists in task order"
-    _write(tmp_path, "data/metrics/sequential.json", {"matrix": [[1]], "order": "a", "strategy": ["full"]})
-    assert _raises(out.read_sequential, tmp_path) == f"{p}: expected `order` and `strategy` lists in task order"
-    good = {"matrix": [[0.5], [0.9]], "order": ["a"], "strategy": ["full"]}
+    assert _raises(out.read_sequential, tmp_path) == f"{p}: expected an object with {keys}; rerun `dvc repro sequential`"
+    good = fake_sequential(seeds=(0, 1))
     _write(tmp_path, "data/metrics/sequential.json", good)
     assert out.read_sequential(tmp_path) == good
-    assert out.sequential_name({"strategy": ["full", "full"]}) == "full"
-    assert out.sequential_name({"strategy": ["lora", "full", "lora"]}) == "lora-full-lora"
+    for key, value, message in [
+            ("majority", {"movies": 0.5}, "`majority` must give every task of ['movies', 'tweets']"),
+            ("n_classes", [2, 2], "`n_classes` must give every task of ['movies', 'tweets']"),
+            ("random_init", {"0": good["random_init"]["0"]}, "`random_init` lacks seed 1 or a task of it"),
+            ("runs", [], "`runs` must be a non-empty list"),
+            ("runs", [{**good["runs"][0], "seed": 7}], "run 0 needs an order, strategy and seed of the file's "
+             "and a 3 x 2 `matrix` and `correct`"),
+            ("runs", [{**good["runs"][0], "correct": good["runs"][0]["correct"][:2]}],
+             "run 0 needs an order, strategy and seed of the file's and a 3 x 2 `matrix` and `correct`")]:
+        _write(tmp_path, "data/metrics/sequential.json", {**good, key: value})
+        assert _raises(out.read_sequential, tmp_path) == f"{p}: {message}; rerun `dvc repro sequential`", key
 
 
 def _wise(**over):
@@ -337,21 +345,6 @@ def test_wise_ft_arm_by_hand():
     wise["chosen_alpha"]["alpha"] = 0.7
     assert _raises(am.wise_ft_arm, wise, base, counts, 0.0, None) == (
         "wise_ft.json: chosen_alpha 0.7 is not one of its points; rerun `dvc repro wise_ft`")
-
-
-def test_sequential_block():
-    assert am.sequential_block(None) == {}
-    run = {"matrix": [[0.5, 0.5], [0.9, 0.5], [0.7, 0.8]], "order": ["a", "b"], "strategy": ["full", "full"],
-           "chance": [0.5, 0.5], "n_classes": [2, 2], "majority": [0.6, 0.55]}
-    b = am.sequential_block(run)
-    assert list(b) == ["full"]
-    blk = b["full"]
-    assert (blk["order"], blk["n_classes"], blk["chance"], blk["majority"]) == (["a", "b"], [2, 2], [0.5, 0.5], [0.6, 0.55])
-    assert blk["raw"]["bwt"] == pytest.approx(-0.2) and blk["chance_adjusted"]["bwt"] == pytest.approx(-0.4)
-    assert blk["fwt_baseline"] == "row 0"
-    bad = {**run, "matrix": [[0.5, 0.5]]}
-    assert _raises(am.sequential_block, bad) == ("sequential run 'full': accuracy matrix must have T+1 rows and "
-                                                 "T >= 1 columns, got shape (1, 2)")
 
 
 # ---------------------------------------------------------------- no LM head: no drift, said why

@@ -23,7 +23,7 @@ from tests.smoke import copy_smoke_repo, pipeline_env
 from tests.test_dashboard import LOGGING_STAGES
 
 SUFFIX = " [up to date; no producing run in this tracking store]"
-SAME_TAGS = ("task", "strategy", "order", "objective", "init", "foundation")
+SAME_TAGS = ("task", "strategy", "orders", "strategies", "seeds", "objective", "init", "foundation")
 
 
 def stage_runs(client, exp_id: str, pipeline: str) -> dict:
@@ -52,7 +52,8 @@ def expected_names(params: dict, stages: list[str]) -> dict[str, str]:
     seq = ft["sequential"]
     names = {"pretrain": f"pretrain {params['pretrain']['objective']}", "forgetting": "forgetting",
              "curves": f"curves {ft['curves']['task']}", "wise_ft": f"wise_ft {params['wise_ft']['task']}",
-             "sequential": "sequential " + " → ".join(f"{t}/{seq['strategy'][t]}" for t in seq["order"])}
+             "sequential": f"sequential {'+'.join(seq['strategies'])}: "
+                           + "; ".join(" → ".join(o) for o in seq["orders"])}
     names.update({f"finetune@{k}": f"finetune {v['task']}/{v['strategy']}" for k, v in ft["runs"].items()})
     return {s: names[s] for s in stages}
 

@@ -1,7 +1,7 @@
 """The strategy registry (ptf.models.strategies): one entry per strategy, the `finetune.arms`
 params model derived from it, and an unknown name refused, with the known names listed, before
 any work, everywhere a name can be given: `finetune.strategies`, `finetune.curves.strategies`,
-`finetune.sequential.strategy` and `--strategy`."""
+`finetune.sequential.strategies` and `--strategy`."""
 from __future__ import annotations
 
 import os
@@ -145,8 +145,7 @@ def test_check_strategy_lists_the_known_names():
 @pytest.mark.parametrize("where, over", [
     ("finetune.runs.movies-nope.strategy", {"runs": {"movies-nope": {"task": "movies", "strategy": "nope"}}}),
     ("finetune.curves.strategies.0", {"curves.strategies": ["nope"]}),
-    ("finetune.sequential.strategy.source", {"sequential.strategy": {"movies": "full",
-                                                                     "source": "nope"}}),
+    ("finetune.sequential.strategies.1", {"sequential.strategies": ["full", "nope"]}),
 ])
 @pytest.mark.parametrize("stage", [finetune, curves, sequential])
 def test_unknown_strategy_in_params_fails_every_stage(where, over, stage):
@@ -160,17 +159,35 @@ def test_unknown_strategy_in_params_fails_every_stage(where, over, stage):
 
 @pytest.mark.parametrize("bad", ["prompt_tuning", "scratch"])
 def test_sequential_refuses_entries_that_cannot_share_a_backbone(bad):
-    with pytest.raises(ConfigError, match=rf"strategy\.movies: '{bad}' is not a sequential "
+    with pytest.raises(ConfigError, match=rf"finetune\.sequential\.strategies: .*'{bad}' is not a sequential "
                                           r"strategy \(those are: full, lower_lr"):
-        cfg_of(params(**{"sequential.strategy": {"movies": bad, "source": "full"}}),
-               sequential.Config)
+        cfg_of(params(**{"sequential.strategies": ["full", bad]}), sequential.Config)
 
 
-def test_sequential_plan_needs_a_strategy_per_task_and_no_repeats():
-    with pytest.raises(ConfigError, match="no strategy for task 'source'"):
-        cfg_of(params(**{"sequential.strategy": {"movies": "full"}}), sequential.Config)
-    with pytest.raises(ConfigError, match="a task is repeated"):
-        cfg_of(params(**{"sequential.order": ["movies", "movies"]}), sequential.Config)
+@pytest.mark.parametrize("key, value, message", [
+    ("seeds", [0, 1, 0], "a seed is repeated: 0"),
+    ("seeds", [], "at least 1 item"),
+    ("orders", [], "at least 1 item"),
+    ("orders", [[]], "order 0 is empty"),
+    ("orders", [["movies", "movies"]], "order 0: a task is repeated: 'movies'"),
+    ("orders", [["movies", "source"], ["source"]], r"order 1 \['source'\] is not a permutation of order 0"),
+    ("orders", [["movies", "source"], ["movies", "nyt"]], "is not a permutation of order 0"),
+    ("orders", [["movies", "source"], ["movies", "source"]], "an order is repeated"),
+    ("strategies", ["full", "full"], "a strategy is repeated: 'full'"),
+    ("strategies", [], "at least 1 item"),
+    ("max_steps", 0, "greater than 0"),
+])
+def test_sequential_config_errors_name_the_key(key, value, message):
+    """Bad input is one error naming `finetune.sequential.<key>`, before any work."""
+    with pytest.raises(ConfigError, match=rf"finetune\.sequential\.{key}: .*{message}"):
+        cfg_of(params(**{f"sequential.{key}": value}), sequential.Config)
+
+
+def test_the_old_per_task_keys_are_refused():
+    p = params()
+    p["sequential"] = {"order": ["movies"], "strategy": {"movies": "full"}, "seed": 0, "max_steps": 2}
+    with pytest.raises(ConfigError, match=r"finetune\.sequential\.order: unknown key"):
+        cfg_of(p, sequential.Config)
 
 
 def test_cli_unknown_strategy_exits_1_before_reading_params(tmp_path):
@@ -185,13 +202,12 @@ def test_cli_unknown_strategy_exits_1_before_reading_params(tmp_path):
 
 
 
-@pytest.mark.parametrize("plan", [{"movies": "adapter", "source": "adapter"},
-                                  {"movies": "dora", "source": "osf"}])
+@pytest.mark.parametrize("plan", [["adapter"], ["dora", "osf"]])
 def test_new_strategies_run_in_the_sequential_stage(tmp_path, plan):
     """dora / osf merge into the shared backbone after their task (as LoRA); the adapter's
     modules stay in it, and a later adapter task trains the same adapters on."""
     from finetune_fixtures import make_root
     root = make_root(tmp_path)
-    out = sequential.run(cfg_of(params(**{"sequential.strategy": plan}), sequential.Config),
+    out = sequential.run(cfg_of(params(**{"sequential.strategies": plan}), sequential.Config),
                          root=root)
-    assert out["strategy"] == [plan["movies"], plan["source"]] and len(out["matrix"]) == 3
+    assert [r["strategy"] for r in out["runs"]] == plan and all(len(r["matrix"]) == 3 for r in out["runs"])

@@ -63,7 +63,8 @@ def _contrary(inp: dict) -> dict:
 
 
 def _bare(inp: dict) -> dict:
-    """No git commit, partly reproduced claims, no WiSE-FT, notes only for the claims."""
+    """No git commit, partly reproduced claims, no WiSE-FT, no sequential run, notes only for the
+    claims."""
     inp = copy.deepcopy(inp)
     fg = inp["metrics"]["forgetting"]
     _flip(fg["claims"]["few_labels"], cm.PARTLY)
@@ -73,6 +74,7 @@ def _bare(inp: dict) -> dict:
     inp["notes"] = {k: v for k, v in inp["notes"].items() if k in ("few_labels", "forget_less")}
     inp["stamp"] = {"lock_sha256": inp["stamp"]["lock_sha256"], "git_commit": None}
     inp["metrics"]["pretrain"].pop("unigram_ppl", None)
+    inp["metrics"]["sequential"], fg["sequential"] = None, {}     # no sequential run
     inp["metrics"]["representation"]["lm"] = {
         "applicable": False, "note": "not applicable: the pretrained model (BertModel) has no LM head"}
     return inp
@@ -271,11 +273,14 @@ def test_curve_and_matrix_rows_without_task_order_or_adjustment():
     rows = plot_data.curve_rows([{"task": "", "strategy": "full", "fraction": 0.5, "n_labels": 10,
                                   "test_accuracy": 0.75}])
     assert rows[0]["series"] == "full" and rows[0]["seeds"] == 1
-    seq = {"run": {"raw": {"matrix": [[0.5, 0.4], [0.9, 0.45], [0.8, 0.95]]}}}
+    seq = {"groups": {"full/a-b": {"order": ["a", "b"], "seeds": [0, 1], "matrix": [[0.5, 0.4], [0.9, 0.45], [0.8, 0.95]],
+                                   "matrix_majority_adjusted": [[0.0, -0.1], [0.8, -0.05], [0.6, 0.9]]}}}
     m = plot_data.matrix_rows(seq)
-    assert [(r["after"], r["task"]) for r in m[:3]] == [("0 before", "0 task0"), ("0 before", "1 task1"),
-                                                         ("1 task0", "0 task0")]
-    assert all(r["accuracy_chance_adjusted"] is None for r in m) and len(m) == 6
+    assert [(r["after"], r["task"]) for r in m[:3]] == [("full/a-b 0 before", "a"), ("full/a-b 0 before", "b"),
+                                                         ("full/a-b 1 after a", "a")]
+    assert [r["accuracy_majority_adjusted"] for r in m] == [0.0, -0.1, 0.8, -0.05, 0.6, 0.9]
+    assert {r["seeds"] for r in m} == {2} and len(m) == 6
+    assert plot_data.matrix_rows({}) == []
 
 
 # ---------------------------------------------------------------- WiSE-FT sentence: every branch
@@ -372,17 +377,3 @@ def test_section_beside_edge_cases():
     # the other run's arm has no accuracy block: not compared
     assert section_beside(fg(a=(0.5,)), {"tasks": {"t": {"a": {"mean_std": {}}}}}, "B", "s", "d")[-1] == \
         "No task × strategy arm is in both runs."
-
-
-def test_forgetting_summary_of_a_sequential_run_without_chance_adjustment():
-    # cl_metrics leaves `chance_adjusted` out when the chance rates are unknown: n/a, not a crash
-    inp = copy.deepcopy(INPUTS)
-    seq = inp["metrics"]["forgetting"]["sequential"]
-    assert seq
-    for q in seq.values():
-        q.pop("chance_adjusted", None)
-        q["raw"]["bwt"] = 0.125                  # a gain: printed with its + sign
-    text = render_summary(inp["metrics"]["forgetting"], _cfg(inp))
-    rows = [line for line in text.splitlines() if " → " in line and line.startswith("| ")]
-    assert len(rows) == len(seq) and all(r.endswith("| n/a | n/a | n/a | n/a |") for r in rows)
-    assert all(r.split(" | ")[2] == "+0.125" for r in rows)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from ptf.measures import claims as cm
-from ptf.measures import cl_metrics as cl
-from ptf.report import evidence, sections
+from ptf.measures import sequential as sq
+from ptf.report import evidence, prose, sections, sequential_section
 from ptf.report.forgetting_report import render_summary
 
 CFG = SimpleNamespace(alpha=0.05, bootstrap_resamples=500, bootstrap_seed=0, reference_strategy="full",
@@ -39,12 +39,23 @@ def claim(kind: str, diffs: dict[str, float], se: float = 0.01) -> dict:
             "by_task": cm.by_task(comps), **cm.overall([c["verdict"] for c in comps.values()])}
 
 
-def sequential(matrix: list[list[float]], majority: list[float]) -> tuple[dict, dict]:
-    run = {"order": ["movies", "tweets", "amazon"], "strategy": ["full"] * 3, "matrix": matrix,
-           "chance": [0.5] * 3, "n_classes": [2] * 3, "majority": majority, "seed": 0}
-    block = {"full": {"order": run["order"], "majority": majority, "chance": run["chance"],
-                      "n_classes": run["n_classes"], **cl.sequential_measures(matrix, chance=run["chance"])}}
-    return run, block
+TASKS = ["movies", "tweets", "amazon"]
+GROUP = "full/movies-tweets-amazon"
+
+
+def sequential(matrix: list[list[float]], majority: list[float],
+               replay: list[list[float]] | None = None) -> tuple[dict, dict]:
+    """sequential.json with one order and two seeds of the same matrix (100 test examples per task,
+    correctness consistent with it), `replay` a second strategy's matrix; and its block."""
+    def correct(M):
+        return [["1" * round(100 * a) + "0" * (100 - round(100 * a)) for a in row] for row in M]
+    plans = [("full", matrix)] + ([("replay", replay)] if replay else [])
+    runs = [{"order": TASKS, "strategy": s, "seed": k, "matrix": M, "correct": correct(M)}
+            for s, M in plans for k in (0, 1)]
+    obj = {"tasks": TASKS, "orders": [TASKS], "strategies": [s for s, _ in plans], "seeds": [0, 1],
+           "n_classes": {t: 2 for t in TASKS}, "majority": dict(zip(TASKS, majority)),
+           "random_init": {str(k): {t: 0.5 for t in TASKS} for k in (0, 1)}, "runs": runs}
+    return obj, sq.sequential_block(obj)
 
 
 def arm(delta: float | None) -> dict:
@@ -54,21 +65,29 @@ def arm(delta: float | None) -> dict:
     return {"seeds": {}, "mean_std": ms, "drift_applicable": delta is not None}
 
 
-FORGETS = re.compile(r"BWT [+-]?\d\.\d+: on average, earlier tasks (lost|gained|neither lost nor gained) accuracy")
+FORGETS = re.compile(r"BWT [+-]?\d\.\d+(?: ± \d\.\d+)? \(\d+ seeds?\): on average, earlier tasks "
+                     r"(lost|gained|neither lost nor gained) accuracy")
+POOLED = re.compile(r"Pooled over the orders, `(\w+)`'s BWT is .*? \(([+-]\d\.\d+)\): it lost "
+                    r"(more|less|as much) of the earlier tasks")
 COUNTS = re.compile(r"Of (\d+) comparisons?, (\d+) (?:is|are) reproduced, (\d+) not reproduced and (\d+) inconclusive")
 
 
 def check(text: str, fg: dict, strategies_run: set[str]) -> None:
     """No sentence of `text` contradicts the numbers of `fg` (forgetting.json)."""
-    bwt = round(fg["sequential"]["full"]["raw"]["bwt"], 3)     # as printed
+    g = fg["sequential"]["groups"][GROUP]["mean_std"]
+    bwt = round(g["bwt"]["mean"], 3)     # as printed
     said = FORGETS.findall(text)
-    assert said and set(said) == {"lost" if bwt < 0 else "gained" if bwt > 0 else "neither lost nor gained"}
+    assert said and said[0] == ("lost" if bwt < 0 else "gained" if bwt > 0 else "neither lost nor gained")
     assert "did not lose accuracy" not in text or bwt >= 0
-    m = fg["sequential"]["full"]
-    margins = {t: a - mj for t, a, mj in zip(m["order"], m["raw"]["learning_accuracy"], m["majority"])}
+    margins = {t: g[f"learned_above_majority.{t}"]["mean"] for t in TASKS}
     weak = sorted(t for t, d in margins.items() if d <= 0.05)
     little = re.search(r"((?:`\w+`(?:, | and )?)+) rose at most 0\.05 above", text)
     assert sorted(re.findall(r"`(\w+)`", little.group(1))) == weak if weak else little is None
+    pooled = fg["sequential"]["strategies"]
+    for s, d, word in POOLED.findall(text):
+        diff = round(pooled[s]["mean_std"]["bwt"]["mean"] - pooled["full"]["mean_std"]["bwt"]["mean"], 3)
+        assert float(d) == diff and word == ("more" if diff < 0 else "less" if diff > 0 else "as much"), (s, d, word)
+    assert len(POOLED.findall(text)) == len(pooled) - 1 or not text.count("Pooled over the orders")
     for name, c in fg["claims"].items():
         n = c["counts"]
         want = (str(n["total"]), str(n[cm.REPRODUCED]), str(n[cm.NOT_REPRODUCED]), str(n[cm.INCONCLUSIVE]))
@@ -97,6 +116,7 @@ SCENARIOS = {
     "no-forgetting-and-holding": dict(
         matrix=[[0.5, 0.5, 0.5], [0.9, 0.5, 0.5], [0.92, 0.95, 0.5], [0.95, 0.96, 0.9]],
         majority=[0.51, 0.5, 0.55], few={"source/full": 0.3, "source/linear_probe": 0.3},
+        replay=[[0.5, 0.5, 0.5], [0.9, 0.5, 0.5], [0.7, 0.9, 0.5], [0.6, 0.8, 0.9]],
         forget={"source/lora": -0.3, "source/replay": -0.4}, arms={"full", "lora", "replay", "scratch"}),
     # mixed verdicts: one reproduced, one inconclusive, one not reproduced; nothing compared in claim 2
     "mixed": dict(
@@ -109,13 +129,13 @@ SCENARIOS = {
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_no_sentence_contradicts_the_numbers(name):
     sc = SCENARIOS[name]
-    run, block = sequential(sc["matrix"], sc["majority"])
+    run, block = sequential(sc["matrix"], sc["majority"], sc.get("replay"))
     tasks = {"source": {s: arm(None if s == "scratch" else 0.1) for s in sc["arms"]}}
     fg = {"eval": {"objective": "clm", "blocks": 4, "tokens": 100, "loss_pretrained": 3.0, "ppl_pretrained": 20.0},
           "tasks": tasks, "sequential": block,
           "claims": {"few_labels": claim("few_labels", sc["few"]), "forget_less": claim("forget_less", sc["forget"])}}
     notes = {"history": "The task was movies first, then source."}
-    page = "\n".join(sections.section_history(notes) + sections.section_sequential(run, fg)
+    page = "\n".join(sections.section_history(notes) + sequential_section.section(block, "full")
                      + sections.section_claims(fg, notes, "full", "scratch"))
     summary = render_summary(fg, CFG)
     for text in (page, summary):
@@ -139,21 +159,26 @@ def test_no_sentence_contradicts_the_numbers(name):
 
 def test_the_checker_catches_contradictions():
     """The check above fails on the sentences this page used to print regardless of the numbers."""
-    run, block = sequential(SCENARIOS["forgetting-and-failing"]["matrix"], [0.51, 0.67, 0.55])
+    run, block = sequential(SCENARIOS["forgetting-and-failing"]["matrix"], [0.51, 0.67, 0.55],
+                            SCENARIOS["no-forgetting-and-holding"]["replay"])   # BWT -0.200 against -0.195
     fg = {"sequential": block, "claims": {"few_labels": claim("few_labels", {"source/full": -0.2, "x/full": 0.0})}}
-    ok = ("BWT -0.100: on average, earlier tasks lost accuracy from just after learning them. `tweets` rose at "
+    ok = ("BWT -0.100 (2 seeds): on average, earlier tasks lost accuracy from just after learning them. `tweets` rose at "
           "most 0.05 above its majority rate. Of 2 comparisons, 0 are reproduced, 1 not reproduced and "
           "1 inconclusive.\n- `source/full` → not reproduced\n- `x/full` → inconclusive")
-    check(ok, fg, {"full"})
+    check(ok, fg, {"full", "replay"})
+    check(ok + "\nPooled over the orders, `replay`'s BWT is -0.200 against -0.195 for `full` (-0.005): it lost "
+               "more of the earlier tasks than `full`", fg, {"full", "replay"})
     for bad in [ok.replace("lost accuracy", "gained accuracy"),
                 ok + "\nBWT +0.020: earlier tasks did not lose accuracy on average.",
+                ok + "\nPooled over the orders, `replay`'s BWT is -0.200 against -0.195 for `full` (-0.005): "
+                     "it lost less of the earlier tasks than `full`",
                 ok.replace("→ not reproduced", "→ reproduced"),
                 ok + "\n1 of 2 comparisons are not reproduced. Of 2 comparisons, 0 are reproduced, 2 not reproduced and 0 inconclusive",
                 ok + "\nforgets more than parameter-efficient, frozen, low-LR or replay strategies",
                 ok.replace("`tweets` rose", "`amazon` rose"),
                 ok + "\na sentiment classifier has no 'none of these' answer"]:
         with pytest.raises(AssertionError):
-            check(bad, fg, {"full"})
+            check(bad, fg, {"full", "replay"})
 
 
 def test_out_of_domain_sentence_names_the_task_and_its_labels():
@@ -189,3 +214,14 @@ def test_curves_plateau_sentence_follows_the_best_steps():
     going = " ".join(plateau_sentence(cell([120, 375, 375]), "scratch", ["0.1", "1"]))
     assert "in 2 of 3 seeds its best was its last step" in going and "stopped" not in going
     assert "No best-validation steps" in " ".join(plateau_sentence({}, "scratch", ["1"]))
+
+
+@pytest.mark.parametrize("other, word", [(-0.30, "lost more"), (-0.10, "lost less"), (-0.2004, "lost as much")])
+def test_the_pooled_strategy_sentence_follows_the_sign_as_printed(other, word):
+    # full's BWT -0.200; the other strategy's -0.300 (more lost), -0.100 (less), -0.2004 (the same to 3 decimals)
+    def block(b):
+        return {"mean_std": {"bwt": {"mean": b, "std": 0.01, "n": 3}}}
+    text = " ".join(prose.strategy_sentences({"full": block(-0.2), "replay": block(other)}, "full"))
+    assert f"it {word} of the earlier tasks" in text and "3 seeds; no test of the difference" in text
+    assert text.count("Pooled over the orders") == 1
+    assert prose.strategy_sentences({"full": block(-0.2)}, "full") == []

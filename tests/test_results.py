@@ -27,11 +27,13 @@ from ptf.measures import arms as am
 from ptf.measures import claims as cm
 from ptf.measures import cl_metrics as cl
 from ptf.measures import outputs as out
+from ptf.measures import sequential as sq
 from ptf.measures.stats import mean_std
 from ptf.report import evidence
 from scripts import results as rs
 from stages import forgetting as fg
 from tests.finetune_fixtures import make_pretrained, make_tokenizer, runs_of
+from tests.sequential_fixtures import fake_sequential
 from tests.test_representation_section import REP
 from tests.test_forgetting import store
 
@@ -133,10 +135,7 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
         "steps": 500, "tokens_seen": 2048000, "params_total": 4321987, "params_non_embedding": 1234567,
         "train_time_s": val(100, 300), "wall_time_s": 400.0, "distributed_type": "MULTI_CPU"})
     fake_curves(root)
-    write(root, "data/metrics/sequential.json", {
-        "order": ["movies", "tweets"], "strategy": ["full", "full"],
-        "matrix": [[val(0.4, 0.6), val(0.4, 0.6)], [val(0.8, 0.9), val(0.5, 0.7)], [val(0.6, 0.8), val(0.8, 0.9)]],
-        "chance": [0.5, 0.5], "n_classes": [2, 2], "majority": [0.51, 0.52], "seed": 0, "max_steps": 5})
+    write(root, "data/metrics/sequential.json", fake_sequential(seed=R.randint(0, 10 ** 6)))
     for s in STRATEGIES:
         frac = {"full": 1.0, "linear_probe": 0.00047, "lora": 0.0123, "scratch": 1.0}[s]
         accs = [R.randint(22, 38) for _ in SEEDS]
@@ -170,7 +169,7 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
         "matrix": out.Matrix.grid(["movies"], STRATEGIES).describe(),
         "tasks": tasks,
         "wise_ft": {"task": "movies", "source": "full", "chosen_alpha": wise["chosen_alpha"], "points": points},
-        "sequential": am.sequential_block(out.read_sequential(root)),
+        "sequential": sq.sequential_block(out.read_sequential(root)),
         "claims": {"few_labels": cm.claim_few_labels(out.read_curves(root), cfg),
                    "forget_less": cm.claim_forget_less(tasks, samples, cfg)},
     }
@@ -286,15 +285,33 @@ def test_task_cells(fake, page):
 
 
 def test_sequential_cells(fake, page):
+    """Each strategy x order row and each pooled row of the page's table is the forgetting.json
+    block's mean ± std over seeds; each matrix table the mean matrix over seeds of sequential.json."""
     seq = load(fake, "sequential")
-    rows = table_rows(page, "|  | movies | tweets |")
-    assert rows == [[lab, *[f(a) for a in r]] for lab, r in zip(["before", "after movies", "after tweets"],
-                                                                 seq["matrix"])]
-    m = load(fake, "forgetting")["sequential"]["full"]
-    r, a = m["raw"], m["chance_adjusted"]
-    assert table_rows(page, "| measure | ACC | BWT |") == [
-        ["raw", f(r["acc"]), f(r["bwt"], sign=True), f(r["fwt"], sign=True), f(r["avg_forgetting"])],
-        ["chance-adjusted", f(a["acc"]), f(a["bwt"], sign=True), f(a["fwt"], sign=True), f(a["avg_forgetting"])]]
+    block = load(fake, "forgetting")["sequential"]
+
+    def pm(ms, digits=3, sign=False):
+        return f(ms["mean"], digits, sign=sign) + (f" ± {f(ms['std'], digits)}" if ms["n"] > 1 else "")
+    rows = table_rows(page, "| strategy | order | seeds | ACC | BWT |")
+    want = []
+    for g in [*block["groups"].values(), *block["strategies"].values()]:
+        ms = g["mean_std"]
+        order = " → ".join(g["order"]) if "order" in g else f"pooled over {len(g['orders'])} orders"
+        want.append([f"`{g['strategy']}`", order, str(len(seq["seeds"])),
+                     *[pm(ms[k], sign=k in ("bwt", "fwt", "bwt_adj", "fwt_adj"))
+                       for k in ("acc", "bwt", "fwt", "avg_forgetting", "acc_adj", "bwt_adj", "fwt_adj")],
+                     *[pm(ms[f"events.{t}"], 1) if ms[f"events.{t}"]["n"] else "—" for t in seq["tasks"]]])
+    assert rows == want
+    for g in block["groups"].values():        # the mean matrix over seeds, from sequential.json itself
+        runs = [r for r in seq["runs"] if r["strategy"] == g["strategy"] and r["order"] == g["order"]]
+        mean = [[sum(r["matrix"][i][j] for r in runs) / len(runs) for j in range(len(g["order"]))]
+                for i in range(len(g["order"]) + 1)]
+        head = f"`{g['strategy']}`, {' → '.join(g['order'])} (mean over {len(runs)} seeds):"
+        assert head in page
+        labels = ["before"] + [f"after {t}" for t in g["order"]]
+        tab = page.split(head, 1)[1]
+        assert table_rows(tab, "|  | " + " | ".join(g["order"]) + " |") == [
+            [lab, *[f(a) for a in row]] for lab, row in zip(labels, mean)]
 
 
 # ---------------------------------------------------------------- numbers come from git-tracked metrics

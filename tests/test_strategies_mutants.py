@@ -228,8 +228,8 @@ def test_unknown_names_are_refused_with_the_known_ones():
         S.check_strategy("nope")
     assert str(e.value) == f"strategy: unknown strategy 'nope'; known strategies: {KNOWN}"
     with pytest.raises(ConfigError) as e:
-        S.check_strategy("nope", "finetune.sequential.strategy")
-    assert str(e.value).startswith("finetune.sequential.strategy: unknown strategy 'nope';")
+        S.check_strategy("nope", "finetune.sequential.strategies")
+    assert str(e.value).startswith("finetune.sequential.strategies: unknown strategy 'nope';")
     assert S.check_strategy("lora") is S.REGISTRY["lora"]
     name = TypeAdapter(S.StrategyName)
     assert name.validate_python("ewc") == "ewc"

@@ -1,12 +1,12 @@
 """Per-arm measures of the forgetting stage (no CLI, no I/O): what each fine-tuned model bought
-and what it cost, per seed and across seeds, and the sequential run's CL measures.
+and what it cost, per seed and across seeds (the sequential runs' measures:
+`ptf.measures.sequential`).
 
 In:  the fine-tune runs as `ptf.measures.outputs.read_finetune` gives them (after
-     `read_models` set `n_classes`), each model's drift (`ptf.measures.cl_metrics.drift`), the
-     sequential run of `read_sequential`.
+     `read_models` set `n_classes`), each model's drift (`ptf.measures.cl_metrics.drift`).
      The WiSE-FT points of `read_wise_ft` (stage `wise_ft`).
 Out: per task and strategy {"seeds": {seed: record}, "mean_std": {key: mean_std},
-     "drift_applicable"}; the samples the claims' bootstrap resamples; the sequential block;
+     "drift_applicable"}; the samples the claims' bootstrap resamples;
      `wise_ft_arm`: WiSE-FT at its validation-chosen alpha as one more arm of its task (strategy
      `wise_ft`, with `alpha`), its samples, and every alpha's point (mean/std over seeds).
 
@@ -23,7 +23,6 @@ import numpy as np
 from ptf.common.cli import StageError
 from ptf.measures import cl_metrics as cl
 from ptf.measures.claims import Sample, block_sample, prediction_sample, seed_sample
-from ptf.measures.outputs import sequential_name
 from ptf.measures.stats import mean_std
 
 DRIFT_KEYS = ("loss_pretrained", "loss_finetuned", "ppl_pretrained", "ppl_finetuned", "delta_loss",
@@ -153,16 +152,3 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.n
     if arm is None:
         raise StageError(f"wise_ft.json: chosen_alpha {chosen} is not one of its points; rerun `dvc repro wise_ft`")
     return arm, samples, points
-
-
-def sequential_block(run: dict[str, Any] | None) -> dict[str, Any]:
-    """{name: {order, n_classes, chance, majority, raw, chance_adjusted, fwt_baseline}}."""
-    if run is None:
-        return {}
-    name = sequential_name(run)
-    try:
-        m = cl.sequential_measures(run["matrix"], chance=run.get("chance"))
-    except cl.MatrixError as e:
-        raise StageError(f"sequential run {name!r}: {e}") from None
-    return {name: {"order": run.get("order"), "n_classes": run.get("n_classes"),
-                   "chance": run.get("chance"), "majority": run.get("majority"), **m}}

@@ -19,20 +19,32 @@ Measures (written with this indexing):
   - learning accuracy:  a_j = R[j+1][j]  (just-learned accuracy of each task).
   - BWT (GEM):  1/(T-1) * sum_{j=0}^{T-2} (R[T][j] - R[j+1][j]).  Negative = forgetting.
   - FWT (GEM):  1/(T-1) * sum_{j=1}^{T-1} (R[j][j] - b[j]), the accuracy on task j before
-    training it, after the tasks before it, minus a baseline b[j]. GEM's b is the accuracy of
-    the model at its (random) initialisation; here the default b is row 0 of the matrix
-    (accuracy before any training of the sequence), or the vector passed as `baseline`
-    (e.g. the scratch model's accuracies).
+    training it, after the tasks before it, minus a baseline b[j]. GEM's b is the test accuracy
+    of the same architecture at random initialisation, which the sequential stage measures and
+    passes as `baseline`; without one, b is row 0 of the matrix (before any training of the
+    sequence).
   - Forgetting (Chaudhry et al. 2018, "Riemannian Walk", eq. 1-2): for every task j < T-1,
     f_j = max_{l in 1..T-1} R[l][j] - R[T][j]: the best accuracy on task j at any earlier
     point of the sequence (rows 1..T-1, after each earlier training step; row 0 is not a
     point of the sequence) minus the final accuracy. Average forgetting F = mean_j f_j. The
     last task has no forgetting (it was just learned). f_j may be negative only if every
     earlier accuracy is below the final one (backward transfer).
-  - Chance adjustment: every accuracy rescaled as a' = (a - c_j) / (1 - c_j), c_j the chance
-    accuracy of task j (0 = chance, 1 = perfect), then the same measures on the rescaled
-    matrix. This makes tasks with different numbers of classes comparable.
+  - Majority adjustment: every accuracy rescaled as a' = (a - m_j) / (1 - m_j), m_j the
+    majority-class rate of task j's test split (0 = what always answering the most frequent
+    class gets, 1 = perfect, < 0 = worse than that), then the same measures on the rescaled
+    matrix. This makes tasks with different numbers of classes and different imbalance
+    comparable (1/n would not: a binary task with a 0.7 majority class is at 0.4 "above
+    chance" while it has learned nothing).
   With T = 1 there is no earlier task: BWT, FWT and forgetting are `None`.
+
+Forgetting events (Toneva et al. 2019, "An empirical study of example forgetting")
+--------------------------------------------------------------------------------
+`C[i][j]` is the per-example correctness (a sequence of 0/1 over task j's test examples) at row
+i of R. For task j, an event is an example correct at one evaluation and incorrect at the next,
+counted over the rows from j+1 (task j just learned) to T: pairs (i, i+1) with i >= j+1. Per
+task: `events` (their total), `forgotten` (examples with at least one event), `never_forgotten`
+(the share of examples with no event, whether or not they were ever correct), `n` examples.
+The last task has no later evaluation: its counts are `None`.
 """
 from __future__ import annotations
 
@@ -120,21 +132,21 @@ def forward_transfer(R: Any, baseline: Any = None) -> float | None:
     return _mean_or_none(np.array([a[j, j] - b[j] for j in range(1, T)]))
 
 
-def chance_adjust(R: Any, chance: Any) -> np.ndarray:
-    """Rescale column j as (a - c_j) / (1 - c_j); `chance` a number or a length-T vector in [0, 1)."""
+def majority_adjust(R: Any, majority: Any) -> np.ndarray:
+    """Rescale column j as (a - m_j) / (1 - m_j); `majority` a number or a length-T vector of
+    majority-class rates in [0, 1)."""
     a = np.asarray(R, dtype=np.float64)
     T = a.shape[-1]
-    c = _vector(chance, T, "chance")
-    if np.any(c < 0) or np.any(c >= 1):
-        raise MatrixError(f"chance accuracies must be in [0, 1), got {c.tolist()}")
-    return (a - c) / (1.0 - c)
+    m = _vector(majority, T, "majority")
+    if np.any(m < 0) or np.any(m >= 1):
+        raise MatrixError(f"majority-class rates must be in [0, 1), got {m.tolist()}")
+    return (a - m) / (1.0 - m)
 
 
-def sequential_measures(R: Any, chance: Any = None, baseline: Any = None) -> dict[str, Any]:
-    """All the measures of the module docstring, raw and (when `chance` is given) chance-adjusted.
-
-    The baseline for FWT is adjusted with the same chance vector in the adjusted variant.
-    """
+def sequential_measures(R: Any, majority: Any = None, baseline: Any = None) -> dict[str, Any]:
+    """All the measures of the module docstring, raw and (when `majority` is given)
+    majority-adjusted. `baseline`: FWT's b (GEM: random-init accuracies), adjusted with the same
+    majority rates in the adjusted variant; None: row 0."""
     a = as_matrix(R)
 
     def block(m: np.ndarray, b: Any) -> dict[str, Any]:
@@ -150,9 +162,34 @@ def sequential_measures(R: Any, chance: Any = None, baseline: Any = None) -> dic
 
     out: dict[str, Any] = {"raw": block(a, baseline),
                            "fwt_baseline": "row 0" if baseline is None else "given"}
-    if chance is not None:
-        adj_b = None if baseline is None else chance_adjust(_vector(baseline, a.shape[1], "baseline"), chance)
-        out["chance_adjusted"] = block(chance_adjust(a, chance), adj_b)
+    if majority is not None:
+        adj_b = None if baseline is None else majority_adjust(_vector(baseline, a.shape[1], "baseline"), majority)
+        out["majority_adjusted"] = block(majority_adjust(a, majority), adj_b)
+    return out
+
+
+def forgetting_events(C: Any) -> list[dict[str, Any] | None]:
+    """Toneva et al. (2019) forgetting events per task from the correctness table `C` ((T+1) x T
+    cells, each a 0/1 sequence over that task's test examples; see the module docstring):
+    [{"events", "forgotten", "never_forgotten", "n"} for tasks 0..T-2] + [None] (the last task
+    has no later evaluation)."""
+    rows = [[np.asarray([int(x) for x in cell], dtype=np.int8) for cell in row] for row in C]
+    T = len(rows[0]) if rows else 0
+    if T < 1 or len(rows) != T + 1 or any(len(r) != T for r in rows):
+        raise MatrixError(f"correctness table must have T+1 rows of T cells, got {[len(r) for r in rows]}")
+    out: list[dict[str, Any] | None] = []
+    for j in range(T):
+        cells = [rows[i][j] for i in range(j + 1, T + 1)]    # task j just learned, then after each later task
+        n = cells[0].size
+        if any(c.size != n for c in cells) or any(np.any((c != 0) & (c != 1)) for c in cells):
+            raise MatrixError(f"correctness of task {j}: every row needs the same {n} examples, as 0/1")
+        if j == T - 1:
+            out.append(None)
+            continue
+        drops = np.stack([(cells[k] == 1) & (cells[k + 1] == 0) for k in range(len(cells) - 1)])
+        per_example = drops.sum(axis=0)
+        out.append({"events": int(per_example.sum()), "forgotten": int((per_example > 0).sum()),
+                    "never_forgotten": float((per_example == 0).mean()) if n else None, "n": int(n)})
     return out
 
 

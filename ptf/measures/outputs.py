@@ -8,8 +8,8 @@ page (`scripts/results.py`), and only those formats:
   data/models/finetuned/<task>/<strategy>/seed<k>/finetune_meta.json   its `label_names`;
   data/plots/curves.csv + data/metrics/curves.json   `stages.curves`: rows strategy, fraction,
       n_labels, seed, test_accuracy; the task is the JSON's `task`;
-  data/metrics/sequential.json   `stages.sequential`: one object {order, strategy (a list in
-      task order), matrix, chance, n_classes, majority}.
+  data/metrics/sequential.json   `stages.sequential`: {tasks, orders, strategies, seeds,
+      n_classes, majority, random_init, runs: [{order, strategy, seed, matrix, correct}]}.
 
   data/metrics/wise_ft.json   `stages.wise_ft`: the WiSE-FT points (`read_wise_ft`).
 
@@ -178,24 +178,42 @@ def read_curves(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+SEQUENTIAL_KEYS = ("tasks", "orders", "strategies", "seeds", "n_classes", "majority", "random_init", "runs")
+
+
 def read_sequential(root: Path) -> dict[str, Any] | None:
-    """The sequential run of sequential.json, or None when the file is absent."""
+    """The sequential runs of sequential.json, or None when the file is absent. Checked: its
+    keys, each run's order / strategy / seed among the declared ones, a (T+1) x T `matrix` and
+    `correct` table, and the per-task majority rates and per-seed random-init accuracies."""
     path = Path(root) / SEQUENTIAL_JSON
     if not path.is_file():
         return None
     obj = read_json(path, "run `dvc repro sequential`")
-    if not isinstance(obj, dict) or not isinstance(obj.get("matrix"), list):
-        raise StageError(f"{path}: expected an object with `matrix`")
-    if not isinstance(obj.get("strategy"), list) or not isinstance(obj.get("order"), list):
-        raise StageError(f"{path}: expected `order` and `strategy` lists in task order")
+    rerun = "rerun `dvc repro sequential`"
+    if not isinstance(obj, dict) or any(k not in obj for k in SEQUENTIAL_KEYS):
+        raise StageError(f"{path}: expected an object with {', '.join(SEQUENTIAL_KEYS)}; {rerun}")
+    tasks = obj["tasks"]
+    for k in ("n_classes", "majority"):
+        if not isinstance(obj[k], dict) or set(obj[k]) != set(tasks):
+            raise StageError(f"{path}: `{k}` must give every task of {tasks}; {rerun}")
+    for seed in obj["seeds"]:
+        if set((obj["random_init"] or {}).get(str(seed)) or {}) != set(tasks):
+            raise StageError(f"{path}: `random_init` lacks seed {seed} or a task of it; {rerun}")
+    if not isinstance(obj["runs"], list) or not obj["runs"]:
+        raise StageError(f"{path}: `runs` must be a non-empty list; {rerun}")
+    for i, r in enumerate(obj["runs"]):
+        T = len(tasks)
+        if (not isinstance(r, dict) or r.get("order") not in obj["orders"]
+                or r.get("strategy") not in obj["strategies"] or r.get("seed") not in obj["seeds"]
+                or not _table(r.get("matrix"), T) or not _table(r.get("correct"), T)):
+            raise StageError(f"{path}: run {i} needs an order, strategy and seed of the file's and a "
+                             f"{T + 1} x {T} `matrix` and `correct`; {rerun}")
     return obj
 
 
-def sequential_name(run: dict[str, Any]) -> str:
-    """The run's name: its strategy, or its tasks' strategies in order joined by '-'."""
-    names = [str(s) for s in run["strategy"]]
-    uniq = list(dict.fromkeys(names))
-    return uniq[0] if len(uniq) == 1 else "-".join(names)
+def _table(rows: Any, T: int) -> bool:
+    return isinstance(rows, list) and len(rows) == T + 1 and all(isinstance(r, list) and len(r) == T
+                                                                 for r in rows)
 
 
 def read_wise_ft(root: Path, matrix: Matrix) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 """The strategy registry: every fine-tuning strategy is one `Strategy` entry (no CLI).
 
 In:  a strategy name (from params `finetune.strategies`, `finetune.curves.strategies`,
-     `finetune.sequential.strategy`, or `--strategy`), its typed arm (`finetune.arms.<name>`),
+     `finetune.sequential.strategies`, or `--strategy`), its typed arm (`finetune.arms.<name>`),
      the pretrained HF directory and the task's label names.
 Out: `REGISTRY` / `STRATEGIES` (the names), `check_strategy` (the one place a name is validated,
      with the known names in the error), `StrategyName` (the same check as a pydantic type),

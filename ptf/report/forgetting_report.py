@@ -3,7 +3,8 @@
 In:  the stage's result dict (see `stages/forgetting.py`), the plot rows it wrote as CSV, its
      `Config`.
 Out: `render_summary(...) -> str` (Markdown, deterministic); `write_figures(...)` writes the
-     trade-off scatter with error bars, the learning curves and the accuracy matrices as PNG
+     trade-off scatter with error bars, the learning curves and the accuracy matrices (one
+     panel per strategy x order, mean over seeds) as PNG
      (matplotlib Agg, fixed size and dpi, no timestamp in the file), each written atomically.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 from ptf.common.atomic import write_bytes
 from ptf.report import prose
-from ptf.report.fmt import num, pm, table
+from ptf.report import sequential_section as sq
+from ptf.report.fmt import pm, table
 
 
 def render_summary(result: dict[str, Any], cfg) -> str:
@@ -78,19 +80,12 @@ def render_summary(result: dict[str, Any], cfg) -> str:
                      pm(p["mean_std"]["delta_loss"], 4, sign=True)] for p in w["points"].values()])
     L.append("")
     L.append(f"Rule: {c1['rule']}")
-    for name in sorted(result["sequential"]):
-        q = result["sequential"][name]
-        r, a = q["raw"], q.get("chance_adjusted", {})
-        L += ["", f"## Sequential fine-tuning `{name}` (GEM ACC/BWT/FWT, Chaudhry forgetting)", "",
-              "FWT is relative to row 0 of the matrix (accuracy before any training of the sequence). "
-              "Chance-adjusted: accuracies rescaled to (a - chance) / (1 - chance) first.", ""]
-        L += table(["order", "ACC", "BWT", "FWT", "avg forgetting", "ACC adj", "BWT adj", "FWT adj",
-                    "forgetting adj"],
-                   [[" → ".join(map(str, q.get("order") or [])), num(r["acc"]), num(r["bwt"], sign=True),
-                     num(r["fwt"], sign=True), num(r["avg_forgetting"]), num(a.get("acc")),
-                     num(a.get("bwt"), sign=True), num(a.get("fwt"), sign=True),
-                     num(a.get("avg_forgetting"))]])
-        L += ["", " ".join(prose.bwt_sentences(q))]
+    seq = result["sequential"]
+    if seq:
+        L += ["", "## Sequential fine-tuning (GEM ACC/BWT/FWT, Chaudhry forgetting, Toneva events)", "",
+              sq.DEFINITIONS, ""]
+        L += sq.measures_table(seq) + ["", " ".join(sq.sentences(seq, cfg.reference_strategy)), ""]
+        L += sq.events_table(seq)
     L.append("")
     return "\n".join(L)
 
@@ -160,27 +155,25 @@ def write_figures(root: Path, trade: list[dict[str, Any]], curves: list[dict[str
     _save(fig, dests["learning_curves"])
     plt.close(fig)
 
-    # accuracy matrices
-    names = sorted(sequential) or [""]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        if not name:
+    # accuracy matrices: one panel per strategy x order, the mean over its seeds
+    groups = list((sequential.get("groups") or {}).values()) or [None]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        if g is None:
             ax.set_axis_off()
             ax.set_title("no sequential run")
             continue
-        seq = sequential[name]
-        M = seq["raw"]["matrix"]
-        T = len(M[0])
-        order = seq.get("order") or [f"task{j}" for j in range(T)]
+        M, order = g["matrix"], [str(o) for o in g["order"]]
+        T = len(order)
         im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for i, row in enumerate(M):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center",
                         color="white" if v < 0.5 else "black", fontsize=8)
-        ax.set_xticks(range(T), [str(o) for o in order])
+        ax.set_xticks(range(T), order)
         ax.set_yticks(range(T + 1), ["before"] + [f"after {o}" for o in order])
         ax.set_xlabel("evaluated on task")
-        ax.set_title(f"Accuracy matrix ({name})")
+        ax.set_title(f"{g['strategy']}: mean over {len(g['seeds'])} seeds", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     _save(fig, dests["accuracy_matrix"])

@@ -3,7 +3,7 @@
 tradeoff.csv: one point per task x strategy with drift (x = delta LM loss, y = gain, mean and
 std over seeds), and one per WiSE-FT alpha (strategy "wise_ft a=<alpha>", "*" on the alpha chosen
 on validation); learning_curves.csv: curves.csv averaged over seeds; accuracy_matrix.csv: the
-sequential accuracy matrix in long format.
+sequential accuracy matrices (mean over seeds per strategy x order) in long format.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ptf.measures.stats import mean_std
 TRADEOFF_COLUMNS = ["task", "strategy", "delta_loss", "delta_loss_std", "gain", "gain_std",
                     "test_accuracy", "trainable_pct", "seeds"]
 CURVES_COLUMNS = ["series", "task", "strategy", "fraction", "n_labels", "test_accuracy", "std", "seeds"]
-MATRIX_COLUMNS = ["run", "after", "task", "accuracy", "accuracy_chance_adjusted"]
+MATRIX_COLUMNS = ["run", "after", "task", "accuracy", "accuracy_majority_adjusted", "seeds"]
 
 
 def _point(task: str, strategy: str, ms: dict[str, Any], gkey: str) -> dict[str, Any]:
@@ -70,19 +70,16 @@ def curve_rows(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def matrix_rows(sequential: dict[str, Any]) -> list[dict[str, Any]]:
-    """Long format of every sequential matrix: one row per (after, task) cell."""
+    """Long format of every strategy x order's matrix, mean over its seeds: one row per
+    (after, task) cell; `run` is "<strategy>/<t1-t2-..>", `after` "<run> <i> after <task>"."""
     rows = []
-    for name in sorted(sequential):
-        seq = sequential[name]
-        raw = seq["raw"]["matrix"]
-        adj = seq.get("chance_adjusted", {}).get("matrix")
-        T = len(raw[0])
-        order = seq.get("order") or [f"task{j}" for j in range(T)]
-        after = ["0 before"] + [f"{i} {order[i - 1]}" for i in range(1, T + 1)]
+    for name, g in (sequential.get("groups") or {}).items():
+        raw, adj, order = g["matrix"], g["matrix_majority_adjusted"], [str(t) for t in g["order"]]
+        after = ["0 before"] + [f"{i} after {order[i - 1]}" for i in range(1, len(order) + 1)]
         for i, row in enumerate(raw):
-            for j, a in enumerate(row):
-                rows.append({"run": name, "after": after[i], "task": f"{j} {order[j]}",
-                             "accuracy": a, "accuracy_chance_adjusted": adj[i][j] if adj else None})
+            for j, a in enumerate(row):   # one heatmap: a row per group x step, a column per task
+                rows.append({"run": name, "after": f"{name} {after[i]}", "task": order[j], "accuracy": a,
+                             "accuracy_majority_adjusted": adj[i][j], "seeds": len(g["seeds"])})
     return rows
 
 

@@ -87,30 +87,51 @@ def pretrain_sentence(val_ppl: Any, unigram_ppl: Any) -> str | None:
             f"{'learned more' if below else 'did not learn more'} than token frequencies.")
 
 
-def bwt_sentences(measures: dict[str, Any]) -> list[str]:
-    """What the sequential run's BWT says, and where the tasks were barely learned."""
-    raw = measures.get("raw") or {}
-    bwt = raw.get("bwt")
+def _direction(x: float, digits: int, neg: str, pos: str, zero: str) -> str:
+    """The word for the sign of `x` as printed with `digits` decimals."""
+    shown = round(x, digits)
+    return neg if shown < 0 else pos if shown > 0 else zero
+
+
+def bwt_sentences(group: dict[str, Any]) -> list[str]:
+    """What one strategy x order's BWT says (mean over seeds), and where the tasks were barely
+    learned (just-learned accuracy minus the majority rate, mean over seeds)."""
+    ms = group.get("mean_std") or {}
+    bwt = ms.get("bwt") or {}
     out = []
-    if is_num(bwt):
-        shown = round(bwt, 3)               # the direction of the number the sentence prints
-        what = ("lost accuracy" if shown < 0 else "gained accuracy" if shown > 0
-                else "neither lost nor gained accuracy (to 3 decimals)")
-        out.append(f"BWT {num(bwt, sign=True)}: on average, earlier tasks {what} from just after "
-                   "learning them to the end of the sequence.")
-    order = [str(t) for t in measures.get("order") or []]
-    learned = raw.get("learning_accuracy") or []
-    majority = measures.get("majority") or []
-    if order and len(learned) == len(order) == len(majority):
-        margins = [a - m for a, m in zip(learned, majority)]
-        out.append("Just after learning it, each task's test accuracy minus its majority-class rate: "
-                   + ", ".join(f"{t} {num(d, sign=True)}" for t, d in zip(order, margins)) + ".")
+    if is_num(bwt.get("mean")):
+        what = _direction(bwt["mean"], 3, "lost accuracy", "gained accuracy",
+                          "neither lost nor gained accuracy (to 3 decimals)")
+        out.append(f"BWT {pm(bwt, sign=True)} ({plural(bwt['n'], 'seed')}): on average, earlier tasks "
+                   f"{what} from just after learning them to the end of the sequence.")
+    order = [str(t) for t in group.get("order") or []]
+    margins = [(ms.get(f"learned_above_majority.{t}") or {}).get("mean") for t in order]
+    if order and all(is_num(d) for d in margins):
+        out.append("Just after learning it, each task's test accuracy minus its majority-class rate "
+                   "(mean over seeds): " + ", ".join(f"{t} {num(d, sign=True)}" for t, d in zip(order, margins)) + ".")
         weak = [t for t, d in zip(order, margins) if d <= LEARNED_MARGIN]
         if weak:
             out.append(f"{names(weak)} rose at most {LEARNED_MARGIN:g} above {'its' if len(weak) == 1 else 'their'} "
                        "majority-class rate: there was little to forget, so BWT and forgetting say little "
                        f"about {'it' if len(weak) == 1 else 'them'}.")
-    out.append("One run (one seed, one order): these measures have no interval.")
+    return out
+
+
+def strategy_sentences(strategies: dict[str, Any], reference: str) -> list[str]:
+    """Each strategy's BWT pooled over the orders against `reference`'s (mean ± std over seeds),
+    the verb from the sign of the difference as printed; no test of the difference is claimed."""
+    ref = (strategies.get(reference) or {}).get("mean_std", {}).get("bwt") or {}
+    out = []
+    for s in sorted(k for k in strategies if k != reference):
+        b = strategies[s]["mean_std"].get("bwt") or {}
+        if not (is_num(b.get("mean")) and is_num(ref.get("mean"))):
+            continue
+        d = b["mean"] - ref["mean"]
+        what = _direction(d, 3, "lost more of the earlier tasks than", "lost less of the earlier tasks than",
+                          "lost as much of the earlier tasks (to 3 decimals) as")
+        out.append(f"Pooled over the orders, `{s}`'s BWT is {pm(b, sign=True)} against {pm(ref, sign=True)} for "
+                   f"`{reference}` ({num(d, sign=True)}): it {what} `{reference}` on average over "
+                   f"{plural(b['n'], 'seed')}; no test of the difference.")
     return out
 
 

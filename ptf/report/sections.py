@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ptf.measures.claims import REPRODUCED
-from ptf.measures.outputs import sequential_name
-from ptf.report import prose
+from ptf.report import prose, sequential_section
 from ptf.report.fmt import is_num, num, pct_digits, pm, table
 from ptf.report.foundation_section import section_foundation
 from ptf.report.representation_section import section_representation
@@ -245,35 +244,6 @@ def section_wise_ft(fg: dict[str, Any]) -> list[str]:
     return L + ["", prose.wise_ft_sentence(w)]
 
 
-def section_sequential(run: dict[str, Any] | None, fg: dict[str, Any], fig: str = "figures") -> list[str]:
-    L = ["## Sequential fine-tuning: the accuracy matrix", ""]
-    if not run:
-        return L + ["No sequential run in `data/metrics/sequential.json`."]
-    L += ["R[i][j] = test accuracy on task j after training the first i tasks of the order (row 0: "
-          "before any training, fresh heads) (`data/metrics/sequential.json`). ACC = mean final "
-          "accuracy; BWT = mean change of each earlier task from just after learning it to the end "
-          "(< 0: forgotten); FWT = accuracy on a task before training it minus row 0; forgetting = "
-          "Chaudhry et al.'s mean drop from the best earlier accuracy; *adj* = the same on "
-          "chance-adjusted accuracies (`data/metrics/forgetting.json`, `sequential`).", ""]
-    name = sequential_name(run)
-    M, order = run["matrix"], [str(t) for t in run["order"]]
-    L += [f"### Run `{name}`: {' → '.join(order)} (strategy {' → '.join(map(str, run['strategy']))})", ""]
-    labels = ["before"] + [f"after {t}" for t in order]
-    L += table(["", *order], [[labels[i] if i < len(labels) else f"row {i}", *[num(a) for a in row]]
-                              for i, row in enumerate(M)])
-    m = (fg.get("sequential") or {}).get(name)
-    if m:
-        r, a = m.get("raw") or {}, m.get("chance_adjusted") or {}
-        L += [""] + table(
-            ["measure", "ACC", "BWT", "FWT", "forgetting"],
-            [["raw", num(r.get("acc")), num(r.get("bwt"), sign=True), num(r.get("fwt"), sign=True),
-              num(r.get("avg_forgetting"))],
-             ["chance-adjusted", num(a.get("acc")), num(a.get("bwt"), sign=True),
-              num(a.get("fwt"), sign=True), num(a.get("avg_forgetting"))]])
-        L += ["", " ".join(prose.bwt_sentences(m))]
-    return L + ["", f"![Accuracy matrix of the sequential run]({fig}/accuracy_matrix.png)"]
-
-
 def _not_reproduced(claim_name: str, claim: dict[str, Any], notes: dict[str, str]) -> list[str]:
     comps = claim.get("comparisons") or {}
     bad = {k: c for k, c in comps.items() if c.get("verdict") != REPRODUCED}
@@ -343,7 +313,7 @@ def render_page(metrics: dict[str, Any], stamp: dict[str, Any], notes: dict[str,
     L += beside + [""] if beside else []
     wise = section_wise_ft(metrics["forgetting"])
     L += wise + ([""] if wise else [])
-    L += section_sequential(metrics["sequential"], metrics["forgetting"], fig) + [""]
+    L += sequential_section.section(metrics["forgetting"].get("sequential"), reference, fig) + [""]
     L += section_claims(metrics["forgetting"], notes, reference, scratch) + [""]
     L += section_verdicts_by_task(metrics["forgetting"], metrics["curves"].get("task")) + [""]
     L += card_lines + [""]

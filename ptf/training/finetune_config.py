@@ -17,7 +17,7 @@ from typing import Literal
 
 from typing import Annotated
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator
 
 from ptf.common.config import PARAMS_FILE, ConfigError, StrictModel, parse_section, read_params
 from ptf.data.tasks import DataCfg
@@ -79,24 +79,53 @@ class CurvesCfg(StrictModel):
         return max(self.min_steps, math.ceil(self.epochs * n_labels / per_step))
 
 
+def _no_repeats(v: list, what: str) -> list:
+    seen = [x for i, x in enumerate(v) if x in v[:i]]
+    if seen:
+        raise ValueError(f"{what} repeated: {seen[0]!r} (in {v})")
+    return v
+
+
 class SequentialCfg(StrictModel):
-    order: list[str] = Field(min_length=1)
-    strategy: dict[str, StrategyName]   # task -> strategy used when training it
-    seed: int
+    """`finetune.sequential`: one run per (order, strategy, seed); each trains every task of its
+    order with its strategy (the first LR of the arm's grid)."""
+    orders: list[list[str]] = Field(min_length=1)     # each a permutation of the first
+    strategies: list[StrategyName] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
     max_steps: int = Field(gt=0)
 
-    @model_validator(mode="after")
-    def _plan(self) -> "SequentialCfg":
-        if len(set(self.order)) != len(self.order):
-            raise ValueError(f"order: a task is repeated: {self.order}")
-        for t in self.order:
-            if t not in self.strategy:
-                raise ValueError(f"strategy: no strategy for task {t!r}")
-            if not REGISTRY[self.strategy[t]].sequential:
+    @field_validator("orders")
+    @classmethod
+    def _orders(cls, v: list[list[str]]) -> list[list[str]]:
+        for i, order in enumerate(v):
+            if not order:
+                raise ValueError(f"order {i} is empty")
+            _no_repeats(order, f"order {i}: a task is")
+            if i and sorted(order) != sorted(v[0]):
+                raise ValueError(f"order {i} {order} is not a permutation of order 0 {v[0]}: every "
+                                 "order must train the same tasks")
+        _no_repeats(v, "an order is")
+        return v
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, v: list[str]) -> list[str]:
+        _no_repeats(v, "a strategy is")
+        for s in v:   # names already checked by StrategyName (the registry)
+            if not REGISTRY[s].sequential:
                 usable = [n for n, e in REGISTRY.items() if e.sequential]
-                raise ValueError(f"strategy.{t}: {self.strategy[t]!r} is not a sequential "
-                                 f"strategy (those are: {', '.join(usable)})")
-        return self
+                raise ValueError(f"{s!r} is not a sequential strategy (those are: {', '.join(usable)})")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return _no_repeats(v, "a seed is")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks of every order, in the first order's order."""
+        return list(self.orders[0])
 
 
 class Run(StrictModel):

@@ -5,7 +5,7 @@
         configuration runs   one per configuration and seed, for stages that train several
 
 In:  an `MlflowClient`, the experiment id, the stage name and the tags its call site passes
-     (task, strategy, seed, lr, fraction, objective, order), the repo root, the environment.
+     (task, strategy, seed, lr, fraction, objective, orders), the repo root, the environment.
 Out: `place(...)` creates the runs a `start_run` needs and returns a `Placement` (run ids, which
      runs it created, so that a refused write can delete them again: never a half-logged tree);
      `reopen`/`close` keep a stage run's and a DVC-owned pipeline run's status current; the
@@ -79,12 +79,19 @@ def config_name(stage: str, tags: Mapping[str, str]) -> str:
     return f"{stage} {configuration(tags)} seed={tags['seed']}"
 
 
+def sequential_tags(orders: list[list[str]], strategies: list[str], seeds: list[int]) -> dict[str, str]:
+    """The sequential stage's tags (its call site, and `flows.mlflow_record` for a stage that did
+    not run): `orders` "a,b|b,a", `strategies` "full,replay", `seeds` "0,1,2"."""
+    return {"orders": "|".join(",".join(map(str, o)) for o in orders),
+            "strategies": ",".join(map(str, strategies)), "seeds": ",".join(map(str, seeds))}
+
+
 def stage_name(stage: str, dvc_stage: str, tags: Mapping[str, str]) -> str:
-    """`finetune source/full`, `curves source`, `pretrain mlm`, `sequential source/full →
-    movies/l2sp`, `forgetting`."""
-    if "order" in tags:
-        pairs = zip(tags["order"].split(","), tags.get("strategy", "").split(","))
-        return f"{stage} " + " → ".join(f"{t}/{s}" if s else t for t, s in pairs)
+    """`finetune source/full`, `curves source`, `pretrain mlm`, `sequential full+replay: source →
+    movies; movies → source`, `forgetting`."""
+    if "orders" in tags:
+        orders = "; ".join(" → ".join(o.split(",")) for o in tags["orders"].split("|"))
+        return f"{stage} {'+'.join(tags.get('strategies', '').split(','))}: {orders}"
     if "@" in dvc_stage and "task" in tags and "strategy" in tags:
         return f"{stage} {tags['task']}/{tags['strategy']}"
     if "task" in tags:
