@@ -32,7 +32,8 @@ test: setup
 # in scratch copies under $(MUTATE_DIR), so nothing lands in the work tree. It prints per module
 # the score killed / (tried - equivalent), the group's wall time and CPU time per core (the wall
 # time depends on what else runs on the machine), and every mutant not killed.
-# `make mutate GROUPS="cl_metrics claims"` runs some groups; the diff of one mutant:
+# `make mutate GROUPS="cl_metrics claims"` runs some groups (the optional report_io group, about
+# an hour, only when named); the diff of one mutant:
 # `make mutate-show G=cl_metrics M=<mutant name>`.
 MUTATE_DIR ?= $(or $(TMPDIR),/tmp)/ptf-mutate
 GROUPS ?=

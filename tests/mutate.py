@@ -17,7 +17,10 @@ Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need o
      entries that no longer match (killed, or renumbered by an edit). Exit 0 unless a mutmut run
      fails.
 
-    python tests/mutate.py [--dir DIR] [GROUP ...]        # default: every group
+    python tests/mutate.py [--dir DIR] [GROUP ...]        # default: every group not `optional`
+
+A group marked `optional = true` (slow: its tests run the results CLI on a fake DVC run) runs
+only when named, so that the default run stays under half an hour on 2 cores.
 
 Not part of `make test`.
 """
@@ -197,14 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
     groups = conf["ptf-mutate"]["group"]
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("groups", nargs="*", help="groups to run (default: all): " + ", ".join(g["name"] for g in groups))
+    ap.add_argument("groups", nargs="*", help="groups to run (default: all but the optional ones): "
+                    + ", ".join(g["name"] + (" (optional)" if g.get("optional") else "") for g in groups))
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ptf-mutate",
                     help="where the scratch copies go (default: %(default)s)")
     args = ap.parse_args(argv)
     unknown = set(args.groups) - {g["name"] for g in groups}
     if unknown:
         ap.error(f"unknown group(s) {sorted(unknown)}; groups: {[g['name'] for g in groups]}")
-    chosen = [g for g in groups if not args.groups or g["name"] in args.groups]
+    chosen = [g for g in groups if g["name"] in args.groups or not (args.groups or g.get("optional"))]
     rows, seconds, cpu, stale, why = [], {}, {}, [], {}
     for group in chosen:
         got, seconds[group["name"]], cpu[group["name"]] = run_group(group, conf["mutmut"], args.dir)
