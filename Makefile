@@ -34,10 +34,11 @@ test: setup
 # time depends on what else runs on the machine), and every mutant not killed.
 # `make mutate GROUPS="cl_metrics claims"` runs some groups (the optional report_io group, about
 # an hour, only when named); the diff of one mutant:
-# `make mutate-show G=cl_metrics M=<mutant name>`.
+# `make mutate-show G=cl_metrics M=<mutant name>`; `make mutate-report` prints the table again
+# from the last run (after judging more survivors equivalent), without rerunning.
 MUTATE_DIR ?= $(or $(TMPDIR),/tmp)/ptf-mutate
 GROUPS ?=
-.PHONY: mutate mutate-show
+.PHONY: mutate mutate-show mutate-report
 $(VENV)/.mutate-installed: $(VENV)/.installed requirements-mutate.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.txt -r requirements-mutate.txt
 	touch $@
@@ -47,6 +48,9 @@ mutate: $(VENV)/.mutate-installed
 
 mutate-show: $(VENV)/.mutate-installed
 	cd $(MUTATE_DIR)/$(G) && $(CURDIR)/$(BIN)/mutmut show $(M)
+
+mutate-report: $(VENV)/.mutate-installed
+	python tests/mutate.py --report --dir $(MUTATE_DIR) $(GROUPS)
 
 .PHONY: dashboard schedule results screenshots
 dashboard: setup   # the MLflow UI on http://127.0.0.1:5000 over mlflow.db; prints the pages to open

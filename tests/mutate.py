@@ -18,6 +18,7 @@ Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need o
      fails.
 
     python tests/mutate.py [--dir DIR] [GROUP ...]        # default: every group not `optional`
+    python tests/mutate.py --report [--dir DIR] [GROUP ...]   # the table again, no new run
 
 A group marked `optional = true` (slow: its tests run the results CLI on a fake DVC run) runs
 only when named, so that the default run stays under half an hour on 2 cores.
@@ -46,6 +47,7 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 KILLED = {"killed", "timeout", "caught by type check"}
 NOT_TRIED = {"not checked", "skipped"}
 CORES = os.cpu_count() or 1
+TIMES = ".ptf-mutate-times.json"   # a group's wall and CPU seconds, in its scratch copy
 RESULT = re.compile(r"^\s*(?P<name>(?P<module>[\w.]+)\.x\S*__mutmut_\d+): (?P<status>.+?)\s*$")
 
 
@@ -144,13 +146,24 @@ def run_group(group: dict, shared: dict, base: Path) -> tuple[list[tuple[str, st
     if run.returncode != 0:
         raise SystemExit(f"mutmut run failed for group {group['name']} (exit {run.returncode}); "
                          f"its copy: {scratch}")
+    (scratch / TIMES).write_text(json.dumps({"wall_s": seconds, "cpu_s": cpu}))
+    return read_results(group, scratch)
+
+
+def read_results(group: dict, scratch: Path) -> tuple[list[tuple[str, str, str]], float, float]:
+    """A finished group's mutants and times, from its scratch copy (`--report` reads them
+    again after an edit of the `equivalent` lists, without rerunning mutmut)."""
+    times = scratch / TIMES
+    if not times.is_file():
+        raise SystemExit(f"{scratch}: no finished mutmut run of group {group['name']} here")
+    t = json.loads(times.read_text())
     out = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=scratch,
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"mutmut results failed for group {group['name']}:\n{out.stderr}")
     rows = [(m["module"], m["name"], m["status"]) for m in map(RESULT.match, out.stdout.splitlines())
             if m and m["status"] not in NOT_TRIED]
-    return rows, seconds, cpu
+    return rows, t["wall_s"], t["cpu_s"]
 
 
 def judge(group: dict, rows: list[tuple[str, str, str]]) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -204,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(g["name"] + (" (optional)" if g.get("optional") else "") for g in groups))
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ptf-mutate",
                     help="where the scratch copies go (default: %(default)s)")
+    ap.add_argument("--report", action="store_true",
+                    help="no new run: the table again from the groups' finished runs in --dir "
+                         "(after an edit of an `equivalent` list)")
     args = ap.parse_args(argv)
     unknown = set(args.groups) - {g["name"] for g in groups}
     if unknown:
@@ -211,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [g for g in groups if g["name"] in args.groups or not (args.groups or g.get("optional"))]
     rows, seconds, cpu, stale, why = [], {}, {}, [], {}
     for group in chosen:
-        got, seconds[group["name"]], cpu[group["name"]] = run_group(group, conf["mutmut"], args.dir)
+        if args.report:
+            got, seconds[group["name"]], cpu[group["name"]] = read_results(group, args.dir / group["name"])
+        else:
+            got, seconds[group["name"]], cpu[group["name"]] = run_group(group, conf["mutmut"], args.dir)
         got, old = judge(group, got)
         rows += [(group["name"], *r) for r in got]
         stale += old
