@@ -354,3 +354,14 @@ def test_bad_correctness_tables_are_refused(bad, message):
     with pytest.raises(cl.MatrixError) as e:
         cl.forgetting_events(bad)
     assert _message(e) == message
+
+
+def test_forgetting_events_edge_cases():
+    # one task: nothing after it, so no events, but a valid table
+    assert cl.forgetting_events([["1"], ["0"]]) == [None]
+    # no rows at all: refused as a table, not an IndexError
+    with pytest.raises(cl.MatrixError, match="T\\+1 rows of T cells, got \\[\\]"):
+        cl.forgetting_events([])
+    # a task with no test examples: no share of never-forgotten ones (not a NaN)
+    assert cl.forgetting_events([["", ""], ["", ""], ["", ""]])[0] == {
+        "events": 0, "forgotten": 0, "never_forgotten": None, "n": 0}

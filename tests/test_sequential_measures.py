@@ -85,3 +85,26 @@ def test_the_fixture_matrices_agree_with_their_correctness():
     b = sq.sequential_block(obj)
     assert set(b["groups"]) == {"full/movies-tweets", "full/tweets-movies", "replay/movies-tweets",
                                 "replay/tweets-movies"}
+
+
+def test_the_block_keys_and_every_per_task_scalar():
+    """The exact shape forgetting.json's `sequential` has, which the report reads key by key."""
+    b = sq.sequential_block(OBJ)
+    assert set(b) == {"fwt_reference", "adjustment", "tasks", "majority", "runs", "groups", "strategies"}
+    assert b["fwt_reference"] == sq.FWT_REFERENCE and b["adjustment"] == sq.ADJUSTMENT
+    assert b["tasks"] == ["a", "b"] and b["majority"] == {"a": 0.5, "b": 0.6}
+    m = b["runs"]["full/a-b/seed0"]
+    assert m["strategy"] == "full" and m["order"] == ["a", "b"] and m["seed"] == 0 and m["n_classes"] == [2, 2]
+    # a: 11 -> 10, one event, 1 of 2 examples forgotten, half never forgotten; b is last: nothing measured
+    assert {k: m["scalars"][f"{k}.a"] for k in sq.PER_TASK[:3]} == {"events": 1, "forgotten": 1,
+                                                                    "never_forgotten": 0.5}
+    assert [m["scalars"][f"{k}.b"] for k in sq.PER_TASK[:3]] == [None, None, None]
+    g = b["groups"]["full/b-a"]
+    assert g["strategy"] == "full" and g["order"] == ["b", "a"]
+
+
+def test_a_strategy_missing_in_one_order_still_gets_its_other_groups():
+    # replay ran only in the b -> a order: its a -> b group is absent, the next ones are still built
+    obj = {**OBJ, "strategies": ["replay", "full"],
+           "runs": OBJ["runs"] + [{**OBJ["runs"][2], "strategy": "replay"}]}
+    assert list(sq.sequential_block(obj)["groups"]) == ["replay/b-a", "full/a-b", "full/b-a"]
