@@ -18,10 +18,11 @@ Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need o
      fails.
 
     python tests/mutate.py [--dir DIR] [GROUP ...]        # default: every group not `optional`
+    python tests/mutate.py --all [--dir DIR]                 # every group (about 2 hours)
     python tests/mutate.py --report [--dir DIR] [GROUP ...]   # the table again, no new run
 
-A group marked `optional = true` (slow: its tests run the results CLI on a fake DVC run) runs
-only when named, so that the default run stays under half an hour on 2 cores.
+A group marked `optional = true` runs only when named (or with --all), so that the default run
+stays under half an hour on 2 cores.
 
 Not part of `make test`.
 """
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(g["name"] + (" (optional)" if g.get("optional") else "") for g in groups))
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ptf-mutate",
                     help="where the scratch copies go (default: %(default)s)")
+    ap.add_argument("--all", action="store_true", help="every group, the optional ones too")
     ap.add_argument("--report", action="store_true",
                     help="no new run: the table again from the groups' finished runs in --dir "
                          "(after an edit of an `equivalent` list)")
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.groups) - {g["name"] for g in groups}
     if unknown:
         ap.error(f"unknown group(s) {sorted(unknown)}; groups: {[g['name'] for g in groups]}")
-    chosen = [g for g in groups if g["name"] in args.groups or not (args.groups or g.get("optional"))]
+    chosen = [g for g in groups
+              if args.all or g["name"] in args.groups or not (args.groups or g.get("optional"))]
     rows, seconds, cpu, stale, why = [], {}, {}, [], {}
     for group in chosen:
         if args.report:

@@ -117,6 +117,9 @@ def test_parse_finetune_accuracy_tolerance():
     assert out.parse_finetune(ok, "f")["seeds"]["seed0"]["test_accuracy"] == 0.6666666667
     ok["seeds"][0]["test_accuracy"] = 0.6667
     assert "do not give its test_accuracy 0.6667" in _raises(out.parse_finetune, ok, "f")
+    # one test example, right: accuracy 1 (1 / max(1, 1))
+    one = {"seeds": [{"seed": 0, "test_accuracy": 1.0, "test_predictions": [1]}], "test_labels": [1]}
+    assert out.parse_finetune(one, "f")["seeds"]["seed0"]["test_accuracy"] == 1.0
     # no labels and no predictions: the empty-label guard is not a division by zero
     empty = {"seeds": [{"seed": 0, "test_accuracy": 0.0, "test_predictions": []}], "test_labels": []}
     assert out.parse_finetune(empty, "f")["seeds"]["seed0"]["test_predictions"] == []
@@ -129,6 +132,9 @@ def test_paths_and_read_finetune_and_models(tmp_path):
     msg = _raises(out.read_finetune, tmp_path, m)
     assert msg == (f"{tmp_path}/data/metrics/finetune/movies/full.json: missing; the arm movies/full is "
                    "declared by params.yaml (finetune.runs); run `dvc repro finetune@movies-full` (or `dvc pull`)")
+    _write(tmp_path, "data/metrics/finetune/movies/full.json", {"seeds": []})
+    assert _raises(out.read_finetune, tmp_path, m) == (f"{tmp_path}/data/metrics/finetune/movies/full.json: "
+                                                       "expected a non-empty list of per-seed records under `seeds`")
     _write(tmp_path, "data/metrics/finetune/movies/full.json", GOOD)
     _write(tmp_path, "data/metrics/finetune/movies/lora.json", {"seeds": []})      # not declared: not read
     runs = out.read_finetune(tmp_path, m)
@@ -177,6 +183,8 @@ def test_read_sequential(tmp_path):
     _write(tmp_path, "data/metrics/sequential.json", [])
     assert _raises(out.read_sequential, tmp_path) == f"{p}: expected an object with {keys}; rerun `dvc repro sequential`"
     good = fake_sequential(seeds=(0, 1))
+    _write(tmp_path, "data/metrics/sequential.json", {k: v for k, v in good.items() if k != "runs"})
+    assert _raises(out.read_sequential, tmp_path) == f"{p}: expected an object with {keys}; rerun `dvc repro sequential`"
     _write(tmp_path, "data/metrics/sequential.json", good)
     assert out.read_sequential(tmp_path) == good
     for key, value, message in [
@@ -187,7 +195,14 @@ def test_read_sequential(tmp_path):
             ("runs", [{**good["runs"][0], "seed": 7}], "run 0 needs an order, strategy and seed of the file's "
              "and a 3 x 2 `matrix` and `correct`"),
             ("runs", [{**good["runs"][0], "correct": good["runs"][0]["correct"][:2]}],
-             "run 0 needs an order, strategy and seed of the file's and a 3 x 2 `matrix` and `correct`")]:
+             "run 0 needs an order, strategy and seed of the file's and a 3 x 2 `matrix` and `correct`"),
+            # each of order / strategy alone undeclared, a row one task short
+            ("runs", [{**good["runs"][0], "order": ["movies", "nyt"]}], "run 0 needs an order, strategy and "
+             "seed of the file's and a 3 x 2 `matrix` and `correct`"),
+            ("runs", [{**good["runs"][0], "strategy": "ewc"}], "run 0 needs an order, strategy and seed of the "
+             "file's and a 3 x 2 `matrix` and `correct`"),
+            ("runs", [{**good["runs"][0], "matrix": [[0.5, 0.5], [0.9], [0.6, 0.9]]}], "run 0 needs an order, "
+             "strategy and seed of the file's and a 3 x 2 `matrix` and `correct`")]:
         _write(tmp_path, "data/metrics/sequential.json", {**good, key: value})
         assert _raises(out.read_sequential, tmp_path) == f"{p}: {message}; rerun `dvc repro sequential`", key
 
