@@ -108,3 +108,15 @@ def test_a_strategy_missing_in_one_order_still_gets_its_other_groups():
     obj = {**OBJ, "strategies": ["replay", "full"],
            "runs": OBJ["runs"] + [{**OBJ["runs"][2], "strategy": "replay"}]}
     assert list(sq.sequential_block(obj)["groups"]) == ["replay/b-a", "full/a-b", "full/b-a"]
+
+
+def test_the_pooled_spread_is_over_each_seeds_own_runs():
+    # three seeds (with two, any pairing of a seed with the other's runs gives the same numbers)
+    from ptf.measures.stats import mean_std
+
+    b = sq.sequential_block(fake_sequential(seeds=(0, 1, 2)))
+    for s in ("full", "replay"):
+        per_seed = [sum(b["runs"][f"{s}/{o}/seed{k}"]["scalars"]["bwt"] for o in ("movies-tweets", "tweets-movies")) / 2
+                    for k in (0, 1, 2)]
+        assert b["strategies"][s]["strategy"] == s
+        assert b["strategies"][s]["mean_std"]["bwt"] == pytest.approx(mean_std(per_seed))
