@@ -33,7 +33,7 @@ test: setup
 # the score killed / (tried - equivalent), the group's wall time and CPU time per core (the wall
 # time depends on what else runs on the machine), and every mutant not killed.
 # `make mutate` runs the groups not marked optional (under 30 minutes on 2 cores), `make mutate-all`
-# every group (about 2 hours), `make mutate GROUPS="cl_metrics forgetting"` those named; the diff of
+# every group (over 2 hours), `make mutate GROUPS="cl_metrics forgetting"` those named; the diff of
 # one mutant:
 # `make mutate-show G=cl_metrics M=<mutant name>`; `make mutate-report` prints the table again
 # from the last run (after judging more survivors equivalent), without rerunning.

@@ -18,7 +18,7 @@ Out: per group, a scratch copy `<dir>/<group>` (a git repo, as some tests need o
      fails.
 
     python tests/mutate.py [--dir DIR] [GROUP ...]        # default: every group not `optional`
-    python tests/mutate.py --all [--dir DIR]                 # every group (about 2 hours)
+    python tests/mutate.py --all [--dir DIR]                 # every group (over 2 hours)
     python tests/mutate.py --report [--dir DIR] [GROUP ...]   # the table again, no new run
 
 A group marked `optional = true` runs only when named (or with --all), so that the default run
