@@ -42,7 +42,7 @@ from ptf.common.cli import main_guard
 from ptf.common.config import PARAMS_FILE, ConfigError, load_section
 from ptf.models.strategies import check_strategy
 from ptf.training.finetune_config import FinetuneCommon, load_stage_config
-from ptf.training.sweep_config import HeldOutKeys, Point, SweepSection, arm_for
+from ptf.training.sweep_config import HeldOutKeys, Point, SweepSection, arm_for, load_sweep
 
 TOGETHER = ("full", "lower_lr", "linear_probe", "freeze_bottom")   # plain task loss, one LR a run
 
@@ -178,10 +178,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
 
 def load_configs(path: Path = PARAMS_FILE) -> tuple[FinetuneCommon, SweepSection, HeldOutKeys]:
     """The three sections, validated; every strategy of `sweep.strategies` has its grid."""
-    cfg = load_section("sweep", SweepSection, path)
-    for s in cfg.strategies:
-        cfg.grid(s)
-    return load_stage_config(FinetuneCommon, path), cfg, load_section("forgetting", HeldOutKeys, path)
+    return load_stage_config(FinetuneCommon, path), load_sweep(path), load_section("forgetting", HeldOutKeys, path)
 
 
 def main() -> None:

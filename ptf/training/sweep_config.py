@@ -167,6 +167,16 @@ def arm_for(strategy: str, base: Arm, point: Point) -> Arm:
                           f"{point.knob}: {err['msg']}") from None
 
 
+def load_sweep(path) -> SweepSection:
+    """The `sweep` section, validated; every strategy of `sweep.strategies` has its grid."""
+    from ptf.common.config import load_section
+
+    cfg = load_section("sweep", SweepSection, path)
+    for s in cfg.strategies:
+        cfg.grid(s)
+    return cfg
+
+
 class HeldOutKeys(StrictModel):
     """The forgetting stage's held-out measure (its keys; the others are its own)."""
 
