@@ -8,7 +8,9 @@ In:  a workspace whose `dvc status` is clean (the page describes exactly the `dv
                                              exactly the arms params.yaml declares
        data/metrics/sequential.json          the accuracy matrices of the sequential runs
        data/metrics/forgetting.json          drift, gains, CL measures and the claims' verdicts
-     the figures of the forgetting stage: data/plots/{tradeoff,learning_curves,accuracy_matrix}.png;
+       data/metrics/frontier.json            the sweep's frontiers, claim 2 at matched accuracy
+     the figures of the forgetting stage: data/plots/{tradeoff,learning_curves,accuracy_matrix}.png and the
+     frontier stage's data/plots/frontier.png;
      data/models/pretrained/ and the best fine-tuned model (the evidence card);
      docs/results_notes.md: people's notes, one `## <name>` section each (`history`, always shown;
      `few_labels`, `forget_less` under a claim that is not reproduced; `general`).
@@ -42,7 +44,8 @@ from ptf.measures.outputs import read_matrix
 from ptf.report import evidence, sections
 from ptf.report import workspace as ws
 
-FIGURE_FILES = {name: paths.PLOTS / f"{name}.png" for name in ("tradeoff", "learning_curves", "accuracy_matrix")}
+FIGURE_FILES = {name: paths.PLOTS / f"{name}.png"
+                for name in ("tradeoff", "learning_curves", "accuracy_matrix", "frontier")}
 
 
 def param_differences(here: dict[str, Any], other: dict[str, Any], strategies: set[str]) -> str:
@@ -95,7 +98,7 @@ def run(root: Path = Path("."), repeats: int = 30, sentence: str = evidence.EXAM
     metrics = ws.load_metrics(root, matrix)
     for f in FIGURE_FILES.values():
         if not (root / f).is_file():
-            raise ws.ResultsError(f"{root / f}: missing figure; run `dvc repro forgetting`")
+            raise ws.ResultsError(f"{root / f}: missing figure; run `dvc repro`")
     reference, scratch = ws.reference_and_scratch(root)
     best = evidence.best_model(metrics["forgetting"])
     mdir = root / paths.FINETUNED / best[0] / best[1] / best[2]

@@ -44,6 +44,7 @@ from ptf.models.strategies import check_strategy
 from ptf.training.finetune_config import FinetuneCommon, load_stage_config
 from ptf.training.sweep_config import HeldOutKeys, Point, SweepSection, arm_for, load_sweep
 
+Config = SweepSection      # the stage's own section (tests/test_dag.py builds it from every params file)
 TOGETHER = ("full", "lower_lr", "linear_probe", "freeze_bottom")   # plain task loss, one LR a run
 
 

@@ -141,7 +141,13 @@ def test_scripts_import_no_private_name_and_no_tests(folder):
 UPSTREAM_MATRIX_KEYS = {"forgetting": ("finetune.runs",),
                         "representation": ("finetune.runs",),
                         "wise_ft": ("finetune.data", "forgetting.max_blocks", "forgetting.batch_size",
-                                    "forgetting.mask_prob", "forgetting.mask_seed", "forgetting.worse_margin")}
+                                    "forgetting.mask_prob", "forgetting.mask_seed", "forgetting.worse_margin"),
+                        # the arms' other values, the budget and the held-out measure: one measure, one budget
+                        "sweep": ("finetune.pooling", "finetune.data", "finetune.train", "finetune.arms.full",
+                                  "forgetting.max_blocks", "forgetting.batch_size", "forgetting.mask_prob",
+                                  "forgetting.mask_seed"),
+                        "frontier": ("forgetting.reference_strategy", "forgetting.alpha",
+                                     "forgetting.bootstrap_resamples", "forgetting.bootstrap_seed")}
 
 
 def _resolve(ref: str):

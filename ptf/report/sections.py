@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ptf.measures.claims import REPRODUCED
-from ptf.report import prose, sequential_section
+from ptf.report import frontier_section, prose, sequential_section
 from ptf.report.fmt import is_num, num, pct_digits, pm, table
 from ptf.report.foundation_section import section_foundation
 from ptf.report.representation_section import section_representation
@@ -313,6 +313,8 @@ def render_page(metrics: dict[str, Any], stamp: dict[str, Any], notes: dict[str,
     L += beside + [""] if beside else []
     wise = section_wise_ft(metrics["forgetting"])
     L += wise + ([""] if wise else [])
+    front = frontier_section.section(metrics.get("frontier"), fig)
+    L += front + ([""] if front else [])
     L += sequential_section.section(metrics["forgetting"].get("sequential"), reference, fig) + [""]
     L += section_claims(metrics["forgetting"], notes, reference, scratch) + [""]
     L += section_verdicts_by_task(metrics["forgetting"], metrics["curves"].get("task")) + [""]

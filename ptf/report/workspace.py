@@ -33,6 +33,7 @@ METRICS = {
     "forgetting": paths.METRICS / "forgetting.json",
     "baselines": paths.METRICS / "baselines.json",
     "representation": paths.METRICS / "representation.json",
+    "frontier": paths.METRICS / "frontier.json",
 }
 
 
@@ -159,11 +160,28 @@ def load_metrics(root: Path, matrix: outputs.Matrix) -> dict[str, Any]:
     if have != set(found["finetune"]):
         raise ResultsError(f"{root / METRICS['forgetting']}: describes the arms {sorted(have)}, but params.yaml "
                            f"declares {sorted(found['finetune'])}; rerun `dvc repro forgetting`")
+    check_frontier(root, found["frontier"])
     lacking = sorted(set(matrix.tasks) - set((found["baselines"].get("tasks") or {})))
     if lacking:
         raise ResultsError(f"{root / METRICS['baselines']}: no baselines of the declared tasks {lacking}; "
                            "add them to baselines.tasks and run `dvc repro baselines`")
     return found
+
+
+def check_frontier(root: Path, fr: dict[str, Any]) -> None:
+    """frontier.json must describe every task x strategy and configuration params.yaml's sweep
+    declares (the frontier stage refuses a sweep file that lacks one)."""
+    from ptf.training.sweep_config import load_sweep
+
+    cfg = load_sweep(root / "params.yaml")
+    rel = root / METRICS["frontier"]
+    for t in cfg.tasks:
+        for s in cfg.strategies:
+            have = {p["key"] for p in (((fr.get("tasks") or {}).get(t) or {}).get(s) or {}).get("points", [])}
+            lacking = [p.key for p in cfg.points(s) if p.key not in have]
+            if lacking:
+                raise ResultsError(f"{rel}: no configuration `{lacking[0]}` of sweep@{t}-{s}, which params.yaml "
+                                   "declares; rerun `dvc repro frontier`")
 
 
 def source_files(root: Path, matrix: outputs.Matrix) -> list[Path]:
