@@ -1,0 +1,163 @@
+"""Stages `sweep` and `frontier` on the tiny fixtures (a 2-layer Llama, task movies): every
+configuration of a grid is trained for every seed and measured; the in-memory held-out loss is
+the forgetting stage's measure of the saved model; the frontier stage refuses a sweep record
+that lacks a declared configuration; bad params fail with one error line before any work."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ptf.common.cli import StageError
+from ptf.common.config import ConfigError, parse_section
+from ptf.measures.drift import EvalSet
+from ptf.training.finetune_config import FinetuneCommon
+from ptf.training.sweep_config import HeldOutKeys, SweepSection
+from stages import frontier as F
+from stages import sweep as S
+from tests.finetune_fixtures import cfg_of, make_root, params, runs_of
+from tests.test_wise_ft import add_validation_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD = {"max_blocks": 8, "batch_size": 4, "mask_prob": 0.15, "mask_seed": 0}
+SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora"], "seeds": [0, 1], "lengths": [2, 3],
+         "grids": {"full": {"lrs": [1e-3, 3e-3]}, "lora": {"lrs": [1e-2], "knob": {"name": "r", "values": [2, 4]}}},
+         "levels": [0.5, 1.0], "experiment": "pretrain-finetune-forgetting"}
+DECIDE = F.DecisionKeys(reference_strategy="full", alpha=0.05, bootstrap_resamples=200, bootstrap_seed=0)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    root = make_root(tmp_path_factory.mktemp("sweep"))
+    add_validation_shards(root)
+    fc = cfg_of(params(runs=runs_of("movies", ["full", "lora"])), FinetuneCommon)
+    cfg, held = parse_section("sweep", SWEEP, SweepSection), parse_section("forgetting", HELD, HeldOutKeys)
+    res = {s: S.run(fc, cfg, held, "movies", s, root=root) for s in cfg.strategies}
+    (root / "data/metrics/baselines.json").write_text(json.dumps(
+        {"tasks": {"movies": {"majority": {"val_accuracy": 0.5}}}}))
+    yield root, fc, cfg, held, res
+    mp.undo()
+
+
+def test_every_configuration_and_seed_is_trained_and_measured(swept):
+    root, _, cfg, _, res = swept
+    for s, m in res.items():
+        assert json.loads(S.output_file(root, "movies", s).read_text()) == json.loads(json.dumps(m))
+        assert sorted(m["configs"]) == sorted(p.key for p in cfg.points(s))
+        n_blocks = len(m["blocks"]["base_sums"])
+        for key, c in m["configs"].items():
+            assert sorted(c["seeds"]) == ["0", "1"]
+            for r in c["seeds"].values():
+                assert len(r["lm_sums"]) == n_blocks and len(r["test_predictions"]) == len(m["test_labels"])
+                assert r["steps"] == c["steps"]
+                d = (np.asarray(r["lm_sums"]) - m["blocks"]["base_sums"]).sum() / sum(m["blocks"]["counts"])
+                assert r["delta_loss"] == pytest.approx(d)
+    assert res["full"]["trained_together"] is True and res["lora"]["trained_together"] is False
+    # the knob reached the model: LoRA r=2 and r=4 train differently
+    c = res["lora"]["configs"]
+    assert c["lr=0.01 steps=3 r=2"]["seeds"]["0"]["lm_sums"] != c["lr=0.01 steps=3 r=4"]["seeds"]["0"]["lm_sums"]
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_in_memory_drift_equals_the_forgetting_stage_measure_of_the_saved_model(swept, strategy, tmp_path):
+    """Train one model, save it as the finetune stage does, and measure it both ways: from the
+    directory (LoRA merged, `EvalSet.measure`) and in memory (LoRA layers live)."""
+    from ptf.data.tasks import load_task
+    from ptf.models.strategies import build_classifier
+    from ptf.training.finetuning import Context, fit, save_model
+
+    root, fc, _, held, _ = swept
+    ctx = Context.create(root, fc)
+    data = load_task(root, "movies", ctx.tokenizer, fc.data)
+    arm = getattr(fc.arms, strategy)
+    clf = build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=0, pooling=fc.pooling)
+    r = fit(ctx, clf, strategy, arm, arm.lrs[0] * 10, 0, data, data.train, 3, desc="t")
+    save_model(ctx, clf, strategy, data, tmp_path / "m", r)
+    es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob, held.mask_seed)
+    saved, live = es.measure(tmp_path / "m"), S.InMemoryDrift(es).sums(clf)
+    assert not np.allclose(saved, es.base_sums)          # it moved
+    np.testing.assert_allclose(live, saved, rtol=1e-5)
+
+
+def test_frontier_stage_writes_its_outputs_and_refuses_a_missing_configuration(swept, tmp_path):
+    import shutil
+
+    root, _, cfg, _, _ = swept
+    out = F.run(cfg, DECIDE, root)
+    assert json.loads((root / F.OUTPUT).read_text())["claims"].keys() == {"matched", "val_best"}
+    assert set(out["tasks"]["movies"]) == {"full", "lora"}
+    rows = (root / F.CSV).read_text().splitlines()
+    assert len(rows) == 1 + len(cfg.points("full")) + len(cfg.points("lora"))
+    assert (root / F.PNG).read_bytes()[:4] == b"\x89PNG"
+    copy = tmp_path / "r"
+    shutil.copytree(root / "data/metrics", copy / "data/metrics")
+    f = S.output_file(copy, "movies", "lora")
+    m = json.loads(f.read_text())
+    del m["configs"]["lr=0.01 steps=2 r=4"]
+    f.write_text(json.dumps(m))
+    with pytest.raises(StageError, match=r"lora\.json: no configuration `lr=0\.01 steps=2 r=4`, which "
+                                         r"sweep\.grids\.lora declares"):
+        F.run(cfg, DECIDE, copy)
+    m = json.loads(S.output_file(root, "movies", "lora").read_text())
+    del m["configs"]["lr=0.01 steps=3 r=2"]["seeds"]["1"]
+    f.write_text(json.dumps(m))
+    with pytest.raises(StageError, match="has no seed 1 of sweep.seeds"):
+        F.run(cfg, DECIDE, copy)
+
+
+def test_a_knob_value_the_arm_refuses_fails_before_training(swept):
+    root, fc, _, held, _ = swept
+    bad = parse_section("sweep", {**SWEEP, "grids": {**SWEEP["grids"], "lora": {"lrs": [1e-2], "knob": {"name": "r", "values": [0]}}}},
+                        SweepSection)
+    with pytest.raises(ConfigError, match=r"sweep\.grids\.lora\.knob\.values: 0 for r"):
+        S.run(fc, bad, held, "movies", "lora", root=root)
+    with pytest.raises(ConfigError, match="sweep.tasks: no task 'source'"):
+        S.run(fc, bad, held, "source", "full", root=root)
+
+
+def write_params(dest: Path, change) -> Path:
+    """params.yaml with its `sweep` section changed by `change`."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params = yaml.load((ROOT / "params.yaml").read_text())
+    sweep = json.loads(json.dumps(params["sweep"]))
+    change(sweep)
+    params["sweep"] = sweep
+    with open(dest / "params.yaml", "w") as f:
+        yaml.dump(params, f)
+    return dest / "params.yaml"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(seeds=[0]), "sweep.seeds: got [0]; expected: List should have at least 2 items"),
+    (lambda s: s.update(seeds=[0, 0]), "a seed is repeated: 0"),
+    (lambda s: s.update(lengths=[10, 0]), "every length (optimizer steps) must be > 0"),
+    (lambda s: s["grids"]["full"].update(lrs=[]), "sweep.grids.full.lrs: got []"),
+    (lambda s: s["grids"]["lora"]["knob"].update(name="rank"), "'rank' is not a key of finetune.arms.lora"),
+    (lambda s: s["grids"].pop("lora"), "sweep.grids.lora: missing"),
+    (lambda s: s.update(strategies=["scratch"]), "'scratch' cannot be swept yet"),
+])
+def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError) as e:
+        S.load_configs(write_params(tmp_path, change))
+    assert message in str(e.value)
+    with pytest.raises(ConfigError):
+        F.load_configs(tmp_path / "params.yaml")
+
+
+def test_the_stage_fails_with_one_error_line_before_any_work(tmp_path):
+    write_params(tmp_path, lambda s: s.update(seeds=[0]))
+    p = subprocess.run([sys.executable, "-m", "stages.sweep", "--task", "source", "--strategy", "full"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid params: sweep.seeds"), p.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]   # nothing written
