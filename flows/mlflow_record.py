@@ -62,6 +62,7 @@ NO_PRODUCER = "no producing run in this tracking store"
 TRACKING_DEP = "ptf/training/tracking.py"  # a stage that imports it logs runs (deps: tests/test_dag.py)
 SUMMARY_MD = paths.METRICS / "forgetting_summary.md"
 FORGETTING_JSON = paths.METRICS / "forgetting.json"
+FRONTIER_JSON = paths.METRICS / "frontier.json"
 NOTE_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
 STATUS_LINES = {r"Running stage '(.+?)'": "ran", r"Stage '(.+?)' is cached - skipping run": "restored",
                 r"Stage '(.+?)' didn't change, skipping": "up to date"}
@@ -249,7 +250,10 @@ def attach_measures(client: Any, root: Path, stage_runs: dict[str, Any], childre
                     log_numbers(client, c.info.run_id, per_seed)
         if stage == "sequential" and m["sequential"]:
             log_numbers(client, run.info.run_id, m["sequential"])
-    return m["verdicts"]
+    front = read_json(root / FRONTIER_JSON)   # claim 2 decided on the sweep's frontiers
+    extra = {f"forget_less_{k}": c["verdict"] for k, c in ((front or {}).get("claims") or {}).items()
+             if isinstance(c, dict) and c.get("verdict")}
+    return {**m["verdicts"], **extra}
 
 
 def summarise(client: Any, root: Path, pipeline: str, verdicts: dict[str, str]) -> None:

@@ -127,6 +127,7 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     params = read_params(REPO / "params.yaml")
     params["finetune"]["runs"] = runs_of("movies", STRATEGIES)
     params["forgetting"]["bootstrap_resamples"] = 500
+    params["sweep"] = {**params["sweep"], **SWEEP}
     (root / "params.yaml").write_text(json.dumps(params, indent=2))   # JSON is YAML
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n# fake lock\n")
     cfg = load_section("forgetting", fg.Config, root / "params.yaml")
@@ -175,6 +176,7 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     }
     write(root, "data/metrics/forgetting.json", forgetting)
     write(root, "data/metrics/representation.json", REP)   # its section: tests/test_representation_section.py
+    fake_frontier(root)
     for name in ("tradeoff", "learning_curves", "accuracy_matrix"):
         p = root / "data/plots" / f"{name}.png"
         p.write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode())
@@ -183,6 +185,28 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     t, s, seed, _ = evidence.best_model(forgetting)
     save_classifier(pre, root / "data/models/finetuned" / t / s / seed, s)
     return root
+
+
+SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora"], "seeds": SEEDS, "lengths": [20],
+         "grids": {"full": {"lrs": [1e-4, 3e-4]}, "lora": {"lrs": [1e-3], "knob": {"name": "r", "values": [2, 8]}}}}
+
+
+def fake_frontier(root: Path) -> None:
+    """Sweep records of the declared grid (fabricated accuracies and block losses), then the
+    frontier stage's own `run` on them: frontier.json, frontier.csv, frontier.png."""
+    from stages import frontier as F
+    from tests.test_frontier import sweep
+
+    cfg, dec = F.load_configs(root / "params.yaml")
+    for s in cfg.strategies:
+        recs = {p.key: {"acc": val(0.6, 0.9), "test": [val(0.6, 0.9) for _ in SEEDS],
+                        "delta": [np.full(16, val(0.0, 0.3)) + np.linspace(-0.05, 0.05, 16) for _ in SEEDS]}
+                for p in cfg.points(s)}
+        rec = sweep(recs, n_blocks=16, n_test=N_TEST, seed=R.randint(0, 10 ** 6))
+        for key, p in zip(rec["configs"], cfg.points(s)):
+            rec["configs"][key].update(lr=p.lr, steps=p.steps, knob=p.knob, value=p.value)
+        write(root, f"data/metrics/sweep/movies/{s}.json", rec)
+    F.run(cfg, dec, root)
 
 
 NOTES = ("# Notes\n\n## history\nThe task was `movies` first, then `source`: *chosen on test numbers*.\n\n"
@@ -590,3 +614,25 @@ def test_baselines_of_every_declared_task_are_required(fake, tmp_path):
     with pytest.raises(rs.ws.ResultsError, match=r"baselines.json: no baselines of the declared tasks \['movies'\]"):
         rs.run(root, status_fn=lambda r: {})
 
+
+
+def test_frontier_cells(fake, page):
+    """Each row of the frontier table is its strategy's validation-best point in frontier.json,
+    recomputed here from the sweep records (mean over seeds; Δ on the odd-position blocks)."""
+    fr = load(fake, "frontier")
+    maj = fr["majority_val"]["movies"]
+    want = []
+    for s in ("full", "lora"):
+        rec = json.loads((fake / f"data/metrics/sweep/movies/{s}.json").read_text())
+        best_key = fr["tasks"]["movies"][s]["val_best"]
+        seeds = rec["configs"][best_key]["seeds"].values()
+        base, counts = np.asarray(rec["blocks"]["base_sums"]), np.asarray(rec["blocks"]["counts"])
+        odd = np.arange(1, len(base), 2)
+        delta = np.mean([(np.asarray(r["lm_sums"])[odd] - base[odd]).sum() / counts[odd].sum() for r in seeds])
+        acc = np.mean([r["val_accuracy"] for r in seeds])
+        assert acc == max(np.mean([r["val_accuracy"] for r in c["seeds"].values()]) for c in rec["configs"].values())
+        want.append([f"`{s}`", str(len(rec["configs"])), str(len(fr["tasks"]["movies"][s]["frontier"])),
+                     f"`{best_key}`", f(acc), f(acc - maj, sign=True),
+                     f(np.mean([r["test_accuracy"] for r in seeds])), f(delta, 4)])
+    assert table_rows(page, "| strategy | configurations | on its frontier |") == want
+    assert f"**Verdict: {fr['claims']['matched']['verdict']}.**" in page
