@@ -13,21 +13,25 @@ Part 1, `probe` (the default run's pretrained model, data/models/pretrained):
   presence vector: how far words alone go). Every task (movies, amazon, nyt, tweets, and the
   4-way `source` task), label budgets of 20 / 100 / 400 / all (capped at finetune.data.max_train)
   examples, `--seeds` stratified draws each. The probe is multinomial logistic regression
-  (L-BFGS, full batch) on standardised features; its L2 strength is chosen on the validation
-  split from a grid, as the pipeline chooses LRs. Test accuracy, mean +- std over the draws.
+  (L-BFGS, full batch) on standardised features. Every number is VALIDATION accuracy,
+  cross-fitted: the probe's L2 is chosen from a grid on one half of the validation split (by
+  position) and scored on the other, both ways round, and the two halves pooled. The test
+  split, which the pipeline's final evaluation reads once, is never read here: these numbers
+  choose the defaults. Mean +- std over the draws.
 
 Part 2, `pretrain` (short pretraining runs, each given the same wall-clock budget `--budget-s`):
   one variant per question, every other setting as in params.yaml:
-    base        clm, Llama d=192 x 4 layers, vocab 8192, block 128, task-adaptive text on
+    base        the default: clm, Llama d=128 x 2 layers, vocab 8192, block 128, task text on
     no_tapt     without the tasks' training text in the corpus (Gururangan et al. 2020)
     mlm         BERT masked LM (wordpiece 8192, lr 5e-4: post-LN BERT stalls higher)
     block64     sequence length 64 (task sentences are ~32 tokens)
-    small       d=128 x 2 layers;        wide   d=256 x 4 layers
+    d192x4      d=192 x 4 layers (the previous default);   d256x4   d=256 x 4 layers
     vocab4k     vocabulary 4096;         vocab16k  vocabulary 16384
   The number of steps of each variant is set from its own throughput, measured by a short run
   just before, so that all get about the same CPU time. Reported: validation loss in bits per
   character (comparable across vocabularies; clm only), perplexity against the unigram baseline,
-  and the Part 1 probe (mean pooling, all labels and 100 labels, 3 draws) on movies and source.
+  and the Part 1 probe (mean pooling, all labels and 100 labels, 3 draws, cross-fitted validation
+  accuracy) on movies and source.
   Each variant runs the real stages (stages.tokenizer/tokenize/pretrain `run`) in a scratch
   root under bench/results/transfer/roots/ (git-ignored); data/ is only read.
 """
@@ -58,7 +62,7 @@ REPORT = REPO / "docs" / "campaign.md"
 TASKS = ["movies", "amazon", "nyt", "tweets", "source"]
 LABEL_BUDGETS = [20, 100, 400, None]          # None: all (finetune.data.max_train)
 L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]       # per-example L2 strength of the probe
-VARIANTS = {
+VARIANTS = {   # each against `base`, the default model of params.yaml (Llama d=128 x 2 layers)
     "base": {},
     "no_tapt": {"tapt": False},
     "mlm": {"tokenizer": {"kind": "wordpiece",
@@ -66,8 +70,8 @@ VARIANTS = {
                                              "sep": "[SEP]", "mask": "[MASK]"}},
             "pretrain": {"objective": "mlm", "lr": 5e-4}},
     "block64": {"tokenize": {"block_size": 64}, "pretrain": {"batch_size": 64}},
-    "small": {"pretrain": {"model": {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 344}}},
-    "wide": {"pretrain": {"model": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 688}}},
+    "d192x4": {"pretrain": {"model": {"hidden": 192, "layers": 4, "heads": 4, "intermediate": 512}}},
+    "d256x4": {"pretrain": {"model": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 688}}},
     "vocab4k": {"tokenizer": {"vocab_size": 4096}},
     "vocab16k": {"tokenizer": {"vocab_size": 16384}},
 }
@@ -148,14 +152,23 @@ def fit_probe(xtr, ytr, n_classes: int, l2: float, standardize: bool = True):
     return lambda xs: (((xs - mu) / sd) @ w + b).argmax(-1)
 
 
+def halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split's two halves, by position (even, odd)."""
+    return torch.arange(0, n, 2), torch.arange(1, n, 2)
+
+
 def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classes: int,
           budgets: list[int | None], seeds: int, standardize: bool = True) -> dict[str, dict]:
-    """Test accuracy (mean, std over `seeds` stratified draws) per label budget; L2 on validation."""
+    """Validation accuracy, cross-fitted (mean, std over `seeds` stratified draws) per label
+    budget. The test split is not read: the L2 is chosen on one half of the validation split and
+    the accuracy scored on the other, both ways round, and the two scores pooled (so the number
+    reported is never the one the L2 was chosen on)."""
     from ptf.data.tasks import stratified_fraction
     from ptf.measures.stats import mean_std
 
     ytr_all = torch.tensor(labels["train"])
-    yva, yte = torch.tensor(labels["validation"]), torch.tensor(labels["test"])
+    yva = torch.tensor(labels["validation"])
+    halves_ = halves(len(yva))
     out = {}
     for n in budgets:
         accs, l2s = [], []
@@ -163,14 +176,17 @@ def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classe
         for s in range(seeds if n is not None else 1):   # all labels: one draw, nothing to vary
             idx = torch.tensor(stratified_fraction(labels["train"], frac, s))
             xtr, ytr = feats["train"][idx], ytr_all[idx]
-            best = None
+            right = {}
             for l2 in L2_GRID:
                 pred = fit_probe(xtr, ytr, n_classes, l2, standardize)
-                va = (pred(feats["validation"]) == yva).float().mean().item()
-                if best is None or va > best[0]:
-                    best = (va, l2, (pred(feats["test"]) == yte).float().mean().item())
-            accs.append(best[2])
-            l2s.append(best[1])
+                right[l2] = (pred(feats["validation"]) == yva).float()
+            correct, chosen = 0.0, []
+            for pick, score in (halves_, halves_[::-1]):
+                l2 = max(L2_GRID, key=lambda v: (right[v][pick].mean().item(), -L2_GRID.index(v)))
+                correct += right[l2][score].sum().item()
+                chosen.append(l2)
+            accs.append(correct / len(yva))
+            l2s.append(chosen)
         ms = mean_std(accs)
         out["all" if n is None else str(n)] = {"mean": ms["mean"], "std": ms["std"], "n": len(idx),
                                                "draws": len(accs), "l2": l2s}
@@ -199,7 +215,7 @@ def probe_model(model_dir: Path, tasks: list[str], budgets, seeds: int, kinds=("
     res: dict = {}
     for task in tasks:
         d = load_task(REPO, task, tok, data_cfg)   # the pipeline's own tokenized, capped splits
-        splits = {"train": d.train, "validation": d.validation, "test": d.test}
+        splits = {"train": d.train, "validation": d.validation}   # the test split is not read
         labels = {s: sp.labels for s, sp in splits.items()}
         res[task] = {}
         for kind, bb in backbones.items():
@@ -211,7 +227,8 @@ def probe_model(model_dir: Path, tasks: list[str], budgets, seeds: int, kinds=("
             f = {s: bag_of_tokens(sp.ids, len(tok)) for s, sp in splits.items()}
             res[task]["bag_of_tokens"] = probe(f, labels, d.n_classes, budgets, seeds,
                                                standardize=False)
-        res[task]["_majority"] = max(labels["test"].count(c) for c in set(labels["test"])) / len(labels["test"])
+        va = labels["validation"]
+        res[task]["_majority"] = max(va.count(c) for c in set(va)) / len(va)
         print(f"probe {model_dir.name} {task}: " + ", ".join(
             f"{k} {v['all']['mean']:.3f}" for k, v in res[task].items() if not k.startswith("_")),
             flush=True)
@@ -267,7 +284,8 @@ def bits_per_char(root: Path, val_loss: float) -> float:
 def run_variant(name: str, budget_s: float, roots: Path, seeds: int) -> dict:
     import shutil
 
-    from ptf.common import paths, pretrain
+    from ptf.common import paths
+    from stages import pretrain
     from ptf.common.config import parse_section
 
     variant = VARIANTS[name]
@@ -313,15 +331,16 @@ def report(probe_res: dict | None, variants: dict[str, dict], budget_s: float, s
              "(rerun it to regenerate them); how each number is measured is in its docstring.*", ""]
     if probe_res:
         lines += ["### 1. Linear probe on frozen features (the default run's pretrained model)", "",
-                  f"Test accuracy, mean ± std over {seeds} stratified label draws (one draw for "
-                  "*all*); the probe's L2 is chosen on validation. *random* is the same "
+                  f"Validation accuracy, cross-fitted, mean ± std over {seeds} stratified label draws "
+                  "(one draw for *all*): the probe's L2 is chosen on one half of the validation split "
+                  "and scored on the other, both ways round; the test split is not read. *random* is the same "
                   "architecture at random init; *bag of tokens* is a probe on token presence.", ""]
         feats = ["pretrained/mean", "pretrained/last", "random/mean", "random/last", "bag_of_tokens"]
         for task in (t for t in TASKS if t in probe_res):
             by_feat = probe_res[task]
             budgets = ["all" if b is None else str(b) for b in LABEL_BUDGETS]
             n_all = by_feat[feats[0]]["all"]["n"]
-            lines += [f"**{task}** (majority class {by_feat['_majority']:.3f}; all = {n_all} labels)", "",
+            lines += [f"**{task}** (majority class {by_feat['_majority']:.3f} of validation; all = {n_all} labels)", "",
                       "| features | " + " | ".join(f"{b} labels" for b in budgets) + " |",
                       "|---|" + "---|" * len(budgets)]
             for feat in feats:
@@ -333,7 +352,7 @@ def report(probe_res: dict | None, variants: dict[str, dict], budget_s: float, s
                   "everything else as in params.yaml. bits/char: validation loss per character "
                   "(comparable across vocabularies; masked LM loss is not). ppl / unigram: "
                   "perplexity over the unigram baseline of the same targets (lower is better). "
-                  "Probe: Part 1's mean-pooled probe on this model, test accuracy.", "",
+                  "Probe: Part 1's mean-pooled probe on this model, cross-fitted validation accuracy.", "",
                   "| variant | params | steps | tokens/s | train s | bits/char | ppl / unigram "
                   "| movies 100 | movies all | source 100 | source all |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -376,13 +395,13 @@ def main() -> None:
     t0 = time.perf_counter()
     probe_res = None
     if args.part in ("probe", "all"):
-        probe_res = _cached(f"probe-s{args.seeds}", lambda: probe_model(
+        probe_res = _cached(f"probe-s{args.seeds}-val", lambda: probe_model(
             REPO / paths.PRETRAINED, TASKS, LABEL_BUDGETS, args.seeds))
     variants = {}
     if args.part in ("pretrain", "all"):
         roots = OUT / "roots"
         for name in args.variants:
-            variants[name] = _cached(f"variant-{name}-{args.budget_s:g}s", lambda name=name: run_variant(
+            variants[name] = _cached(f"variant-{name}-{args.budget_s:g}s-val", lambda name=name: run_variant(
                 name, args.budget_s, roots, min(args.seeds, 3)))
     text = report(probe_res, variants, args.budget_s, args.seeds)
     write_report(text)
