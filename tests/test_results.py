@@ -529,6 +529,18 @@ def test_a_declared_arm_missing_or_undescribed_is_refused(fake, tmp_path):
     assert not (root / "docs/results.md").exists()
 
 
+def test_a_sweep_configuration_missing_from_the_frontier_is_refused(fake, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(fake, root, ignore=shutil.ignore_patterns("docs", "models"))
+    params = json.loads((root / "params.yaml").read_text())
+    params["sweep"]["grids"]["lora"]["knob"]["values"] = [2, 8, 32]   # declared now, never swept
+    (root / "params.yaml").write_text(json.dumps(params))
+    with pytest.raises(rs.ws.ResultsError, match=r"frontier.json: no configuration `lr=0.001 steps=20 r=32` "
+                                                 r"of sweep@movies-lora, which params.yaml declares"):
+        rs.run(root, status_fn=lambda r: {})
+    assert not (root / "docs/results.md").exists()
+
+
 # ---------------------------------------------------------------- dvc status must be clean
 
 def test_unclean_dvc_status_refuses(tmp_path):
