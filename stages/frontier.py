@@ -109,10 +109,11 @@ def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims:
                     "-o", ms=4, color=cmap(i % 10), label=f"{s} ({len(pts)} configs)")
         levels = sorted({c["level"] for c in claims["matched"]["comparisons"].values() if c["task"] == t})
         for lv in levels:
-            ax.axhline(lv - majority[t], color="grey", lw=0.6, ls=":")
+            ax.axhline(lv - majority[t], color="grey", lw=0.5, ls=":", alpha=0.6)
         ax.axvline(0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("symlog", linthresh=0.01)   # drifts span 0.001 to ~1 nats/token: linear below 0.01
         ax.set_title(f"{t}: learning vs forgetting, every configuration (mean over seeds)")
-        ax.set_xlabel("forgetting: Δ held-out LM loss, selection half (nats/token)")
+        ax.set_xlabel("forgetting: Δ held-out LM loss, selection half (nats/token; log scale above 0.01)")
         ax.set_ylabel(f"learning: validation accuracy − majority rate ({majority[t]:.3f})")
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
