@@ -90,14 +90,18 @@ def rows(tasks: dict[str, dict[str, Any]], majority: dict[str, float]) -> list[d
     return out
 
 
-def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims: dict[str, Any]) -> bytes:
+def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims: dict[str, Any],
+           missing: str | None = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 9})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7 * max(1, len(tasks)), 5), squeeze=False)
+    if missing:   # said on the figure, as the forgetting stage's trade-off says it
+        axes[0][0].text(0.5, 0.5, "no Δ LM loss measured\n(the pretrained model has no LM head)",
+                        ha="center", va="center", transform=axes[0][0].transAxes)
     cmap = plt.get_cmap("tab10")
     for ax, (t, by_s) in zip(axes[0], sorted(tasks.items())):
         for i, (s, f) in enumerate(sorted(by_s.items())):
@@ -128,6 +132,15 @@ def run(cfg: SweepSection, dec: DecisionKeys, root: Path = Path(".")) -> dict[st
     t0 = time.perf_counter()
     sweeps = {t: {s: read_sweep(root, cfg, t, s) for s in cfg.strategies} for t in cfg.tasks}
     majority = majority_rates(root, cfg.tasks)
+    why = next((sw["not_applicable"] for by_s in sweeps.values() for sw in by_s.values()
+                if sw.get("blocks") is None), None)
+    if why is not None:   # no LM head: no drift, no frontier; said, not judged
+        out = {"reference": dec.reference_strategy, "applicable": False, "missing": why, "tasks": {}, "claims": {},
+               "wall_time_s": time.perf_counter() - t0}
+        write_text(root / CSV, ",".join(CSV_FIELDS) + "\n")
+        write_bytes(root / PNG, figure({}, majority, {}, why))
+        write_json(root / OUTPUT, out)
+        return out
     tasks = {t: fr.task_frontiers(by_s) for t, by_s in sweeps.items()}
     claims = fr.claims(sweeps, majority, dec, cfg.levels)
     out = {"reference": dec.reference_strategy, "levels": list(cfg.levels), "majority_val": majority,

@@ -10,10 +10,11 @@ In:  data/models/pretrained, data/tasks/<task>/, data/shards/ (the held-out bloc
      measure (`forgetting.max_blocks`, `batch_size`, `mask_prob`, `mask_seed`).
 Out: data/metrics/sweep/<task>/<strategy>.json (git-tracked): the grid, the gold validation and
      test labels, the held-out blocks (indices, the pretrained LM's per-block summed NLL, tokens
-     per block), and per configuration and seed: validation and test accuracy at the
+     per block; null for a foundation without an LM head, whose drift is not applicable), and per
+     configuration and seed: validation and test accuracy at the
      best-validation step, best step, train time, test predictions and the per-block summed NLL
      of its backbone under the pretrained LM head; one MLflow run per configuration
-     (stage `sweep`, tags task, strategy, lr, steps, knob; each seed's numbers and their mean).
+     and seed under the stage's run (stage `sweep`, tags task, strategy, seed, lr, steps, knob).
 
 Protocol. Each configuration is a run of the shared loop at its own length (warmup-cosine over
 its steps) that keeps its best-validation weights, as the finetune stage's runs do. Nothing is
@@ -127,7 +128,7 @@ def _train(ctx, data, strategy: str, cfg: SweepSection, points: list[Point], arm
 def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, strategy: str,
         root: Path = Path(".")) -> dict[str, Any]:
     from ptf.data.tasks import load_task
-    from ptf.measures.drift import EvalSet
+    from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
     from ptf.models.strategies import build_classifier
     from ptf.training.finetuning import Context, preflight
     from ptf.training.tracking import check_reachable, start_run, tracking_uri
@@ -141,37 +142,39 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
     preflight(ctx, strategy, data)
     for arm in {id(a): a for a in arms.values()}.values():   # each knob value builds (e.g. frozen layers)
         build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=0, pooling=fc.pooling)
-    es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob,
-                       held.mask_seed)
-    drift = InMemoryDrift(es)
+    es = None        # a foundation without an LM head: accuracy only (its drift is not applicable)
+    if lm_objective(ctx.pretrained) is not None:
+        es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob,
+                           held.mask_seed)
+    drift = InMemoryDrift(es) if es is not None else None
     check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {p.key: {"lr": p.lr, "steps": p.steps, "knob": p.knob,
                                                   "value": p.value, "seeds": {}} for p in points}
     together = trains_together(ctx, data, strategy, arms[points[0]])
     for p, seed, clf, r in _train(ctx, data, strategy, cfg, points, arms, together):
-        sums = drift.sums(clf)
         rec = {k: r[k] for k in ("val_accuracy", "test_accuracy", "best_step", "steps", "train_time_s")}
-        rec["delta_loss"] = float((sums - es.base_sums).sum() / es.counts.sum())
-        rec.update(test_predictions=r["test_predictions"], lm_sums=[float(x) for x in sums])
+        rec.update(delta_loss=None, test_predictions=r["test_predictions"], lm_sums=None)
+        if drift is not None:
+            sums = drift.sums(clf)
+            rec.update(delta_loss=float((sums - es.base_sums).sum() / es.counts.sum()),
+                       lm_sums=[float(x) for x in sums])
         results[p.key]["seeds"][str(seed)] = rec
-    for p in points:   # one MLflow run per configuration, its seeds' numbers side by side
-        tags = {"task": task, "strategy": strategy, "lr": f"{p.lr:g}", "steps": str(p.steps),
-                **({"knob": f"{p.knob}={p.value:g}"} if p.knob else {})}
+        tags = {"task": task, "strategy": strategy, "seed": str(seed), "lr": f"{p.lr:g}",
+                "steps": str(p.steps), **({"knob": f"{p.knob}={p.value:g}"} if p.knob else {})}
         with start_run("sweep", {"sweep": cfg.model_dump(), "arm": arms[p].model_dump()}, tags, root=root,
-                       experiment=cfg.experiment) as mlrun:
-            by_seed = results[p.key]["seeds"]
-            mlrun.log({f"{k}.seed{s}": float(rec[k]) for s, rec in by_seed.items()
-                       for k in ("val_accuracy", "test_accuracy", "delta_loss", "train_time_s")}
-                      | {f"{k}.mean": float(np.mean([rec[k] for rec in by_seed.values()]))
-                         for k in ("val_accuracy", "test_accuracy", "delta_loss")}, step=p.steps)
+                       experiment=cfg.experiment) as mlrun:   # a configuration run under the stage's run
+            mlrun.log({k: float(rec[k]) for k in ("val_accuracy", "test_accuracy", "delta_loss", "train_time_s")
+                       if rec[k] is not None}, step=rec["steps"])
     grid = cfg.grid(strategy)
     metrics = {"task": task, "strategy": strategy, "seeds": list(cfg.seeds), "lengths": list(cfg.lengths),
                "lrs": list(grid.lrs), "knob": grid.knob.model_dump() if grid.knob else None,
-               "trained_together": together, "objective": es.objective,
+               "trained_together": together, "objective": es.objective if es is not None else None,
                "validation_labels": list(data.validation.labels), "test_labels": list(data.test.labels),
-               "blocks": {"indices": list(es.indices), "base_sums": [float(x) for x in es.base_sums],
-                          "counts": [int(x) for x in es.counts]},
+               "blocks": None if es is None else {"indices": list(es.indices),
+                                                  "base_sums": [float(x) for x in es.base_sums],
+                                                  "counts": [int(x) for x in es.counts]},
+               **({"not_applicable": NO_LM_HEAD} if es is None else {}),
                "configs": results, "wall_time_s": time.perf_counter() - t0}
     write_json(output_file(root, task, strategy), metrics)
     return metrics

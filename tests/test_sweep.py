@@ -161,3 +161,25 @@ def test_the_stage_fails_with_one_error_line_before_any_work(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid params: sweep.seeds"), p.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]   # nothing written
+
+
+def test_without_an_lm_head_the_frontier_says_so_and_judges_nothing(swept, tmp_path):
+    """A foundation without an LM head: the sweep records accuracy only (`blocks` null); the
+    frontier stage and the page say the drift is not applicable, with no verdict."""
+    import shutil
+
+    from ptf.measures.drift import NO_LM_HEAD
+    from ptf.report import frontier_section
+
+    root, _, cfg, _, _ = swept
+    copy = tmp_path / "r"
+    shutil.copytree(root / "data/metrics", copy / "data/metrics")
+    for s in cfg.strategies:
+        f = S.output_file(copy, "movies", s)
+        m = json.loads(f.read_text())
+        m.update(blocks=None, objective=None, not_applicable=NO_LM_HEAD)
+        f.write_text(json.dumps(m))
+    out = F.run(cfg, DECIDE, copy)
+    assert out["applicable"] is False and out["claims"] == {}
+    text = "\n".join(frontier_section.section(json.loads((copy / F.OUTPUT).read_text())))
+    assert f"**Not measured on LM drift**: {NO_LM_HEAD}." in text and "Verdict" not in text

@@ -89,6 +89,9 @@ def section(fr: dict[str, Any] | None, fig: str = "figures") -> list[str]:
     if not fr:
         return []
     ref = fr["reference"]
+    if fr.get("applicable") is False:
+        return ["## Learning vs forgetting: the frontiers of the sweep", "",
+                f"**Not measured on LM drift**: {fr.get('missing')}."]
     L = ["## Learning vs forgetting: the frontiers of the sweep", "",
          "Every configuration of every strategy's grid was trained for every seed, and each model's "
          "validation accuracy and held-out LM loss were measured before it was let go (stages "
@@ -107,7 +110,7 @@ def section(fr: dict[str, Any] | None, fig: str = "figures") -> list[str]:
           "lines are the matched accuracy levels.*", ""]
     matched, best = fr["claims"]["matched"], fr["claims"]["val_best"]
     qs = ", ".join(f"{q:g}" for q in fr["levels"])
-    L += [f"### Claim 2 at matched accuracy: does a strategy forget less than `{ref}` for the same accuracy?", "",
+    L += [f"### Forgetting at matched accuracy: does a strategy forget less than `{ref}` for the same accuracy?", "",
           f"**Verdict: {matched['verdict']}.** {prose.counts_sentence(matched)} The levels are {qs} of the "
           f"way from the majority rate to the lower of the two strategies' best validation accuracies; at "
           f"each, each strategy contributes its least-forgetting configuration that reaches the level. "
@@ -117,7 +120,7 @@ def section(fr: dict[str, Any] | None, fig: str = "figures") -> list[str]:
     L += ["", "By strategy: " + "; ".join(strategy_verdicts(matched)) + "." if comps else ""]
     for why in (construction_sentence(matched, ref), objective_sentence(matched)):
         L += ["", why] if why else []
-    L += ["", f"### Claim 2 at each strategy's validation-best configuration", "",
+    L += ["", "### Forgetting at each strategy's validation-best configuration", "",
           f"**Verdict: {best['verdict']}.** {prose.counts_sentence(best)}", ""]
     comps = best.get("comparisons") or {}
     L += [f"- {comparison_line(k, comps[k], ref)}." for k in sorted(comps)]
