@@ -33,7 +33,7 @@ from flows.plots_offline import TEMPLATE, inlined
 from tests.smoke import free_port, pipeline_env
 
 SHOTS = os.environ.get("PTF_SCREENSHOTS")
-LOGGING_STAGES = ("pretrain", "finetune", "curves", "sequential", "wise_ft", "forgetting")   # representation, baselines: no MLflow run
+LOGGING_STAGES = ("pretrain", "finetune", "curves", "sequential", "sweep", "wise_ft", "forgetting")   # representation, baselines: no MLflow run
 
 
 def copy_store(src_db: Path, dest: Path) -> Path:
