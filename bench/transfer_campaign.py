@@ -245,7 +245,8 @@ def _params() -> dict:
 def prepare_data(variant: dict, roots: Path) -> Path:
     """A root with data/corpus (+ tasks) and the variant's tokenizer and shards, shared by every
     variant with the same corpus, tokenizer and tokenize settings."""
-    from ptf.common import paths, tokenize, tokenizer
+    from ptf.common import paths
+    from stages import tokenize, tokenizer
     from ptf.common.config import parse_section
 
     p = _params()

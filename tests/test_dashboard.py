@@ -30,10 +30,11 @@ import pytest
 from flows import mlflow_view as view
 from flows.dashboard import serving
 from flows.plots_offline import TEMPLATE, inlined
+from ptf.common.config import read_params
 from tests.smoke import free_port, pipeline_env
 
 SHOTS = os.environ.get("PTF_SCREENSHOTS")
-LOGGING_STAGES = ("pretrain", "finetune", "curves", "sequential", "wise_ft", "forgetting")   # representation, baselines: no MLflow run
+LOGGING_STAGES = ("pretrain", "finetune", "curves", "sequential", "sweep", "wise_ft", "forgetting")   # representation, baselines: no MLflow run
 
 
 def copy_store(src_db: Path, dest: Path) -> Path:
@@ -126,6 +127,19 @@ def test_each_configuration_and_seed_is_a_named_run_under_its_stage_run(dash):
                 assert re.fullmatch(rf"{task}/{strategy} lr=[0-9.e-]+", t["configuration"])
                 assert t["objective"] in ("mlm", "clm") and t["objective"] in t["foundation"]
             assert sum(k.data.tags["ptf.selected"] == "true" for k in kids) == 1  # one seed in smoke
+        elif stage.startswith("sweep@"):   # one run per configuration of the grid and seed
+            task, strategy = stage.split("@")[1].split("-", 1)
+            sw = read_params(dash["repo"] / "params.yaml")["sweep"]
+            grid = sw["grids"][strategy]
+            want = sorted((f"{lr:g}", str(n), str(seed)) for lr in grid["lrs"] for n in sw["lengths"]
+                          for seed in sw["seeds"])
+            got = sorted((k.data.tags["lr"], k.data.tags["steps"], k.data.tags["seed"]) for k in kids)
+            assert got == want, stage
+            for k in kids:
+                t = k.data.tags
+                assert (t["task"], t["strategy"], t["ptf.level"]) == (task, strategy, "configuration")
+                assert k.info.run_name == f"sweep {t['configuration']} seed={t['seed']}"
+                assert {"val_accuracy", "test_accuracy", "delta_loss"} <= set(k.data.metrics)
         elif stage == "curves":
             got = sorted(k.info.run_name for k in kids)
             assert got and all(re.fullmatch(r"curves movies/\w+ (10|100)% seed=0", n) for n in got), got

@@ -395,7 +395,7 @@ def test_every_stage_that_logs_has_its_run_under_the_flows_pipeline_run(deployed
             assert r.data.tags["dvc.stage"] not in by_stage, r.data.tags["dvc.stage"]
             by_stage[r.data.tags["dvc.stage"]] = r
     logging = [s for s in stages if s.split("@")[0] in ("pretrain", "finetune", "curves", "sequential",
-                                                        "wise_ft", "forgetting")]
+                                                        "sweep", "wise_ft", "forgetting")]
     assert {"pretrain", "curves", "sequential", "forgetting"} <= set(logging)
     assert any(s.startswith("finetune@") for s in logging)
     assert sorted(by_stage) == sorted(logging)
