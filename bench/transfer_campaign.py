@@ -152,11 +152,6 @@ def fit_probe(xtr, ytr, n_classes: int, l2: float, standardize: bool = True):
     return lambda xs: (((xs - mu) / sd) @ w + b).argmax(-1)
 
 
-def halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split's two halves, by position (even, odd)."""
-    return torch.arange(0, n, 2), torch.arange(1, n, 2)
-
-
 def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classes: int,
           budgets: list[int | None], seeds: int, standardize: bool = True) -> dict[str, dict]:
     """Validation accuracy, cross-fitted (mean, std over `seeds` stratified draws) per label
@@ -164,11 +159,12 @@ def probe(feats: dict[str, torch.Tensor], labels: dict[str, list[int]], n_classe
     the accuracy scored on the other, both ways round, and the two scores pooled (so the number
     reported is never the one the L2 was chosen on)."""
     from ptf.data.tasks import stratified_fraction
+    from ptf.measures.frontier import HALVES, half_index
     from ptf.measures.stats import mean_std
 
     ytr_all = torch.tensor(labels["train"])
     yva = torch.tensor(labels["validation"])
-    halves_ = halves(len(yva))
+    halves_ = [torch.as_tensor(half_index(len(yva), h)) for h in HALVES]   # even, odd positions
     out = {}
     for n in budgets:
         accs, l2s = [], []

@@ -91,7 +91,7 @@ def rows(tasks: dict[str, dict[str, Any]], majority: dict[str, float]) -> list[d
 
 
 def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims: dict[str, Any],
-           missing: str | None = None) -> bytes:
+           missing: bool = False) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,25 +134,23 @@ def run(cfg: SweepSection, dec: DecisionKeys, root: Path = Path(".")) -> dict[st
     majority = majority_rates(root, cfg.tasks)
     why = next((sw["not_applicable"] for by_s in sweeps.values() for sw in by_s.values()
                 if sw.get("blocks") is None), None)
-    if why is not None:   # no LM head: no drift, no frontier; said, not judged
-        out = {"reference": dec.reference_strategy, "applicable": False, "missing": why, "tasks": {}, "claims": {},
-               "wall_time_s": time.perf_counter() - t0}
-        write_text(root / CSV, ",".join(CSV_FIELDS) + "\n")
-        write_bytes(root / PNG, figure({}, majority, {}, why))
-        write_json(root / OUTPUT, out)
-        return out
-    tasks = {t: fr.task_frontiers(by_s) for t, by_s in sweeps.items()}
-    claims = fr.claims(sweeps, majority, dec, cfg.levels)
-    out = {"reference": dec.reference_strategy, "levels": list(cfg.levels), "majority_val": majority,
-           "seeds": list(cfg.seeds), "lengths": list(cfg.lengths),
-           "halves": {"select": "the blocks at even positions", "report": "the blocks at odd positions"},
-           "tasks": tasks, "claims": claims, "wall_time_s": time.perf_counter() - t0}
+    if why is None:
+        tasks = {t: fr.task_frontiers(by_s) for t, by_s in sweeps.items()}
+        claims = fr.claims(sweeps, majority, dec, cfg.levels)
+        out = {"reference": dec.reference_strategy, "levels": list(cfg.levels), "majority_val": majority,
+               "seeds": list(cfg.seeds), "lengths": list(cfg.lengths),
+               "halves": {"select": "the blocks at even positions", "report": "the blocks at odd positions"},
+               "tasks": tasks, "claims": claims}
+    else:   # no LM head: no drift, no frontier; said, not judged
+        tasks, claims = {}, {}
+        out = {"reference": dec.reference_strategy, "applicable": False, "missing": why, "tasks": {}, "claims": {}}
+    out["wall_time_s"] = time.perf_counter() - t0
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows(tasks, majority))
     write_text(root / CSV, buf.getvalue())
-    write_bytes(root / PNG, figure(tasks, majority, claims))
+    write_bytes(root / PNG, figure(tasks, majority, claims, missing=why is not None))
     write_json(root / OUTPUT, out)
     return out
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ptf.measures.claims import (Sample, block_sample, by_task, comparison_rng, holm, overall,
-                                 paired_bootstrap, prediction_sample, rule)
+from ptf.measures.claims import (Sample, _claim, block_sample, comparison_rng, holm, paired_bootstrap,
+                                 prediction_sample)
 
 HALVES = ("select", "report")
 
@@ -136,14 +136,13 @@ def _compare(task: str, strategy: str, tag: str, a: tuple[Mapping, Mapping[str, 
 
 def _finish(text: str, comps: dict[str, dict[str, Any]], costs: dict[str, dict[str, Any]], cfg,
             why_empty: str) -> dict[str, Any]:
+    """Holm over the Δ comparisons and, as a family of its own, over their accuracy costs; the
+    claim record as the forgetting stage's claims have it (`ptf.measures.claims._claim`)."""
     holm(comps, "less", cfg.alpha)
     holm(costs, "less", cfg.alpha, field="verdict_lower_accuracy")
     for k, c in costs.items():
         comps[k]["accuracy_cost"] = c
-    res = overall([c["verdict"] for c in comps.values()])
-    return {"claim": text, "rule": rule(cfg.alpha, cfg.bootstrap_resamples, cfg.bootstrap_seed),
-            "alpha": cfg.alpha, "comparisons": comps, "by_task": by_task(comps), **res,
-            **({"missing": why_empty} if not comps else {})}
+    return _claim(text, comps, cfg, why_empty)
 
 
 def task_frontiers(sweeps: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -173,10 +173,10 @@ def check_frontier(root: Path, fr: dict[str, Any]) -> None:
     declares (the frontier stage refuses a sweep file that lacks one)."""
     from ptf.training.sweep_config import load_sweep
 
-    cfg = load_sweep(root / "params.yaml")
-    rel = root / METRICS["frontier"]
     if fr.get("applicable") is False:     # no LM head: the page says why, nothing to check
         return
+    cfg = load_sweep(root / "params.yaml")
+    rel = root / METRICS["frontier"]
     for t in cfg.tasks:
         for s in cfg.strategies:
             have = {p["key"] for p in (((fr.get("tasks") or {}).get(t) or {}).get(s) or {}).get("points", [])}
