@@ -52,6 +52,7 @@ from ptf.measures import sequential as sq
 from ptf.measures.claims import claim_few_labels, claim_forget_less
 from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
+from ptf.models.backbones import backbone_dirs, backbone_index
 from ptf.models.strategies import STRATEGIES
 from ptf.report import plot_data as pd
 
@@ -157,24 +158,33 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
     pre = root / paths.PRETRAINED
     ev = (EvalSet.build(root, pre, cfg.max_blocks, cfg.batch_size, cfg.mask_prob, cfg.mask_seed)
           if lm_objective(pre) else None)
+    # one reference per pretrained backbone: a model's drift is from the backbone it started from
+    evs = [ev.for_backbone(d) for d in backbone_dirs(pre)] if ev is not None else []
+
+    def ev_of(seed: str):
+        return evs[backbone_index(int(seed.removeprefix("seed")), len(evs))]
+
     sums, drifts = {}, {}
     if ev is not None:
         jobs = [(t, s, seed) for t in sorted(runs) for s in sorted(runs[t]) if s != cfg.scratch_strategy
                 for seed in sorted(runs[t][s]["seeds"])]
         for job in tqdm(jobs, desc="forgetting: held-out LM loss", unit="model"):
-            sums[job] = ev.measure(out.model_dir(root, *job))
-            drifts[job] = cl.drift(ev.base_sums, sums[job], ev.counts, cfg.worse_margin)
+            e = ev_of(job[2])
+            sums[job] = e.measure(out.model_dir(root, *job))
+            drifts[job] = cl.drift(e.base_sums, sums[job], e.counts, cfg.worse_margin)
     no_drift = None if ev is not None else NO_LM_HEAD
     tasks = am.task_table(runs, drifts, cfg.scratch_strategy, no_drift)
-    base_sums, counts = (ev.base_sums, ev.counts) if ev is not None else (None, None)
-    samples = am.claim_samples(runs, sums, base_sums, counts)
+    base_sums, counts = ((ev.base_sums if len(evs) == 1 else am.BaseBySeed(ev_of), ev.counts)
+                         if ev is not None else (None, None))
+    samples = am.on_backbones(am.claim_samples(runs, sums, base_sums, counts), len(evs))
     wise_points = []
     if wise is not None:
         if ev is not None:
             check_same_blocks(wise, ev)
         t = wise["task"]
-        arm, samples[(t, am.WISE_FT)], wise_points = am.wise_ft_arm(
+        arm, wise_samples, wise_points = am.wise_ft_arm(
             wise, base_sums, counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
+        samples[(t, am.WISE_FT)] = am.on_backbones({0: wise_samples}, len(evs))[0]
         tasks[t][am.WISE_FT] = arm
     if ev is not None:
         base_loss = cl.pooled_loss(ev.base_sums, ev.counts)
@@ -182,7 +192,9 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
                     "block_indices": ev.indices, "tokens": int(ev.counts.sum()), "loss_pretrained": base_loss,
                     "ppl_pretrained": math.exp(base_loss), "mask_seed": cfg.mask_seed,
                     "mask_prob": cfg.mask_prob if ev.objective == "mlm" else None,
-                    "lm_head": "pretrained output layer (untied copy) on the fine-tuned backbone"}
+                    "lm_head": "pretrained output layer (untied copy) on the fine-tuned backbone",
+                    "backbones": [{"dir": str(e.pretrained.relative_to(root)), "loss_pretrained":
+                                   cl.pooled_loss(e.base_sums, e.counts)} for e in evs]}
     else:
         held_out = {"applicable": False, "objective": None, "note": NO_LM_HEAD}
     return {
@@ -192,7 +204,7 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
         "wise_ft": ({"task": wise["task"], "source": wise["source"], "chosen_alpha": wise["chosen_alpha"],
                      "points": wise_points} if wise is not None else None),
         "sequential": sequential,
-        "claims": {"few_labels": claim_few_labels(curves, cfg),
+        "claims": {"few_labels": claim_few_labels(curves, cfg, max(1, len(evs))),
                    "forget_less": claim_forget_less(tasks, samples, cfg, not_applicable=no_drift)},
     }
 

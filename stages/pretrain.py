@@ -57,6 +57,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -73,19 +74,24 @@ from ptf.models.modeling import (FOUNDATION_DIR, FOUNDATION_RECORD, ModelConfig,
                                  foundation_tags, open_foundation, param_counts)
 from ptf.data.shards import load_blocks
 from ptf.training.tracking import check_reachable, input_hashes, start_run, tracking_uri
+from ptf.models.backbones import BACKBONES_DIR, BACKBONES_FILE
 from ptf.models.lm import mask_tokens
 from ptf.training.trainer import (LoopConfig, Trainer, TrainResult, adamw, make_accelerator,
                                   param_groups, perplexity, warmup_cosine)
 
 SECTION = "pretrain"
 # params that do not change the training trajectory (left out of the checkpoint fingerprint)
-_NOT_TRAJECTORY = {"log_every", "checkpoint_every", "keep_checkpoints", "experiment"}
+_NOT_TRAJECTORY = {"log_every", "checkpoint_every", "keep_checkpoints", "experiment", "extra_seeds"}
 
 
 class Config(StrictModel):
     objective: Literal["clm", "mlm"]
     init: Literal["scratch", "foundation"] = "scratch"  # foundation: data/foundation (download.foundation)
     seed: int = Field(ge=0)
+    # further backbones, each pretrained the same way from its own seed, so that the verdicts'
+    # spread includes pretraining variance: fine-tune seed s starts from backbone s mod N
+    # (N = 1 + len(extra_seeds); ptf.models.backbones)
+    extra_seeds: list[int] = Field(default_factory=list)
     model: ModelConfig | None                # scratch: the architecture; foundation: null (its own)
     batch_size: int = Field(gt=0)            # blocks per micro-batch per process
     grad_accum: int = Field(gt=0)            # micro-batches per optimizer step
@@ -116,7 +122,14 @@ class Config(StrictModel):
         if self.init == "foundation" and self.model is not None:
             raise ValueError("model must be null with init foundation: the architecture is the "
                              "foundation's (data/foundation/config.json)")
+        if len(set(self.backbone_seeds())) != len(self.backbone_seeds()) or min(self.backbone_seeds()) < 0:
+            raise ValueError(f"seed {self.seed} and extra_seeds {self.extra_seeds} must be distinct and >= 0")
+        if self.extra_seeds and self.max_steps == 0:
+            raise ValueError("extra_seeds with max_steps 0: a foundation used as it is is one backbone")
         return self
+
+    def backbone_seeds(self) -> list[int]:
+        return [self.seed, *self.extra_seeds]
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -201,6 +214,10 @@ def _as_is(acc, eval_fn) -> TrainResult:
 
 
 def run(cfg: Config, root: Path = Path(".")) -> dict:
+    """Pretrain every backbone of `cfg.backbone_seeds()` (one after another, one MLflow run), then
+    write them all at once: the first at data/models/pretrained/, each further one at
+    data/models/pretrained/backbones/<seed>/ (`ptf.models.backbones`). Returns the first's metrics
+    with every backbone's under `backbones`."""
     root = Path(root)
     t_start = time.perf_counter()
     uri = tracking_uri(root)
@@ -222,9 +239,6 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
     is_main = acc.is_main_process
     deps = {"shards": paths.SHARDS, "tokenizer": paths.TOKENIZER}
     inputs = input_hashes(root, deps if found is None else {**deps, "foundation": FOUNDATION_DIR})
-    fp = fingerprint(cfg, acc.num_processes, inputs)
-    ckpt_dir = root / paths.CHECKPOINTS / "pretrain" / fingerprint_key(fp)
-
     train_ds = load_blocks(root / paths.SHARDS / "train", manifest["train"]).with_format("torch")
     val_full = load_blocks(root / paths.SHARDS / "validation", manifest["validation"])
     n_val = len(val_full) if cfg.eval_blocks == 0 else min(cfg.eval_blocks, len(val_full))
@@ -238,7 +252,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
 
     vocab = len(tok)
     special = sorted(set(tok.all_special_ids))
-    # fixed eval masks (mlm) / targets (clm)
+    # fixed eval masks (mlm) / targets (clm), the same for every backbone (comparable val losses)
     if cfg.objective == "mlm":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         val_inputs, val_labels = mask_tokens(val_ids, tok.mask_token_id, vocab, special,
@@ -249,18 +263,90 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         targets = val_ids[:, 1:].reshape(-1).numpy()
     counts = unigram_counts(train_ds, vocab)
     unigram_ppl = unigram_perplexity(counts, targets)
+    data = _Data(train_ds, val_inputs, val_labels, n_val, tok, vocab, special, inputs, block)
 
+    tags = {**inputs, "objective": cfg.objective,
+            **{k: v for k, v in foundation_tags(found, None).items() if v is not None},  # lm_head: after
+            "backbone_seeds": ",".join(map(str, cfg.backbone_seeds()))}
+    with start_run(SECTION, cfg.model_dump(), tags, root=root, experiment=cfg.experiment, uri=uri,
+                   enabled=is_main) as mlrun:
+        mlrun.log({"unigram_ppl": unigram_ppl}, step=0)
+        trained = []
+        for k, seed in enumerate(cfg.backbone_seeds()):
+            one = cfg.model_copy(update={"seed": seed, "extra_seeds": []})
+            # the first backbone's metrics keep their names; a further one's are prefixed seed<s>.
+            log = mlrun.log if k == 0 else (
+                lambda m, step, s=seed: mlrun.log({f"seed{s}.{n}": v for n, v in m.items()}, step=step))
+            acc = acc if k == 0 else make_accelerator(cfg.mixed_precision, cfg.grad_accum, seed)
+            trained.append(_train_backbone(one, root, acc, data, found, fconfig, log))
+        _, metrics, history, head = trained[0]
+        fingerprints = {f"checkpoint.fingerprint{'' if k == 0 else f'.seed{s}'}": m.pop("checkpoint_fingerprint")
+                        for k, (s, (_, m, _, _)) in enumerate(zip(cfg.backbone_seeds(), trained))}
+        metrics.update(unigram_ppl=unigram_ppl, eval_targets=int(targets.size),
+                       wall_time_s=time.perf_counter() - t_start,
+                       backbones=[{"seed": s, **{n: m[n] for n in _PER_BACKBONE}}
+                                  for s, (_, m, _, _) in zip(cfg.backbone_seeds(), trained)])
+        if found is not None:
+            metrics.update(init="foundation", lm_head=head, foundation=foundation_entry(found))
+        if is_main:
+            out = root / paths.PRETRAINED
+            with atomic_dir(out) as tmp:
+                for seed, (model, _, _, _) in zip(cfg.backbone_seeds(), trained):
+                    dest = tmp if seed == cfg.seed else tmp / BACKBONES_DIR / str(seed)
+                    dest.mkdir(parents=True, exist_ok=True)
+                    if model is not None:
+                        model.save_pretrained(str(dest), safe_serialization=True)
+                    else:  # the foundation's own files, unchanged
+                        _copy_files(root / FOUNDATION_DIR, dest)
+                    _copy_files(root / paths.TOKENIZER, dest)  # the tokenizer exactly as trained
+                if len(trained) > 1:
+                    write_json(tmp / BACKBONES_FILE, {"seeds": cfg.backbone_seeds()})
+            write_json(root / paths.METRICS / "pretrain.json", metrics)
+            write_text(root / paths.PLOTS / "pretrain_loss.csv", loss_csv(history))
+            mlrun.log({k: v for k, v in metrics.items()
+                       if isinstance(v, (int, float)) and v is not None and k != "resumed_from_step"},
+                      step=metrics["steps"])
+            mlrun.set_tags({"distributed_type": metrics["distributed_type"],
+                            "num_processes": metrics["num_processes"], **fingerprints,
+                            **({"lm_head": head} if head else {})})
+        acc.wait_for_everyone()
+    acc.end_training()
+    return metrics
+
+
+_PER_BACKBONE = ("val_loss", "val_ppl", "steps", "train_time_s", "resumed_from_step")
+
+
+@dataclass
+class _Data:
+    """What every backbone of one stage run trains and is evaluated on."""
+    train_ds: object
+    val_inputs: torch.Tensor
+    val_labels: torch.Tensor
+    n_val: int
+    tok: object
+    vocab: int
+    special: list[int]
+    inputs: dict[str, str]
+    block: int
+
+
+def _train_backbone(cfg: Config, root: Path, acc, d: _Data, found, fconfig, log_fn):
+    """Train (or take as it is) one backbone from `cfg.seed`: (the unwrapped model to save, or
+    None for a foundation's files as they are; its metrics; its loss history; the LM head kind)."""
+    fp = fingerprint(cfg, acc.num_processes, d.inputs)
+    ckpt_dir = root / paths.CHECKPOINTS / "pretrain" / fingerprint_key(fp)
     torch.manual_seed(cfg.seed)
-    model, head = ((build_model(cfg.model, cfg.objective, tok), None) if found is None else
+    model, head = ((build_model(cfg.model, cfg.objective, d.tok), None) if found is None else
                    foundation_model(root / FOUNDATION_DIR, cfg.objective, cfg.seed, fconfig, cfg.max_steps > 0))
     counts_p = param_counts(model)
-    flops = flops_per_token(model, block)
+    flops = flops_per_token(model, d.block)
     if cfg.max_steps:
         optimizer = adamw(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
                           betas=(cfg.adam_beta1, cfg.adam_beta2))
         scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, acc.num_processes,
                                   cfg.min_lr_ratio)
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
+        loader = torch.utils.data.DataLoader(d.train_ds, batch_size=cfg.batch_size, shuffle=True,
                                              drop_last=True, collate_fn=_collate)
         model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
     else:  # a foundation used as it is: nothing to train
@@ -275,7 +361,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         st = trainer_ref["t"].state
         g = torch.Generator().manual_seed(
             (cfg.seed * 1_000_003 + st.micro_step) * 1009 + acc.process_index)
-        inp, labels = mask_tokens(ids.cpu(), tok.mask_token_id, vocab, special,
+        inp, labels = mask_tokens(ids.cpu(), d.tok.mask_token_id, d.vocab, d.special,
                                   cfg.mlm_probability, g)
         out = m(input_ids=inp.to(ids.device), labels=labels.to(ids.device))
         return out.loss, {}
@@ -285,10 +371,10 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
     def eval_fn() -> dict:
         net = acc.unwrap_model(model)
         tot = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        idx = torch.arange(rank, n_val, world)
+        idx = torch.arange(rank, d.n_val, world)
         for i in range(0, len(idx), cfg.eval_batch_size):
             sel = idx[i:i + cfg.eval_batch_size]
-            x, y = val_inputs[sel].to(acc.device), val_labels[sel].to(acc.device)
+            x, y = d.val_inputs[sel].to(acc.device), d.val_labels[sel].to(acc.device)
             with acc.autocast():
                 logits = net(input_ids=x).logits.float()
             if cfg.objective == "clm":
@@ -301,63 +387,38 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         loss = float(tot[0] / tot[1])
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
-    tags = {**inputs, "objective": cfg.objective, "checkpoint.fingerprint": fingerprint_key(fp),
-            **foundation_tags(found, head)}
-    with start_run(SECTION, cfg.model_dump(), tags, root=root, experiment=cfg.experiment, uri=uri,
-                   enabled=is_main) as mlrun:
-        mlrun.log({"unigram_ppl": unigram_ppl}, step=0)
-        if cfg.max_steps:
-            loop = LoopConfig(max_steps=cfg.max_steps, grad_clip=cfg.grad_clip or None,
-                              eval_every=cfg.eval_every, log_every=cfg.log_every, metric="val_loss",
-                              mode="min", checkpoint_dir=ckpt_dir if cfg.checkpoint_every else None,
-                              checkpoint_every=cfg.checkpoint_every,
-                              keep_checkpoints=cfg.keep_checkpoints, desc=f"pretrain {cfg.objective}")
-            trainer = Trainer(acc, model, optimizer, loader, scheduler, loss_fn, loop,
-                              eval_fn=eval_fn, log_fn=mlrun.log, fingerprint=fp)
-            trainer_ref["t"] = trainer
-            result = trainer.fit()
-        else:
-            result = _as_is(acc, eval_fn if head == "pretrained" else None)
-        acc.wait_for_everyone()
-        metrics = {
-            "objective": cfg.objective,
-            "val_loss": result.last_eval["val_loss"],
-            "val_ppl": result.last_eval["val_ppl"],
-            "unigram_ppl": unigram_ppl,
-            "eval_targets": int(targets.size),
-            "steps": result.steps,
-            "tokens_seen": result.tokens,
-            "tokens_per_s": result.tokens_per_s,
-            "train_time_s": result.train_time_s,
-            "train_cpu_s": result.train_cpu_s,
-            "wall_time_s": time.perf_counter() - t_start,
-            "resumed_from_step": result.resumed_from,
-            "params_total": counts_p["total"],
-            "params_non_embedding": counts_p["non_embedding"],
-            "flops_per_token": flops["flops_per_token"],
-            "distributed_type": result.distributed_type,
-            "num_processes": result.num_processes,
-        }
-        if found is not None:
-            metrics.update(init="foundation", lm_head=head, foundation=foundation_entry(found))
-        if is_main:
-            out = root / paths.PRETRAINED
-            with atomic_dir(out) as tmp:
-                if cfg.max_steps:
-                    acc.unwrap_model(model).save_pretrained(str(tmp), safe_serialization=True)
-                else:  # the foundation's own files, unchanged
-                    _copy_files(root / FOUNDATION_DIR, tmp)
-                _copy_files(root / paths.TOKENIZER, tmp)  # the tokenizer exactly as trained
-            write_json(root / paths.METRICS / "pretrain.json", metrics)
-            write_text(root / paths.PLOTS / "pretrain_loss.csv", loss_csv(result.history))
-            mlrun.log({k: v for k, v in metrics.items()
-                       if isinstance(v, (int, float)) and v is not None and k != "resumed_from_step"},
-                      step=result.steps)
-            mlrun.set_tags({"distributed_type": result.distributed_type,
-                            "num_processes": result.num_processes})
-        acc.wait_for_everyone()
-    acc.end_training()
-    return metrics
+    if cfg.max_steps:
+        loop = LoopConfig(max_steps=cfg.max_steps, grad_clip=cfg.grad_clip or None,
+                          eval_every=cfg.eval_every, log_every=cfg.log_every, metric="val_loss",
+                          mode="min", checkpoint_dir=ckpt_dir if cfg.checkpoint_every else None,
+                          checkpoint_every=cfg.checkpoint_every,
+                          keep_checkpoints=cfg.keep_checkpoints,
+                          desc=f"pretrain {cfg.objective} seed {cfg.seed}")
+        trainer = Trainer(acc, model, optimizer, loader, scheduler, loss_fn, loop,
+                          eval_fn=eval_fn, log_fn=log_fn, fingerprint=fp)
+        trainer_ref["t"] = trainer
+        result = trainer.fit()
+    else:
+        result = _as_is(acc, eval_fn if head == "pretrained" else None)
+    acc.wait_for_everyone()
+    metrics = {
+        "objective": cfg.objective,
+        "val_loss": result.last_eval["val_loss"],
+        "val_ppl": result.last_eval["val_ppl"],
+        "steps": result.steps,
+        "tokens_seen": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "train_time_s": result.train_time_s,
+        "train_cpu_s": result.train_cpu_s,
+        "resumed_from_step": result.resumed_from,
+        "params_total": counts_p["total"],
+        "params_non_embedding": counts_p["non_embedding"],
+        "flops_per_token": flops["flops_per_token"],
+        "distributed_type": result.distributed_type,
+        "num_processes": result.num_processes,
+        "checkpoint_fingerprint": fingerprint_key(fp),
+    }
+    return (acc.unwrap_model(model) if cfg.max_steps else None), metrics, result.history, head
 
 
 def main() -> None:

@@ -68,12 +68,18 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
     device = PartialState().device   # the device the loop's Accelerator trains on
-    anchor = pretrained_backbone(ctx, data[tasks[0]], device)
+    anchors: dict = {}                # per backbone: the L2-SP / EWC anchor of the runs from it
+
+    def anchor_of(seed: int):
+        sctx = ctx.for_seed(seed)
+        if sctx.pretrained not in anchors:
+            anchors[sctx.pretrained] = pretrained_backbone(sctx, data[tasks[0]], device)
+        return anchors[sctx.pretrained]
 
     def seeds_of(order: list[str], seed: int) -> list[int]:
         return [head_seed(seed, tasks.index(t), len(tasks)) for t in order]
 
-    random_init = {str(seed): random_init_accuracy(ctx, [data[t] for t in tasks], seeds_of(tasks, seed),
+    random_init = {str(seed): random_init_accuracy(ctx.for_seed(seed), [data[t] for t in tasks], seeds_of(tasks, seed),
                                                    device) for seed in sc.seeds}
     runs = []
     tags = sequential_tags(sc.orders, sc.strategies, sc.seeds)
@@ -81,8 +87,8 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
         for order, strategy, seed in tqdm(plan(cfg), desc="sequential runs", unit="run"):
             t1 = time.perf_counter()
             name = f"{strategy}/{'-'.join(order)}/seed{seed}"
-            r = run_sequence(ctx, [data[t] for t in order], seeds_of(order, seed), strategy, seed,
-                             sc.max_steps, anchor, device,
+            r = run_sequence(ctx.for_seed(seed), [data[t] for t in order], seeds_of(order, seed),
+                             strategy, seed, sc.max_steps, anchor_of(seed), device,
                              log_fn=lambda m, step, name=name: mlrun.log(
                                  {f"{name}.{key}": v for key, v in m.items()}, step))
             runs.append({"order": order, "strategy": strategy, "seed": seed, **r,

@@ -108,7 +108,7 @@ def _train(ctx, data, strategy: str, cfg: SweepSection, points: list[Point], arm
         if together:
             for wd in sorted({arms[p].weight_decay for p in at}):
                 group = [(p, s) for p in at if arms[p].weight_decay == wd for s in cfg.seeds]
-                runs = [Run(build_classifier(ctx.pretrained, data.label_names, strategy, arms[p], seed=s,
+                runs = [Run(build_classifier(ctx.for_seed(s).pretrained, data.label_names, strategy, arms[p], seed=s,
                                              pooling=ctx.cfg.pooling), p.lr, s, data.train) for p, s in group]
                 res = fit_together(runs, tc, steps, lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
                                    data.validation, data.test, data.n_classes, wd,
@@ -118,9 +118,9 @@ def _train(ctx, data, strategy: str, cfg: SweepSection, points: list[Point], arm
         else:
             for p in at:
                 for s in cfg.seeds:
-                    clf = build_classifier(ctx.pretrained, data.label_names, strategy, arms[p], seed=s,
-                                           pooling=ctx.cfg.pooling)
-                    r = fit(ctx, clf, strategy, arms[p], p.lr, s, data, data.train, steps,
+                    clf = build_classifier(ctx.for_seed(s).pretrained, data.label_names, strategy, arms[p],
+                                           seed=s, pooling=ctx.cfg.pooling)
+                    r = fit(ctx.for_seed(s), clf, strategy, arms[p], p.lr, s, data, data.train, steps,
                             desc=f"sweep {data.name}/{strategy} {p.key} seed={s}")
                     yield p, s, clf, r
 
@@ -129,6 +129,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
         root: Path = Path(".")) -> dict[str, Any]:
     from ptf.data.tasks import load_task
     from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
+    from ptf.models.backbones import backbone_dirs, backbone_index
     from ptf.models.strategies import build_classifier
     from ptf.training.finetuning import Context, preflight
     from ptf.training.tracking import check_reachable, start_run, tracking_uri
@@ -146,7 +147,9 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
     if lm_objective(ctx.pretrained) is not None:
         es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob,
                            held.mask_seed)
-    drift = InMemoryDrift(es) if es is not None else None
+    # one reference per pretrained backbone: a model's drift is from the backbone it started from
+    dirs = backbone_dirs(ctx.pretrained)
+    drifts = [InMemoryDrift(es.for_backbone(d)) for d in dirs] if es is not None else None
     check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {p.key: {"lr": p.lr, "steps": p.steps, "knob": p.knob,
@@ -154,11 +157,15 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
     together = trains_together(ctx, data, strategy, arms[points[0]])
     for p, seed, clf, r in _train(ctx, data, strategy, cfg, points, arms, together):
         rec = {k: r[k] for k in ("val_accuracy", "test_accuracy", "best_step", "steps", "train_time_s")}
-        rec.update(delta_loss=None, test_predictions=r["test_predictions"], lm_sums=None)
-        if drift is not None:
-            sums = drift.sums(clf)
-            rec.update(delta_loss=float((sums - es.base_sums).sum() / es.counts.sum()),
+        b = backbone_index(seed, len(dirs))
+        rec.update(delta_loss=None, test_predictions=r["test_predictions"], lm_sums=None, backbone=b)
+        if drifts is not None:
+            ref = drifts[b].es
+            sums = drifts[b].sums(clf)
+            rec.update(delta_loss=float((sums - ref.base_sums).sum() / ref.counts.sum()),
                        lm_sums=[float(x) for x in sums])
+            if b:      # another backbone than the first: its own reference (blocks.base_sums is the first's)
+                rec["base_sums"] = [float(x) for x in ref.base_sums]
         results[p.key]["seeds"][str(seed)] = rec
         tags = {"task": task, "strategy": strategy, "seed": str(seed), "lr": f"{p.lr:g}",
                 "steps": str(p.steps), **({"knob": f"{p.knob}={p.value:g}"} if p.knob else {})}
@@ -170,6 +177,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
     metrics = {"task": task, "strategy": strategy, "seeds": list(cfg.seeds), "lengths": list(cfg.lengths),
                "lrs": list(grid.lrs), "knob": grid.knob.model_dump() if grid.knob else None,
                "trained_together": together, "objective": es.objective if es is not None else None,
+               "backbones": [str(d.relative_to(root)) for d in dirs],
                "validation_labels": list(data.validation.labels), "test_labels": list(data.test.labels),
                "blocks": None if es is None else {"indices": list(es.indices),
                                                   "base_sums": [float(x) for x in es.base_sums],

@@ -144,6 +144,7 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
     from ptf.measures import cl_metrics as cl
     from ptf.measures.drift import NO_LM_HEAD, EvalSet, block_nll, lm_objective
     from ptf.models.artifacts import load_classifier, predict_ids
+    from ptf.models.backbones import backbone_for
     from ptf.models.interpolation import backbone, pretrained_backbone_state, wise_ft_models
     from ptf.models.lm import pretrained_lm
     from ptf.training.finetuning import accuracy_f1
@@ -160,11 +161,19 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
     # a foundation without an LM head: accuracy per alpha only, the drift null (never a random head)
     ev = (EvalSet.build(root, pre, ev_cfg.max_blocks, ev_cfg.batch_size, ev_cfg.mask_prob, ev_cfg.mask_seed)
           if lm_objective(pre) else None)
-    pre_state = pretrained_backbone_state(pre)
-    lm = pretrained_lm(pre) if ev is not None else None
+    refs: dict[Path, tuple] = {}     # per pretrained backbone: its state, LM and EvalSet
+
+    def ref_of(seed: str) -> tuple:
+        d = backbone_for(pre, int(seed.removeprefix("seed")))
+        if d not in refs:
+            refs[d] = (pretrained_backbone_state(d), pretrained_lm(d) if ev is not None else None,
+                       ev.for_backbone(d) if ev is not None else None)
+        return refs[d]
+
     per_alpha: dict[float, list[dict[str, Any]]] = {a: [] for a in cfg.alphas}
     for seed in seeds:
         ft = load_classifier(out.model_dir(root, cfg.task, cfg.source, seed))
+        pre_state, lm, sev = ref_of(seed)    # the backbone this seed was fine-tuned from
         for alpha, clf in wise_ft_models(pre_state, ft, cfg.alphas):
             rec: dict[str, Any] = {"seed": int(seed.removeprefix("seed"))}
             for name, split in (("val", data.validation), ("test", data.test)):
@@ -182,8 +191,8 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
             if missing or unexpected:
                 raise StageError(f"{cfg.task}/{cfg.source} {seed}: the backbone does not match the "
                                  f"pretrained LM (missing {missing[:5]}, unexpected {unexpected[:5]})")
-            sums, _ = block_nll(lm, ev.inputs, ev.labels, ev.objective, ev.batch_size)
-            d = cl.drift(ev.base_sums, sums, ev.counts, ev_cfg.worse_margin)
+            sums, _ = block_nll(lm, sev.inputs, sev.labels, sev.objective, sev.batch_size)
+            d = cl.drift(sev.base_sums, sums, sev.counts, ev_cfg.worse_margin)
             rec.update({k: d[k] for k in ("loss_finetuned", "delta_loss", "rel_delta_pct", "share_worse")})
             rec["block_sums"] = [float(x) for x in sums]
             per_alpha[alpha].append(rec)

@@ -233,7 +233,8 @@ CFG = SimpleNamespace(alpha=0.05, bootstrap_resamples=200, bootstrap_seed=7, scr
 
 RULE_1000_7 = (
     "Each difference gets a paired bootstrap interval (1000 resamples, seed 7): the seeds are drawn with "
-    "replacement (the same draw for both arms when they ran the same seeds) and, within them, the test "
+    "replacement (the same draw for both arms when they ran the same seeds; with several pretrained "
+    "backbones, first the backbones, then the seeds within each drawn backbone) and, within them, the test "
     "examples (for Δ LM loss: the held-out blocks), the same draw for both arms; where an arm has no "
     "per-example data only the seeds are drawn, and the comparison says so. The interval is the "
     "difference ± t(seeds − 1) × the bootstrap standard error (scaled by √(n/(n−1)) for n seeds). "

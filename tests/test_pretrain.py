@@ -142,6 +142,37 @@ def test_clm_outputs_mlflow_and_resume_keys(tmp_path, mlflow_uri):
     assert len(list((tmp_path / "data/checkpoints/pretrain").iterdir())) == 2
 
 
+def test_extra_seeds_train_one_backbone_each_the_first_unchanged(tmp_path, mlflow_uri):
+    """pretrain.extra_seeds: each further backbone is the same training from its own seed, laid
+    out under backbones/<seed>/ and found by ptf.models.backbones; the first is bit-identical to a
+    one-seed run, and fine-tune seed s maps to backbone s mod N."""
+    from transformers import AutoModelForCausalLM
+
+    from ptf.models.backbones import backbone_dirs, backbone_for
+    make_data(tmp_path, "bpe")
+    one = tmp_path / "one"
+    make_data(one, "bpe")
+    m1 = run(_cfg(experiment="seeds-test", checkpoint_every=0), one)
+    m = run(_cfg(experiment="seeds-test", checkpoint_every=0, extra_seeds=[7]), tmp_path)
+    out = tmp_path / "data/models/pretrained"
+    assert backbone_dirs(out) == [out, out / "backbones/7"]
+    assert backbone_for(out, 4) == out and backbone_for(out, 5) == out / "backbones/7"
+    assert backbone_dirs(one / "data/models/pretrained") == [one / "data/models/pretrained"]
+    w1, w, w7 = _weights(one / "data/models/pretrained"), _weights(out), _weights(out / "backbones/7")
+    assert all(torch.equal(w1[k], w[k]) for k in w1)                  # the first: as with one seed
+    assert any(not torch.equal(w[k], w7[k]) for k in w)                # the other: its own init
+    assert m["val_loss"] == m1["val_loss"]
+    assert [b["seed"] for b in m["backbones"]] == [0, 7]
+    assert m["backbones"][1]["val_loss"] != m["val_loss"] and m["backbones"][1]["steps"] == 12
+    AutoModelForCausalLM.from_pretrained(out / "backbones/7")         # a whole HF directory
+    assert (out / "backbones/7/tokenizer.json").is_file()
+    c, runs = _runs(mlflow_uri, "seeds-test")
+    mine = [r for r in runs if r.data.tags.get("backbone_seeds") == "0,7"]
+    assert len(mine) == 1 and {x.step for x in c.get_metric_history(mine[0].info.run_id, "seed7.val_loss")} == {6, 12}
+    with pytest.raises(ConfigError, match="must be distinct"):
+        _cfg(extra_seeds=[0])
+
+
 def test_mlm_outputs_fill_mask(tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
     make_data(tmp_path, "wordpiece")

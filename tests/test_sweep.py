@@ -141,7 +141,7 @@ def write_params(dest: Path, change) -> Path:
     (lambda s: s.update(lengths=[10, 0]), "every length (optimizer steps) must be > 0"),
     (lambda s: s["grids"]["full"].update(lrs=[]), "sweep.grids.full.lrs: got []"),
     (lambda s: s["grids"]["lora"]["knob"].update(name="rank"), "'rank' is not a key of finetune.arms.lora"),
-    (lambda s: s["grids"].pop("lora"), "sweep.grids.lora: missing"),
+    (lambda s: s["grids"].pop("linear_probe"), "sweep.grids.linear_probe: missing"),
     (lambda s: s.update(strategies=["scratch"]), "'scratch' cannot be swept yet"),
 ])
 def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):

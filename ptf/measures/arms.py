@@ -116,6 +116,24 @@ def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[t
     return out
 
 
+class BaseBySeed(dict):
+    """Seed key ("seed3") -> the pretrained per-block sums of the backbone that seed started from
+    (`ev_of(key)`: its EvalSet), for runs on several pretrained backbones."""
+
+    def __init__(self, ev_of):
+        super().__init__()
+        self.ev_of = ev_of
+
+    def __missing__(self, key: str) -> np.ndarray:
+        return self.ev_of(key).base_sums
+
+
+def on_backbones(samples: dict[Any, dict[str, Sample | None]], n_backbones: int) -> dict[Any, dict[str, Sample | None]]:
+    """Every sample tagged with its seeds' backbones (the bootstrap then resamples them)."""
+    return {k: {m: (x.on_backbones(n_backbones) if x is not None else None) for m, x in v.items()}
+            for k, v in samples.items()}
+
+
 WISE_FT = "wise_ft"
 
 
@@ -136,7 +154,8 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.n
         for r in p["seeds"]:
             ft = {"test_accuracy": r["test_accuracy"], "macro_f1": r.get("test_macro_f1"),
                   "trainable_fraction": wise.get("trainable_fraction"), "n_classes": wise["n_classes"]}
-            drift = cl.drift(base_sums, r["block_sums"], counts, worse_margin) if lm else None
+            base = base_sums[f"seed{r['seed']}"] if isinstance(base_sums, BaseBySeed) else base_sums
+            drift = cl.drift(base, r["block_sums"], counts, worse_margin) if lm else None
             per_seed[f"seed{r['seed']}"] = {**per_model_record(ft, drift, smean, lm, note),
                                             "val_accuracy": r["val_accuracy"]}
         agg = aggregate(per_seed)

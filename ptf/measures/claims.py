@@ -30,14 +30,16 @@ Statistics (`RULE` says the same to a reader):
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ptf.measures.stats import mean_std
+from ptf.models.backbones import backbone_index
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
@@ -50,7 +52,8 @@ def rule(alpha: float, resamples: int, seed: int) -> str:
     """The decision rule, in words, with its parameters."""
     return (f"Each difference gets a paired bootstrap interval ({resamples} resamples, seed {seed}): "
             "the seeds are drawn with replacement (the same draw for both arms when they ran the same "
-            "seeds) and, within them, the test examples (for Δ LM loss: the held-out blocks), the same "
+            "seeds; with several pretrained backbones, first the backbones, then the seeds within each "
+            "drawn backbone) and, within them, the test examples (for Δ LM loss: the held-out blocks), the same "
             "draw for both arms; where an arm has no per-example data only the seeds are drawn, and "
             "the comparison says so. The interval is the difference ± t(seeds − 1) × the bootstrap "
             "standard error (scaled by √(n/(n−1)) for n seeds). Holm's correction within each claim "
@@ -114,13 +117,22 @@ class Sample:
     den: np.ndarray                 # seeds x units
     units: str = ""                 # "test examples" | "held-out blocks" | "" (per-seed values)
     note: str = ""                  # why only the seeds are resampled, when they are
+    groups: tuple[int, ...] | None = None   # per seed, its pretrained backbone (None: one backbone)
 
     def values(self) -> np.ndarray:
         return self.num.sum(1) / self.den.sum(1)
 
     def seeds_only(self, note: str) -> Sample:
         v = self.values()[:, None]
-        return Sample(self.seeds, v, np.ones_like(v), "", self.note or note)
+        return Sample(self.seeds, v, np.ones_like(v), "", self.note or note, self.groups)
+
+    def on_backbones(self, n_backbones: int) -> Sample:
+        """This sample with each seed's backbone (`ptf.models.backbones`: seed mod N; the seed is
+        the key's trailing number, "seed3" or "3"), so that the bootstrap resamples backbones."""
+        if n_backbones < 2:
+            return self
+        groups = tuple(backbone_index(int(re.search(r"(\d+)$", str(k)).group(1)), n_backbones) for k in self.seeds)
+        return replace(self, groups=groups)
 
 
 def seed_sample(values: Mapping[str, float], note: str = "") -> Sample:
@@ -136,10 +148,14 @@ def prediction_sample(predictions: Mapping[str, Sequence[int]], labels: Sequence
     return Sample(seeds, num, np.ones_like(num), "test examples")
 
 
-def block_sample(ft_sums: Mapping[str, np.ndarray], base_sums: np.ndarray, counts: np.ndarray) -> Sample:
-    """Delta LM loss: per seed, (sum of fine-tuned - pretrained NLL) / tokens over the blocks."""
+def block_sample(ft_sums: Mapping[str, np.ndarray], base_sums: np.ndarray | Mapping[str, np.ndarray],
+                 counts: np.ndarray) -> Sample:
+    """Delta LM loss: per seed, (sum of fine-tuned - pretrained NLL) / tokens over the blocks;
+    `base_sums` per seed (a mapping) when the seeds started from different backbones."""
     seeds = tuple(sorted(ft_sums))
-    num = np.asarray([np.asarray(ft_sums[s], dtype=np.float64) - base_sums for s in seeds])
+    base = (lambda s: np.asarray(base_sums[s], dtype=np.float64)) if isinstance(base_sums, Mapping) \
+        else (lambda s: base_sums)
+    num = np.asarray([np.asarray(ft_sums[s], dtype=np.float64) - base(s) for s in seeds])
     den = np.broadcast_to(np.asarray(counts, dtype=np.float64), num.shape).copy()
     return Sample(seeds, num, den, "held-out blocks")
 
@@ -148,6 +164,24 @@ def _draw(rng: np.random.Generator, resamples: int, n: int) -> np.ndarray:
     """resamples x n counts: how often each of n items is drawn in each resample of size n."""
     idx = rng.integers(0, n, size=(resamples, n)) + n * np.arange(resamples)[:, None]
     return np.bincount(idx.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+
+
+def _draw_seeds(rng: np.random.Generator, resamples: int, s: Sample) -> np.ndarray:
+    """resamples x seeds counts. One backbone: the seeds drawn with replacement. Several: a
+    two-stage draw (the backbones with replacement, then for each drawn backbone its seeds with
+    replacement), so that the spread includes pretraining variance, not only fine-tuning's."""
+    if s.groups is None or len(set(s.groups)) < 2:
+        return _draw(rng, resamples, len(s.seeds))
+    groups = np.asarray(s.groups)
+    names = sorted(set(s.groups))
+    picked = _draw(rng, resamples, len(names))          # how often each backbone is drawn
+    out = np.zeros((resamples, len(s.seeds)))
+    for gi, g in enumerate(names):
+        members = np.flatnonzero(groups == g)
+        for k in range(1, int(picked[:, gi].max()) + 1):
+            draw = _draw(rng, resamples, len(members))
+            out[:, members] += draw * (picked[:, gi] >= k)[:, None]
+    return out
 
 
 def _stat(s: Sample, w: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -163,16 +197,19 @@ def paired_bootstrap(a: Sample, b: Sample, resamples: int, rng: np.random.Genera
         a, b = a.seeds_only(why), b.seeds_only(why)
     note = a.note or b.note
     resampled = f"seeds and {a.units}" if a.units else "seeds only" + (f" ({note})" if note else "")
+    if a.groups is not None and len(set(a.groups)) > 1:
+        resampled = "pretrained backbones, " + resampled
     n = min(len(a.seeds), len(b.seeds))
     ones = np.ones((1, a.num.shape[1]))
     diff = float(_stat(a, ones, np.ones((1, len(a.seeds))))[0] - _stat(b, ones, np.ones((1, len(b.seeds))))[0])
     out = {"diff": diff, "se": None, "df": max(n - 1, 0), "seeds": n,
+           **({"backbones": len(set(a.groups))} if a.groups is not None else {}),
            "paired_seeds": a.seeds == b.seeds, "resampled": resampled}
     if n < 2:
         return {**out, "reason": "fewer than 2 seeds"}
     w = _draw(rng, resamples, a.num.shape[1]) if a.num.shape[1] > 1 else np.ones((resamples, 1))
-    va = _draw(rng, resamples, len(a.seeds))
-    vb = va if out["paired_seeds"] else _draw(rng, resamples, len(b.seeds))
+    va = _draw_seeds(rng, resamples, a)
+    vb = va if out["paired_seeds"] else _draw_seeds(rng, resamples, b)
     boot = _stat(a, w, va) - _stat(b, w, vb)
     out["se"] = float(boot.std(ddof=1) * math.sqrt(n / (n - 1)))
     return out
@@ -253,9 +290,10 @@ def _claim(text: str, comps: dict[str, dict[str, Any]], cfg, why_empty: str) -> 
 
 # ---------------------------------------------------------------- the two claims
 
-def claim_few_labels(curves: list[dict[str, Any]], cfg) -> dict[str, Any]:
+def claim_few_labels(curves: list[dict[str, Any]], cfg, n_backbones: int = 1) -> dict[str, Any]:
     """Claim 1 on the curves: at each task's smallest fraction, each of `few_label_strategies`
-    has a higher test accuracy than `scratch_strategy` (per-seed accuracies: seeds only)."""
+    has a higher test accuracy than `scratch_strategy` (per-seed accuracies: seeds only; with
+    `n_backbones` > 1 the backbones too)."""
     comps: dict[str, dict[str, Any]] = {}
     note = "curves.csv records per-seed accuracies only"
     for task in sorted({r["task"] for r in curves}):
@@ -267,7 +305,8 @@ def claim_few_labels(curves: list[dict[str, Any]], cfg) -> dict[str, Any]:
             arm = {r["seed"]: r["test_accuracy"] for r in at if r["strategy"] == s}
             key = f"{task or 'all'}/{s}"
             if arm and scratch:
-                test = paired_bootstrap(seed_sample(arm, note), seed_sample(scratch, note),
+                test = paired_bootstrap(seed_sample(arm, note).on_backbones(n_backbones),
+                                        seed_sample(scratch, note).on_backbones(n_backbones),
                                         cfg.bootstrap_resamples, comparison_rng(cfg.bootstrap_seed, key))
             else:
                 test = missing(f"no curves rows of {s if not arm else cfg.scratch_strategy} "

@@ -16,7 +16,7 @@ numbers per model come from `ptf.measures.cl_metrics.drift`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,10 +157,22 @@ class EvalSet:
         base, counts = block_nll(pretrained_lm(pretrained), inputs, labels, objective, batch_size)
         return cls(pretrained, objective, inputs, labels, idx, base, counts, batch_size)
 
+    def for_backbone(self, pretrained: Path) -> EvalSet:
+        """The same blocks and targets, scored against another pretrained backbone (a further
+        pretraining seed, `ptf.models.backbones`): its own base sums."""
+        from ptf.models.lm import pretrained_lm
+
+        if Path(pretrained) == Path(self.pretrained):
+            return self
+        if objective_of(pretrained) != self.objective:
+            raise StageError(f"{pretrained}: another objective than {self.pretrained}'s ({self.objective})")
+        base, _ = block_nll(pretrained_lm(pretrained), self.inputs, self.labels, self.objective, self.batch_size)
+        return replace(self, pretrained=Path(pretrained), base_sums=base)
+
     def measure(self, finetuned: Path) -> np.ndarray:
         """Per-block summed NLL of a fine-tuned model's backbone under the pretrained LM head."""
         from ptf.models.artifacts import load_backbone_as_lm
 
-        lm = load_backbone_as_lm(finetuned, self.pretrained)
+        lm = load_backbone_as_lm(finetuned, self.pretrained)   # the backbone it was fine-tuned from
         sums, _ = block_nll(lm, self.inputs, self.labels, self.objective, self.batch_size)
         return sums

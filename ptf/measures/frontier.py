@@ -53,6 +53,12 @@ def _seed_delta(lm_sums: Sequence[float], base: np.ndarray, counts: np.ndarray, 
     return float((np.asarray(lm_sums, dtype=np.float64)[idx] - base[idx]).sum() / counts[idx].sum())
 
 
+def base_of(sweep: Mapping[str, Any], rec: Mapping[str, Any]) -> np.ndarray:
+    """A seed record's pretrained reference sums: its own when it started from another backbone
+    than the first (stages/sweep.py), else the sweep's."""
+    return np.asarray(rec.get("base_sums") or sweep["blocks"]["base_sums"], dtype=np.float64)
+
+
 def points(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One point per configuration: its grid values, mean validation / test accuracy over seeds,
     and mean Δ LM loss on each half and on all blocks."""
@@ -67,8 +73,10 @@ def points(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
              "val_accuracy": float(np.mean([r["val_accuracy"] for r in seeds.values()])),
              "test_accuracy": float(np.mean([r["test_accuracy"] for r in seeds.values()]))}
         for h, ix in idx.items():
-            p[f"delta_{h}"] = float(np.mean([_seed_delta(r["lm_sums"], base, counts, ix) for r in seeds.values()]))
-        p["unchanged"] = all(np.array_equal(np.asarray(r["lm_sums"], dtype=np.float64), base) for r in seeds.values())
+            p[f"delta_{h}"] = float(np.mean([_seed_delta(r["lm_sums"], base_of(sweep, r), counts, ix)
+                                             for r in seeds.values()]))
+        p["unchanged"] = all(np.array_equal(np.asarray(r["lm_sums"], dtype=np.float64), base_of(sweep, r))
+                             for r in seeds.values())
         out.append(p)
     return out
 
@@ -113,9 +121,11 @@ def _samples(sweep: Mapping[str, Any], key: str) -> dict[str, Sample]:
     base = np.asarray(sweep["blocks"]["base_sums"], dtype=np.float64)
     counts = np.asarray(sweep["blocks"]["counts"], dtype=np.float64)
     ix = half_index(len(base), "report")
+    n = len(sweep.get("backbones") or [None])
     return {"delta": block_sample({s: np.asarray(r["lm_sums"], dtype=np.float64)[ix] for s, r in c.items()},
-                                  base[ix], counts[ix]),
-            "accuracy": prediction_sample({s: r["test_predictions"] for s, r in c.items()}, sweep["test_labels"])}
+                                  {s: base_of(sweep, r)[ix] for s, r in c.items()}, counts[ix]).on_backbones(n),
+            "accuracy": prediction_sample({s: r["test_predictions"] for s, r in c.items()},
+                                          sweep["test_labels"]).on_backbones(n)}
 
 
 def _compare(task: str, strategy: str, tag: str, a: tuple[Mapping, Mapping[str, Any]],

@@ -60,12 +60,15 @@ def check_batchable(models: list) -> str | None:
     """None if `models` can share a pass, else the reason (one line)."""
     if not models:
         return "no models"
-    c0 = models[0].config
+
+    def arch(m) -> dict:    # where the weights came from (one backbone or another) does not matter
+        return {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}
+
+    c0, a0 = models[0].config, arch(models[0])
     for m in models:
-        c = m.config
         if type(m).__name__ != "LlamaForSequenceClassification":
             return f"{type(m).__name__} is not a plain LlamaForSequenceClassification"
-        if c.to_dict() != c0.to_dict():
+        if arch(m) != a0:
             return "the models' configs differ"
     bad = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
            "attention_dropout": 0.0}

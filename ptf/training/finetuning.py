@@ -13,7 +13,7 @@ Out: `Context` (pretrained dir, tokenizer, padding side, pretraining blocks and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.data.tasks import Split, TaskData, collate
 from ptf.measures.stats import mean_std
+from ptf.models.backbones import backbone_dirs, backbone_for
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights, predict_ids, save_classifier
 from ptf.models.lm import estimate_fisher, load_pretraining_blocks, pretrained_lm
 from ptf.models.pooling import check_pooling, pooled_logits
@@ -45,14 +46,16 @@ def accuracy_f1(pred: list[int], gold: list[int], n_classes: int) -> tuple[float
 @dataclass
 class Context:
     """What every run of a stage shares: the pretrained dir and tokenizer, padding side, the
-    pretraining blocks and the Fisher (computed once)."""
+    pretraining blocks and the Fisher (computed once per backbone). `pretrained` is the first
+    backbone; `for_seed(seed)` gives the context of the backbone fine-tune seed `seed` starts
+    from (ptf.models.backbones)."""
     root: Path
     cfg: FinetuneCommon
     pretrained: Path
     tokenizer: Any
     pad_left: bool
-    _blocks: Any = None
-    _fisher: dict[str, Any] = field(default_factory=dict)
+    _blocks: dict[int, Any] = field(default_factory=dict)   # shared by every for_seed copy
+    _fisher: dict[str, Any] = field(default_factory=dict)   # keyed by backbone dir
 
     @classmethod
     def create(cls, root: Path, cfg: FinetuneCommon) -> "Context":
@@ -63,7 +66,8 @@ class Context:
         pre = root / paths.PRETRAINED
         if not (pre / "config.json").is_file():
             raise StageError(f"{pre}: pretrained model not found (run `dvc repro pretrain`)")
-        check_weights(pre, PRETRAINED_REMEDY)
+        for d in backbone_dirs(pre):
+            check_weights(d, PRETRAINED_REMEDY)
         tok = AutoTokenizer.from_pretrained(pre)
         if tok.pad_token_id is None:
             raise StageError(f"{pre}: the tokenizer has no pad token")
@@ -74,6 +78,12 @@ class Context:
         tok.padding_side = "left" if pad_left else "right"
         return cls(root, cfg, pre, tok, pad_left)
 
+    def for_seed(self, seed: int) -> "Context":
+        """This context on the backbone of fine-tune seed `seed` (the same object when there is
+        one backbone); the caches stay shared."""
+        pre = backbone_for(self.root / paths.PRETRAINED, seed)
+        return self if pre == self.pretrained else replace(self, pretrained=pre)
+
     def loader(self, split: Split, batch_size: int, shuffle: bool, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         rows = list(zip(split.ids, split.labels))
@@ -82,18 +92,19 @@ class Context:
             drop_last=False, collate_fn=lambda r: collate(r, self.tokenizer.pad_token_id, self.pad_left))
 
     def blocks(self, block_len: int):
-        if self._blocks is None:
-            self._blocks = load_pretraining_blocks(self.root, block_len)[0]
-        return self._blocks
+        if block_len not in self._blocks:
+            self._blocks[block_len] = load_pretraining_blocks(self.root, block_len)[0]
+        return self._blocks[block_len]
 
     def fisher(self, arm) -> dict[str, torch.Tensor]:
-        if "f" not in self._fisher:
+        key = str(self.pretrained)
+        if key not in self._fisher:
             from accelerate import PartialState
             lm = pretrained_lm(self.pretrained).to(PartialState().device)
-            self._fisher["f"] = estimate_fisher(
+            self._fisher[key] = estimate_fisher(
                 lm, self.blocks(arm.block_len), arm.block_len, arm.fisher_blocks,
                 arm.fisher_batch_size, seed=self.cfg.data.seed, normalize=arm.normalize)
-        return self._fisher["f"]
+        return self._fisher[key]
 
 
 def evaluate(clf, ctx: Context, split: Split, n_classes: int, device) -> dict[str, Any]:
@@ -236,14 +247,15 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
     search: dict[str, float] = {}
 
     def one(lr: float, seed: int):
-        clf = build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=seed,
+        sctx = ctx.for_seed(seed)
+        clf = build_classifier(sctx.pretrained, data.label_names, strategy, arm, seed=seed,
                                pooling=ctx.cfg.pooling)
         tags = {"task": data.name, "strategy": strategy, "seed": str(seed), "lr": str(lr),
                 **(mlflow_tags or {})}
         train = train_for_seed(seed)
         with start_run(stage, ctx.cfg.model_dump(), tags, root=ctx.root,
                        experiment=ctx.cfg.experiment) as mlrun:
-            r = fit(ctx, clf, strategy, arm, lr, seed, data, train, max_steps,
+            r = fit(sctx, clf, strategy, arm, lr, seed, data, train, max_steps,
                     desc=f"{desc_prefix}{data.name}/{strategy} lr={lr:g} seed={seed}",
                     log_fn=mlrun.log)
             mlrun.log({k: float(v) for k, v in r.items()
@@ -254,7 +266,7 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
     def save(r: dict[str, Any], clf) -> None:
         if save_dir is not None:
             name = f"seed{r['seed']}"
-            save_model(ctx, clf, strategy, data, save_dir / name, r, publish_dir / name)
+            save_model(ctx.for_seed(r["seed"]), clf, strategy, data, save_dir / name, r, publish_dir / name)
 
     first = seeds[0]
     grid = list(arm.lrs) if lr_search else list(arm.lrs[:1])
