@@ -86,7 +86,16 @@ def section_pretrain(pre: dict[str, Any]) -> list[str]:
             ["train time (s)", num(pre.get("train_time_s"), 1)]]
     L += table(["measure", "value"], rows)
     sentence = prose.pretrain_sentence(pre.get("val_ppl"), pre.get("unigram_ppl"))
-    return L + (["", sentence] if sentence else [])
+    L += ["", sentence] if sentence else []
+    backbones = pre.get("backbones") or []
+    if len(backbones) > 1:   # the table is the first backbone's; fine-tune seed s starts from backbone s mod N
+        L += ["", f"{len(backbones)} pretrained backbones, the same training from pretraining seeds "
+              f"{', '.join(str(b['seed']) for b in backbones)}; fine-tune seed s starts from backbone s mod "
+              f"{len(backbones)} (the table above is the first's):", ""]
+        L += table(["pretraining seed", "validation loss (nats/token)", "validation perplexity", "optimizer steps"],
+                   [[str(b["seed"]), num(b.get("val_loss"), 4), num(b.get("val_ppl"), 2), num(b.get("steps"), 0)]
+                    for b in backbones])
+    return L
 
 
 def _frac_key(k: str) -> float:
