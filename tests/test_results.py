@@ -648,3 +648,18 @@ def test_frontier_cells(fake, page):
                      f(np.mean([r["test_accuracy"] for r in seeds])), f(delta, 4)])
     assert table_rows(page, "| strategy | configurations | on its frontier |") == want
     assert f"**Verdict: {fr['claims']['matched']['verdict']}.**" in page
+
+
+def test_pretrain_section_lists_every_backbone():
+    """With several pretrained backbones the page lists each one's validation loss (the table
+    above is the first's); with one, nothing more."""
+    from ptf.report import sections
+
+    pre = {"objective": "clm", "val_loss": 5.9, "val_ppl": 365.0, "unigram_ppl": 1500.0, "steps": 4,
+           "backbones": [{"seed": 0, "val_loss": 5.9, "val_ppl": 365.0, "steps": 4},
+                         {"seed": 7, "val_loss": 5.8123, "val_ppl": 334.4, "steps": 4}]}
+    text = "\n".join(sections.section_pretrain(pre))
+    assert "2 pretrained backbones" in text and "backbone s mod 2" in text
+    assert "| 7 | 5.8123 | 334.40 | 4 |" in text
+    one = "\n".join(sections.section_pretrain({**pre, "backbones": pre["backbones"][:1]}))
+    assert "pretrained backbones" not in one
