@@ -6,10 +6,11 @@ Run:  .venv/bin/python bench/sweep_speed.py [--strategies full linear_probe] [--
 
 - Model: data/models/pretrained (under `--data`, default this repo) when it exists, else the `pretrain.model` of params.yaml with
   random weights (the default 2-layer, d=128 Llama; vocabulary 8192 from the tokenizer that
-  `bench/pretrain_speed.py` builds or links). Task: data/tasks/<first finetune task> when it
+  `bench/pretrain_speed.py` builds or links). Task: data/tasks/<first sweep task> when it
   exists, else synthetic texts with the real tasks' lengths (mean ~32 tokens, cap
   `finetune.data.max_length`), 4 classes, `finetune.data` caps.
-- Configurations: per strategy (`full`, `linear_probe`) 4 learning rates spanning 30x x K/4
+- Configurations: per strategy (`full`, `linear_probe`, `l2sp`, `replay`: the penalty and the
+  replayed LM loss are the ones `fit` adds, with the arm's values) 4 learning rates spanning 30x x K/4
   seeds, the `finetune` params of params.yaml (steps, batch, warmup, eval every, clipping).
 - (a) one at a time, in one process: `build_classifier` + `ptf.training.finetuning.fit` per
   configuration, what `run_arm` pays per configuration (model build, Accelerator, training,
@@ -45,7 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-LRS = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "linear_probe": [1e-3, 3e-3, 1e-2, 3e-2]}   # 30x each
+LRS = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "linear_probe": [1e-3, 3e-3, 1e-2, 3e-2],
+       "l2sp": [3e-5, 1e-4, 3e-4, 1e-3], "replay": [3e-5, 1e-4, 3e-4, 1e-3]}   # 30x each
 KEYS = ("best_step", "val_accuracy", "test_accuracy")
 
 
@@ -78,7 +80,7 @@ def prepare(tmp: Path, data_root: Path = REPO):
         tok.save_pretrained(str(pre))
         source = {"model": "random weights, params.yaml pretrain.model"}
     ctx = Context.create(root, cfg)
-    task = cfg.tasks[0]
+    task = params["sweep"]["tasks"][0]       # the task the sweep runs on
     if (data_root / paths.TASKS / task / "dataset_dict.json").is_file():
         (root / paths.TASKS).parent.mkdir(parents=True, exist_ok=True)
         (root / paths.TASKS).symlink_to(data_root / paths.TASKS)
@@ -120,12 +122,14 @@ def alone(ctx, data, cfg, strategy, configs) -> tuple[list[dict], float, float]:
 
 def together(ctx, data, cfg, strategy, configs) -> tuple[list[dict], float, float]:
     from ptf.models.strategies import build_classifier
-    from ptf.training.batched import Run, fit_together
+    from ptf.training.batched import Run, fit_together, regulariser
     arm, tc = getattr(cfg.arms, strategy), cfg.train
     c0, w0 = clock()
-    runs = [Run(build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=seed,
-                                 pooling=cfg.pooling), lr, seed, data.train)
-            for lr, seed in configs]
+    runs = []
+    for lr, seed in configs:
+        clf = build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=seed,
+                               pooling=cfg.pooling)
+        runs.append(Run(clf, lr, seed, data.train, regulariser(ctx, clf, strategy, arm, seed)))
     out = fit_together(runs, tc, tc.max_steps,
                        lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
                        data.validation, data.test, data.n_classes, arm.weight_decay)

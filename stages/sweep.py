@@ -22,9 +22,10 @@ chosen here: the frontier stage chooses on validation accuracy and on one half o
 blocks, and reports on the other half. The held-out loss is the forgetting stage's measure
 (`ptf.measures.drift`: the fine-tuned backbone under an untied copy of the pretrained LM head,
 the same blocks), computed on the model in memory: a sweep of ~100 models does not write ~100
-model directories to the DVC cache. Full fine-tuning, lower LR, linear probing and freezing
-train all their configurations of one length together (`ptf.training.batched.fit_together`:
-the same results as one at a time, bench/sweep_speed.py); the others one at a time.
+model directories to the DVC cache. Every strategy with one LR per run and no peft wrapper
+(full, lower LR, linear probing, freezing, L2-SP, EWC, replay) trains all its configurations
+of one length together (`ptf.training.batched.fit_together`: the same results as one at a
+time, bench/sweep_speed.py); the others (LoRA, DoRA, gradual unfreezing) one at a time.
 
 Run: python -m stages.sweep --task source --strategy lora
 """
@@ -46,7 +47,6 @@ from ptf.training.finetune_config import FinetuneCommon, load_stage_config
 from ptf.training.sweep_config import HeldOutKeys, Point, SweepSection, arm_for, load_sweep
 
 Config = SweepSection      # the stage's own section (tests/test_dag.py builds it from every params file)
-TOGETHER = ("full", "lower_lr", "linear_probe", "freeze_bottom")   # plain task loss, one LR a run
 
 
 def output_file(root: Path, task: str, strategy: str) -> Path:
@@ -87,9 +87,10 @@ def trains_together(ctx, data, strategy: str, arm) -> bool:
     """Whether `strategy`'s runs on this model go through `fit_together` (a plain float32 Llama
     classifier and a plain task loss); otherwise they run one at a time (`fit`)."""
     from ptf.models.strategies import build_classifier
-    from ptf.training.batched import check_batchable
+    from ptf.training.batched import together_reason
+    from ptf.training.packed import check_batchable
 
-    if strategy not in TOGETHER or ctx.cfg.train.mixed_precision != "no":
+    if together_reason(strategy) is not None or ctx.cfg.train.mixed_precision != "no":
         return False
     probe = build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=0, pooling=ctx.cfg.pooling)
     return check_batchable([probe]) is None
@@ -99,7 +100,7 @@ def _train(ctx, data, strategy: str, cfg: SweepSection, points: list[Point], arm
            together: bool):
     """(point, seed, trained classifier, fit result) for every point and seed."""
     from ptf.models.strategies import build_classifier
-    from ptf.training.batched import Run, fit_together
+    from ptf.training.batched import Run, fit_together, regulariser
     from ptf.training.finetuning import fit
 
     tc = ctx.cfg.train
@@ -108,8 +109,11 @@ def _train(ctx, data, strategy: str, cfg: SweepSection, points: list[Point], arm
         if together:
             for wd in sorted({arms[p].weight_decay for p in at}):
                 group = [(p, s) for p in at if arms[p].weight_decay == wd for s in cfg.seeds]
-                runs = [Run(build_classifier(ctx.for_seed(s).pretrained, data.label_names, strategy, arms[p], seed=s,
-                                             pooling=ctx.cfg.pooling), p.lr, s, data.train) for p, s in group]
+                runs = []
+                for p, s in group:
+                    clf = build_classifier(ctx.for_seed(s).pretrained, data.label_names, strategy, arms[p], seed=s,
+                                           pooling=ctx.cfg.pooling)
+                    runs.append(Run(clf, p.lr, s, data.train, regulariser(ctx.for_seed(s), clf, strategy, arms[p], s)))
                 res = fit_together(runs, tc, steps, lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
                                    data.validation, data.test, data.n_classes, wd,
                                    desc=f"sweep {data.name}/{strategy} {steps} steps")

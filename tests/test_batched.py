@@ -12,7 +12,8 @@ import torch
 from finetune_fixtures import make_root, params, runs_of
 from ptf.common.config import parse_section
 from ptf.data.tasks import collate
-from ptf.training.batched import Packed, PackedLlama, Run, check_batchable, fit_together
+from ptf.training.batched import Run, fit_together, regulariser, together_reason
+from ptf.training.packed import Packed, PackedLlama, check_batchable
 
 LABELS = ["negative", "positive"]
 
@@ -78,12 +79,12 @@ def test_packed_logits_equal_the_models_own(root):
         torch.testing.assert_close(mine[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
-def _reference(root, ctx, strategy, configs, **train):
+def _reference(root, ctx, strategy, configs, arm=None):
     """Each configuration trained alone through the pipeline's own `fit`."""
     from ptf.training.finetuning import fit
     from ptf.data.tasks import load_task
     data = load_task(root, "movies", ctx.tokenizer, ctx.cfg.data)
-    arm = getattr(ctx.cfg.arms, strategy)
+    arm = arm or getattr(ctx.cfg.arms, strategy)
     out = []
     for lr, seed in configs:
         (clf,) = models(root, strategy, [seed])
@@ -99,16 +100,26 @@ def _reference(root, ctx, strategy, configs, **train):
     ("linear_probe", {"grad_accum": 2, "max_steps": 6}),   # shared frozen features
     ("freeze_bottom", {"max_steps": 6}),
     ("scratch", {"max_steps": 6}),
+    ("l2sp", {"max_steps": 6}),                             # + its penalty
+    ("ewc", {"max_steps": 6}),                              # + the Fisher-weighted penalty
+    ("replay", {"max_steps": 6, "grad_accum": 2}),          # + LM loss of its own replay batches
 ])
 def test_fit_together_equals_one_at_a_time(root, strategy, train):
     from ptf.training.trainer import reset_accelerate
     reset_accelerate()
     ctx = context(root, **train)
     configs = [(1e-3, 0), (3e-4, 0), (1e-3, 1), (3e-3, 2)]
-    data, ref = _reference(root, ctx, strategy, configs)
+    arm = getattr(ctx.cfg.arms, strategy)
+    if strategy in ("l2sp", "ewc"):      # strong enough that the penalty moves the weights
+        arm = arm.model_copy(update={"alpha" if strategy == "l2sp" else "lam": 50.0})
+        ref_arm = arm
+    else:
+        ref_arm = None
+    data, ref = _reference(root, ctx, strategy, configs, arm=ref_arm)
     ms = models(root, strategy, [s for _, s in configs])
     tc = ctx.cfg.train
-    got = fit_together([Run(m, lr, s, data.train) for m, (lr, s) in zip(ms, configs)], tc,
+    got = fit_together([Run(m, lr, s, data.train, regulariser(ctx, m, strategy, arm, s))
+                        for m, (lr, s) in zip(ms, configs)], tc,
                        tc.max_steps,
                        lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
                        data.validation, data.test, data.n_classes,
@@ -122,8 +133,19 @@ def test_fit_together_equals_one_at_a_time(root, strategy, train):
         for (name, a), b in zip(clf.state_dict().items(), m.state_dict().values()):
             torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
     assert all(r["frozen_features"] == (strategy == "linear_probe") for r in got)
+    assert [r["replay_blocks"] for r in got] == [w["replay_blocks"] for w, _ in ref]
+    if strategy == "replay":
+        assert got[0]["replay_blocks"] == tc.max_steps * tc.grad_accum * arm.batch_size
     if train.get("patience") is not None:
         assert len({r["steps"] for r in got}) > 1 or any(r["stopped_early"] for r in got)
+
+
+def test_which_strategies_train_together():
+    assert [s for s in ("full", "linear_probe", "freeze_bottom", "l2sp", "ewc", "replay", "scratch")
+            if together_reason(s)] == []
+    assert "peft" in together_reason("lora")
+    assert "step hook" in together_reason("gradual_unfreeze")
+    assert "step hook" in together_reason("osf")
 
 
 def test_what_cannot_be_batched(root):

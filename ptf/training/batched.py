@@ -1,44 +1,39 @@
 """Train K fine-tuning configurations of one Llama classifier together, in one process (no
-CLI): a sweep's seeds and learning rates at a fraction of the CPU time of K separate runs, with
-their results.
+CLI): a sweep's seeds, learning rates and knob values at a fraction of the CPU time of K
+separate runs, with their results.
 
 In:  K `LlamaForSequenceClassification` models built as a one-at-a-time run builds them
      (`ptf.models.strategies.build_classifier(..., seed)`: the same initial weights and
-     trainability), each with its learning rate, seed and training split; a
+     trainability), each with its learning rate, seed, training split and its strategy's
+     regulariser (`ptf.models.strategies.Regulariser`: an L2-SP / EWC penalty, or replay of
+     pretraining blocks, as the registry's factory makes it for a one-at-a-time run); a
      `loader_fn(split, seed)` giving the run's shuffled, padded training batches (the stage's
      `Context.loader`); the `finetune.train` params (`tc`); the validation and test splits.
 Out: `fit_together` trains the K models in place (best-validation weights restored, as
      `ptf.training.finetuning.fit` does) and returns one result per configuration: validation
      and test accuracy / macro-F1 and predictions at the best validation step, best step,
-     steps, early stop, lr, seed. `check_batchable` says why models cannot go this way;
-     `PackedLlama` and `Packed` are the computation (also usable for evaluation alone).
+     steps, early stop, lr, seed, pretraining blocks replayed.
 
 Same results. Every configuration keeps its own parameters, its own AdamW
 (`ptf.training.trainer.adamw` over `param_groups`), its own warmup-cosine schedule
-(`warmup_cosine`), gradient clipping and data order (`loader_fn` prepared by Accelerate with
-the run's seed, as the shared loop prepares it), and the same evaluation cadence, best-weights
-copy and patience; so each result is that of its own run up to float rounding
-(tests/test_batched.py checks weights and predictions against `fit`).
+(`warmup_cosine`), gradient clipping, data order (`loader_fn` prepared by Accelerate with the
+run's seed, as the shared loop prepares it), loss (the task loss + replay weight x the LM loss
+of its own replay batch + its penalty, as `ptf.models.strategies.TaskModel` adds them), and the
+same evaluation cadence, best-weights copy and patience; so each result is that of its own run
+up to float rounding (tests/test_batched.py checks weights and predictions against `fit`).
 
-Less work per configuration (bench/sweep_speed.py measures it). `PackedLlama` computes the
-model's own function from its parameters without what a run does not need: padding (the batch
-is packed to its real tokens; attention runs per sequence on a right-padded view with a causal
-mask; rotary positions are each token's column in its padded batch, HF's positions), the top
-layer's work for tokens other than the pooled one (keys and values of every token are needed;
-the query, attention output and MLP only at the pooled token), HF's per-call mask building and
-wrappers, the Accelerate and model-loading setup per run, and the second validation pass after
-restoring the best weights (its numbers are those of the best evaluation). When only the heads
-train and every run starts from the same backbone (linear probing), `FrozenFeatures` sends
-each text through the backbone once for all runs and steps. Stacking the K
-models into batched matrix products (`torch.bmm`, or `torch.func.vmap`, which has no batching
-rule for CPU attention) was measured slower here: batched GEMMs ran at ~115 GFLOP/s against
-~160 for a loop of per-model GEMMs, and elementwise passes over K-fold tensors fall out of cache.
+Less work per configuration (bench/sweep_speed.py measures it): each model runs through
+`ptf.training.packed.PackedLlama` (real tokens only, the top layer at the pooled token alone),
+evaluation runs on packed, length-sorted chunks, the second validation pass after restoring the
+best weights is skipped (its numbers are those of the best evaluation), and there is no
+Accelerate or model-loading setup per run. When only the heads train and every run starts from
+the same backbone (linear probing), `FrozenFeatures` sends each text through the backbone once
+for all runs and steps.
 
-Scope: HF Llama sequence classifiers (pooling at the last non-pad token, the HF head's) in
-float32 without dropout, biases or peft wrappers, and strategies whose loss is the plain task
-loss with one LR per run (full, lower_lr, linear_probe, freeze_bottom, scratch); everything
-else runs one at a time. A text made of pad ids only (an empty text) is pooled at its first
-token, as an unpadded HF call pools it (a left-padded HF batch would pool a padding position).
+Scope: what `ptf.training.packed.check_batchable` accepts (float32 Llama classifiers without
+dropout, biases or peft wrappers) and strategies with one LR per run and no step hook
+(`together_reason`: full, lower_lr, linear_probe, freeze_bottom, scratch, l2sp, ewc, replay);
+everything else runs one at a time.
 """
 from __future__ import annotations
 
@@ -51,157 +46,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ptf.data.tasks import Split, collate
+from ptf.data.tasks import Split
 from ptf.measures.baselines import scores
+from ptf.training.packed import (EVAL_CHUNK, FrozenFeatures, Packed, PackedLlama, check_batchable,
+                                 pack_split, predict, split_outputs)
 from ptf.training.trainer import adamw, param_groups, warmup_cosine
 
-
-def check_batchable(models: list) -> str | None:
-    """None if `models` can share a pass, else the reason (one line)."""
-    if not models:
-        return "no models"
-
-    def arch(m) -> dict:    # where the weights came from (one backbone or another) does not matter
-        return {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}
-
-    c0, a0 = models[0].config, arch(models[0])
-    for m in models:
-        if type(m).__name__ != "LlamaForSequenceClassification":
-            return f"{type(m).__name__} is not a plain LlamaForSequenceClassification"
-        if arch(m) != a0:
-            return "the models' configs differ"
-    bad = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
-           "attention_dropout": 0.0}
-    for key, want in bad.items():
-        if getattr(c0, key, want) != want:
-            return f"config.{key}={getattr(c0, key)!r} (needs {want!r})"
-    if getattr(c0, "pretraining_tp", 1) != 1 or c0.pad_token_id is None:
-        return "pretraining_tp != 1 or no pad token id"
-    if any(p.dtype != torch.float32 for m in models for p in m.parameters()):
-        return "parameters are not float32"
-    return None
-
-
-# --------------------------------------------------------------------------- packing
-
-@dataclass
-class Packed:
-    """One padded batch as its real tokens only (N rows, sequence after sequence), and the
-    index maps between those rows and a right-padded attention view (S sequences x T)."""
-    ids: torch.Tensor        # (N,) token ids
-    pos: torch.Tensor        # (N,) rotary position: the token's column in its padded batch
-    to_view: torch.Tensor    # (S*T,) row of each attention slot (past a sequence's end: its last)
-    to_rows: torch.Tensor    # (N,) attention slot of each row
-    last: torch.Tensor       # (S,) row of each sequence's pooled token
-    last_t: torch.Tensor     # (S,) that token's index in its sequence
-    labels: torch.Tensor     # (S,)
-    S: int
-    T: int
-
-    @classmethod
-    def of(cls, batch: dict[str, torch.Tensor], pad_id: int) -> "Packed":
-        """`batch`: input_ids, attention_mask (S x T_pad, either padding side), labels."""
-        m = batch["attention_mask"].bool()
-        n = m.sum(1)
-        S, T = m.shape[0], int(n.max())
-        rows, cols = m.nonzero(as_tuple=True)                # row-major: sequence after sequence
-        ids = batch["input_ids"][rows, cols]
-        start = torch.cumsum(n, 0) - n                       # row of each sequence's first token
-        t = cols - m.long().argmax(1)[rows]                  # index within the sequence
-        # slots past a sequence's end repeat its last token: no real query sees them (causal)
-        upto = torch.minimum(torch.arange(T)[None, :], (n - 1).clamp(min=0)[:, None])
-        to_view = start[:, None] + upto
-        # HF's pooled token: the last one that is not the pad id (a text of pad ids: its first)
-        nonpad = torch.where(ids != pad_id, torch.arange(len(ids)), -1)
-        last = torch.full((S,), -1, dtype=torch.long).scatter_reduce(0, rows, nonpad, "amax")
-        last = torch.where(last >= 0, last, start)
-        return cls(ids, cols, to_view.flatten(), rows * T + t, last, last - start,
-                   batch["labels"], S, T)
-
-
-# --------------------------------------------------------------------------- the lean forward
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm (float32 models)."""
-    return w * F.rms_norm(x, (x.shape[-1],), None, eps)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's apply_rotary_pos_emb on (..., heads, head_dim) with cos/sin (..., 1, head_dim)."""
-    h = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat((-x[..., h:], x[..., :h]), dim=-1), sin)
-
-
-class PackedLlama:
-    """The class logits of an HF `LlamaForSequenceClassification`, computed from its own
-    parameters on a `Packed` batch: real tokens only, and in the top layer only what the pooled
-    token needs (keys and values of every token; query, attention output and MLP of the pooled
-    token alone). Equal to the model's `.logits` up to float rounding; gradients reach its
-    parameters as through the model."""
-
-    def __init__(self, model):
-        reason = check_batchable([model])
-        if reason:
-            raise ValueError(f"cannot run this model packed: {reason}")
-        c = model.config
-        self.model = model
-        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.eps = c.rms_norm_eps
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (len(pos), 1, head_dim) from the model's own rotary module (tables cached)."""
-        n = int(pos.max()) + 1
-        if self._rope is None or self._rope[0].shape[0] < n:
-            base = self.model.model
-            x = base.embed_tokens.weight[:1]
-            cos, sin = base.rotary_emb(x, position_ids=torch.arange(n, device=x.device)[None])
-            self._rope = (cos[0], sin[0])
-        return tuple(t.index_select(0, pos)[:, None, :] for t in self._rope)
-
-    def _view(self, x: torch.Tensor, p: Packed) -> torch.Tensor:
-        """(N, heads*hd) rows -> (S, heads, T, hd) attention view."""
-        return x.index_select(0, p.to_view).view(p.S, p.T, -1, self.head_dim).transpose(1, 2)
-
-    def logits(self, p: Packed) -> torch.Tensor:
-        """(S, n_labels): the HF head's `.logits`."""
-        return F.linear(self.pooled(p), self.model.score.weight)
-
-    def pooled(self, p: Packed) -> torch.Tensor:
-        """(S, hidden): the final-norm hidden state at each sequence's pooled token."""
-        base, hd = self.model.model, self.head_dim
-        H, Hkv = self.heads, self.kv_heads
-        x = F.embedding(p.ids, base.embed_tokens.weight, base.embed_tokens.padding_idx)
-        cos, sin = self._rotary(p.pos)
-        layers = list(base.layers)
-        for i, layer in enumerate(layers):
-            a = layer.self_attn
-            h = _rms(x, layer.input_layernorm.weight, self.eps)
-            k = self._view(_rotate(F.linear(h, a.k_proj.weight).view(-1, Hkv, hd), cos, sin)
-                           .flatten(1), p)
-            v = self._view(F.linear(h, a.v_proj.weight), p)
-            if Hkv != H:
-                k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
-            if i < len(layers) - 1:
-                q = _rotate(F.linear(h, a.q_proj.weight).view(-1, H, hd), cos, sin).flatten(1)
-                o = F.scaled_dot_product_attention(self._view(q, p), k, v, is_causal=True)
-                o = o.transpose(1, 2).reshape(p.S * p.T, H * hd).index_select(0, p.to_rows)
-            else:        # top layer: the pooled token's query only, over the keys up to it
-                q = _rotate(F.linear(h.index_select(0, p.last), a.q_proj.weight).view(-1, H, hd),
-                            cos.index_select(0, p.last), sin.index_select(0, p.last))
-                seen = (torch.arange(p.T)[None, :] <= p.last_t[:, None])[:, None, None, :]
-                o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=seen)
-                o, x = o.reshape(p.S, H * hd), x.index_select(0, p.last)
-            x = x + F.linear(o, a.o_proj.weight)
-            h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
-            f = layer.mlp
-            gated = F.silu(F.linear(h, f.gate_proj.weight)) * F.linear(h, f.up_proj.weight)
-            x = x + F.linear(gated, f.down_proj.weight)
-        return _rms(x, base.norm.weight, self.eps)
-
-
-# --------------------------------------------------------------------------- training
 
 @dataclass
 class Run:
@@ -210,6 +60,29 @@ class Run:
     lr: float
     seed: int
     train: Split
+    reg: Any = None               # its strategy's Regulariser (penalty / replay), None: task loss only
+
+
+def together_reason(strategy: str) -> str | None:
+    """None if `strategy`'s runs can train together (one LR per run, no step hook, no peft
+    wrapper), else why not (one line)."""
+    from ptf.models.strategies import check_strategy
+
+    e = check_strategy(strategy)
+    if e.lr_for is not None or e.step_hook is not None or e.optimizer_hook is not None:
+        return f"{strategy} sets per-parameter LRs or runs a step hook"
+    if e.peft is not None:
+        return f"{strategy} wraps the model with peft"
+    return None
+
+
+def regulariser(ctx, model, strategy: str, arm, seed: int):
+    """The regulariser `ptf.training.finetuning.fit` gives this run: its strategy's factory with
+    `ctx` (the seed's backbone context), anchored at `model`'s backbone as it starts."""
+    from ptf.models.strategies import check_strategy
+
+    factory = check_strategy(strategy).regulariser
+    return None if factory is None else factory(ctx, model.base_model, model.base_model, arm, seed)
 
 
 def _endless(loader) -> Iterator[dict[str, torch.Tensor]]:
@@ -221,70 +94,20 @@ def _endless(loader) -> Iterator[dict[str, torch.Tensor]]:
         epoch += 1
 
 
-EVAL_CHUNK = 32     # texts per evaluation chunk: on CPU, 16-32 ran 1.4x faster than 100 (cache)
+def _extra_loss(run: Run) -> tuple[torch.Tensor | float, int]:
+    """(what run's regulariser adds to its task loss, pretraining blocks replayed), in
+    `TaskModel.forward`'s order: replay weight x LM loss, then the penalty."""
+    from ptf.models.lm import lm_loss
 
-
-@dataclass
-class PackedSplit:
-    """A split as packed chunks of texts of similar length (little attention padding)."""
-    chunks: list[Packed]
-    order: list[int]                  # split index of each text, chunk after chunk
-
-
-def pack_split(split: Split, batch_size: int, pad_id: int) -> PackedSplit:
-    """`split` sorted by length, `batch_size` texts a chunk, each text at positions 0..L-1
-    (unpadded, as `ptf.models.artifacts.predict_ids` runs it)."""
-    order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
-    chunks = []
-    for i in range(0, len(order), batch_size):
-        rows = [(split.ids[j], split.labels[j]) for j in order[i:i + batch_size]]
-        chunks.append(Packed.of(collate(rows, pad_id, pad_left=False), pad_id))
-    return PackedSplit(chunks, order)
-
-
-@torch.no_grad()
-def split_outputs(fn: Callable[[Packed], torch.Tensor], split: PackedSplit) -> torch.Tensor:
-    """`fn` of every chunk, rows back in the split's order."""
-    out = torch.cat([fn(p) for p in split.chunks])
-    return out[torch.argsort(torch.tensor(split.order))]
-
-
-def predict(net: PackedLlama, split: PackedSplit) -> list[int]:
-    """Predicted class ids of `net` on a packed split, in the split's order."""
-    net.model.eval()
-    return split_outputs(net.logits, split).argmax(-1).tolist()
-
-
-class FrozenFeatures:
-    """The pooled features of a frozen backbone that every run shares (linear probing): each
-    text goes through the backbone once, for every run and every step; only heads train."""
-
-    def __init__(self, net: PackedLlama, pad_id: int):
-        self.net, self.pad_id = net, pad_id
-        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
-
-    @staticmethod
-    def applies(models: list) -> bool:
-        """Only the heads train, and every model has the same backbone weights."""
-        for m in models:
-            if {n for n, p in m.named_parameters() if p.requires_grad} != {"score.weight"}:
-                return False
-        ref = models[0].model.state_dict()
-        return all(torch.equal(v, m.model.state_dict()[k])
-                   for m in models[1:] for k, v in ref.items())
-
-    @torch.no_grad()
-    def of_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(S, hidden) features of a padded batch, computed for the texts not seen before."""
-        keys = [tuple(x[m].tolist())
-                for x, m in zip(batch["input_ids"], batch["attention_mask"].bool())]
-        new = [i for i, k in enumerate(keys) if k not in self.cache]
-        if new:
-            sub = {k: v[new] for k, v in batch.items()}
-            self.net.model.eval()
-            for i, f in zip(new, self.net.pooled(Packed.of(sub, self.pad_id))):
-                self.cache[keys[i]] = f
-        return torch.stack([self.cache[k] for k in keys])
+    reg, extra, blocks = run.reg, 0.0, 0
+    if reg is None:
+        return extra, blocks
+    if reg.lm is not None and reg.batches is not None:
+        ids = next(reg.batches)
+        extra, blocks = reg.weight * lm_loss(reg.lm, ids), int(ids.shape[0])
+    if reg.penalty is not None:
+        extra = extra + reg.penalty(run.model.base_model)
+    return extra, blocks
 
 
 def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[Split, int], Any],
@@ -305,7 +128,7 @@ def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[
     nets = [PackedLlama(r.model) for r in runs]
     pad_id = runs[0].model.config.pad_token_id
     frozen = None
-    if FrozenFeatures.applies([r.model for r in runs]):
+    if all(r.reg is None for r in runs) and FrozenFeatures.applies([r.model for r in runs]):
         frozen = FrozenFeatures(nets[0], pad_id)
     splits = {"validation": pack_split(validation, EVAL_CHUNK, pad_id),
               "test": pack_split(test, EVAL_CHUNK, pad_id)}
@@ -333,7 +156,7 @@ def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[
                                                  data_seed=r.seed)))
     K = len(runs)
     best: list[dict[str, Any]] = [{} for _ in runs]
-    stopped, steps = [False] * K, [0] * K
+    stopped, steps, replayed = [False] * K, [0] * K, [0] * K
     active = list(range(K))
     t0 = time.perf_counter()
     for step in tqdm(range(1, max_steps + 1), desc=f"{desc} x{K}", dynamic_ncols=True):
@@ -342,10 +165,12 @@ def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[
             loss = 0.0
             for _ in range(tc.grad_accum):
                 batch = next(data[i])
-                ce = F.cross_entropy(train_logits(i, batch).float(), batch["labels"])
-                ce = ce / tc.grad_accum
-                ce.backward()
-                loss += float(ce.detach())
+                extra, blocks = _extra_loss(runs[i])
+                total = (F.cross_entropy(train_logits(i, batch).float(), batch["labels"]) + extra)
+                total = total / tc.grad_accum
+                total.backward()
+                loss += float(total.detach())
+                replayed[i] += blocks
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(runs[i].model.parameters(), tc.grad_clip)
             opts[i].step()
@@ -375,7 +200,7 @@ def fit_together(runs: list[Run], tc: Any, max_steps: int, loader_fn: Callable[[
                     "best_step": best[i]["step"], "steps": steps[i], "stopped_early": stopped[i],
                     "train_time_s": train_time / K, "trained_with": K, "lr": r.lr,
                     "seed": r.seed, "val_predictions": best[i]["pred"], "test_predictions": pred,
-                    "frozen_features": frozen is not None})
+                    "replay_blocks": replayed[i], "frozen_features": frozen is not None})
     return out
 
 
