@@ -19,6 +19,12 @@ scan; for each, DVC must report the stage command `exited with -9` (or 137 where
 forwards the status), i.e. killed by SIGKILL, not
 any failure. A kill in the middle of a training step: tests/test_pretrain.py
 `test_resume_after_sigkill_is_bit_exact`.)
+The stages with no kill point are not recomputed when they need not be: the repo starts with
+the reference run's DVC run cache, less the entries of the stages killed (pretrain and the stage of
+every `maybe_die` point), so `dvc repro` restores such a stage only where its command, params and
+every dependency's hash equal the reference's, i.e. where every rerun upstream of it reproduced the
+reference byte for byte; otherwise (e.g. wise_ft, downstream of a rerun fine-tune's metrics file,
+whose timings differ) it runs. The stages killed always run again, and their outputs are compared.
 After every kill: no file of `data/` outside a hidden `.<name>.tmp-*` / `.<name>.old-*` sibling
 is partial: each either matches the reference byte for byte (or, for a metrics JSON, on every
 deterministic key), or is a complete checkpoint. After the last rerun: every cached output hash
@@ -42,6 +48,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -57,6 +64,8 @@ from tests.smoke import (CKPT, ROOT, assert_same_results, closed_port, copy_smok
 # Each `maybe_die` point and the DVC stage whose command it kills in the smoke pipeline.
 INJECTED = {"download": "download", "tokenize-shard": "tokenize",
             "finetune": "finetune@movies-full", "forgetting": "forgetting"}
+# The stages the `interrupted` fixture kills: every point's, and pretrain's checkpoint save.
+KILLED = {*INJECTED.values(), "pretrain"}
 CODE_DIRS = ("stages", "ptf", "flows")
 
 def hidden(rel: Path) -> bool:
@@ -97,6 +106,24 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> bool:
             return True
         time.sleep(0.0005)
     return False
+
+
+def seed_run_cache(repo: Path, ref: Path, leave_out: set[str]) -> set[str]:
+    """Copy into `repo`'s DVC cache the run cache of the finished `ref` (and the objects its
+    outputs are stored as), less the entries of the stages in `leave_out`, which then run whatever
+    happens; the stages whose entries were copied, by name. DVC restores a stage from such an
+    entry only where the stage's command, params and dependency hashes all equal the reference's."""
+    by_cmd = {spec["cmd"]: name for name, spec in yaml.safe_load((ref / "dvc.lock").read_text())["stages"].items()}
+    src, dest = ref / ".dvc/cache/runs", repo / ".dvc/cache/runs"
+    seeded = set()
+    for entry in sorted(p for p in src.rglob("*") if p.is_file()):
+        stage = by_cmd[yaml.safe_load(entry.read_text())["cmd"]]
+        if stage not in leave_out:
+            (dest / entry.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry, dest / entry.relative_to(src))
+            seeded.add(stage)
+    shutil.copytree(ref / ".dvc/cache/files", repo / ".dvc/cache/files", dirs_exist_ok=True)
+    return seeded
 
 
 def locked_stages(repo: Path) -> set[str]:
@@ -141,6 +168,8 @@ def interrupted(tmp_path_factory, smoke_run) -> dict:
     fails the test that checks it (with every point's outcome) rather than this fixture."""
     ref = smoke_run["repo"]
     repo = make_smoke_repo(tmp_path_factory.mktemp("faults-kill") / "repo")
+    seeded = seed_run_cache(repo, ref, KILLED)
+    assert seeded and not seeded & KILLED, seeded  # (the reference has entries of the others)
     hits: dict[str, dict] = {}
     partial: list[str] = []
 

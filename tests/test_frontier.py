@@ -165,3 +165,29 @@ def test_grid_sentence_states_the_spans_of_the_points():
     s = frontier_section.grid_sentence("lora", pts, 3)
     assert s == ("`lora`: 3 configurations × 3 seeds: 3 learning rates from 0.0001 to 0.003 (span 30×) × "
                  "2 lengths (20, 60 steps) × `r` ∈ {2, 8, 32} (span 16×)")
+
+
+def test_the_section_prints_each_number_in_its_place():
+    """The frontier table's cells and a comparison line, exactly, from hand-set numbers (a fast
+    check of ptf.report.frontier_section, which the page test exercises only through a run)."""
+    comp = {"task": "t", "strategy": "x", "level": 0.7, "config": "lr=0.001 steps=10",
+            "val_accuracy": 0.72, "delta_loss": 0.1234, "reference_config": "lr=0.0003 steps=20",
+            "reference_val_accuracy": 0.71, "reference_delta_loss": 0.4567, "diff": -0.3333,
+            "ci": [-0.5, -0.1], "ci_level": 0.975, "verdict": REPRODUCED, "resampled": "seeds and blocks",
+            "test_accuracy": 0.66, "reference_test_accuracy": 0.69,
+            "accuracy_cost": {"diff": -0.03, "ci": [-0.08, 0.02], "ci_level": 0.975,
+                              "verdict_lower_accuracy": INCONCLUSIVE}}
+    line = frontier_section.comparison_line("t/x@0.7", comp, "full")
+    assert line == ("`t/x@0.7` at accuracy level 0.700 (validation): `lr=0.001 steps=10` (val 0.720) Δ LM loss "
+                    "0.1234 against `lr=0.0003 steps=20` (val 0.710) 0.4567 for `full`; difference -0.3333, "
+                    "Holm-corrected 97.5 % interval [-0.5000, -0.1000] → reproduced; resampled: seeds and "
+                    "blocks. Test accuracy 0.660 against 0.690: difference -0.030, Holm-corrected 97.5 % "
+                    "interval [-0.080, +0.020] → lower accuracy inconclusive")
+    best = frontier_section.comparison_line("t/x", {**comp, "level": None}, "full")
+    assert "` at validation-best configurations: `lr=0.001" in best
+    block = {"x": {"points": [pt("a", 0.8, 0.2, test=0.75), pt("b", 0.9, 0.3125, test=0.85)],
+                   "frontier": ["a", "b"], "val_best": "b"},
+             "full": {"points": [pt("c", 0.6, 0.05)], "frontier": ["c"], "val_best": "c"}}
+    rows = frontier_section.tasks_table("t", block, 0.55)
+    assert rows[2:] == ["| `full` | 1 | 1 | `c` | 0.600 | +0.050 | 0.600 | 0.0500 |",
+                        "| `x` | 2 | 2 | `b` | 0.900 | +0.350 | 0.850 | 0.3125 |"]
