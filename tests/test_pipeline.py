@@ -3,7 +3,8 @@
 Shows: the whole DAG runs; afterwards `dvc status` is clean and a second `dvc repro` runs
 nothing; `dvc push` then `dvc pull` in a fresh clone restores byte-identical outputs.
 (That two clean runs give the same outputs is shown by tests/test_flows.py, whose Prefect worker
-makes the second clean run, and by tests/test_faults.py for a run killed six times.)
+makes the second clean run, and by tests/test_faults.py for a run killed at five points, for
+the stages it reruns: those killed, and those downstream of an output a rerun changed.)
 The run is the session fixture `smoke_run` of tests/conftest.py; these tests rerun, commit and
 push, so they work on a copy of it (`copy_smoke_repo`: its files, git history and DVC cache).
 """
