@@ -3,6 +3,8 @@ page's frontier section (ptf.report.frontier_section): hand-worked points, the s
 split of the held-out blocks, a null-effect simulation, and contradicting numbers."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -191,3 +193,23 @@ def test_the_section_prints_each_number_in_its_place():
     rows = frontier_section.tasks_table("t", block, 0.55)
     assert rows[2:] == ["| `full` | 1 | 1 | `c` | 0.600 | +0.050 | 0.600 | 0.0500 |",
                         "| `x` | 2 | 2 | `b` | 0.900 | +0.350 | 0.850 | 0.3125 |"]
+
+
+GOLDEN = Path(__file__).parent / "golden" / "frontier_section.md"
+
+
+def test_the_section_as_a_whole_matches_its_snapshot():
+    """The whole section for one simulated claim, against tests/golden/frontier_section.md: a
+    change of any heading, sentence, figure path or cell shows as a diff. After a deliberate
+    wording change, regenerate with `PTF_UPDATE_GOLDEN=1 pytest tests/test_frontier.py -k snapshot`
+    and review the diff of the golden file."""
+    rng = np.random.default_rng(1)
+    claim = fr.claims(two_strategy_sweeps(0.05, 0.5, rng), {"t": 0.5}, CFG, [0.5, 1.0])["matched"]
+    text = "\n".join(frontier_section.section(fake_frontier(claim))) + "\n"
+    if os.environ.get("PTF_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    assert frontier_section.section(None) == frontier_section.section({}) == []
+    assert frontier_section.section({"reference": "full", "applicable": False, "missing": "no LM head"}) == [
+        "## Learning vs forgetting: the frontiers of the sweep", "", "**Not measured on LM drift**: no LM head."]
