@@ -10,7 +10,8 @@ Run:  .venv/bin/python bench/sweep_speed.py [--strategies full linear_probe] [--
   exists, else synthetic texts with the real tasks' lengths (mean ~32 tokens, cap
   `finetune.data.max_length`), 4 classes, `finetune.data` caps.
 - Configurations: per strategy (`full`, `linear_probe`, `l2sp`, `replay`: the penalty and the
-  replayed LM loss are the ones `fit` adds, with the arm's values) 4 learning rates spanning 30x x K/4
+  replayed LM loss are the ones `fit` adds, with the arm's values; `lora`: peft LoRA with the
+  arm's rank and targets) 4 learning rates spanning 30x x K/4
   seeds, the `finetune` params of params.yaml (steps, batch, warmup, eval every, clipping).
 - (a) one at a time, in one process: `build_classifier` + `ptf.training.finetuning.fit` per
   configuration, what `run_arm` pays per configuration (model build, Accelerator, training,
@@ -47,7 +48,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 LRS = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "linear_probe": [1e-3, 3e-3, 1e-2, 3e-2],
-       "l2sp": [3e-5, 1e-4, 3e-4, 1e-3], "replay": [3e-5, 1e-4, 3e-4, 1e-3]}   # 30x each
+       "l2sp": [3e-5, 1e-4, 3e-4, 1e-3], "replay": [3e-5, 1e-4, 3e-4, 1e-3],
+       "lora": [3e-4, 1e-3, 3e-3, 1e-2]}   # 30x each
 KEYS = ("best_step", "val_accuracy", "test_accuracy")
 
 

@@ -22,10 +22,11 @@ chosen here: the frontier stage chooses on validation accuracy and on one half o
 blocks, and reports on the other half. The held-out loss is the forgetting stage's measure
 (`ptf.measures.drift`: the fine-tuned backbone under an untied copy of the pretrained LM head,
 the same blocks), computed on the model in memory: a sweep of ~100 models does not write ~100
-model directories to the DVC cache. Every strategy with one LR per run and no peft wrapper
-(full, lower LR, linear probing, freezing, L2-SP, EWC, replay) trains all its configurations
-of one length together (`ptf.training.batched.fit_together`: the same results as one at a
-time, bench/sweep_speed.py); the others (LoRA, DoRA, gradual unfreezing) one at a time.
+model directories to the DVC cache. Every strategy with one LR per run, no step hook and no
+peft wrapper but LoRA (full, lower LR, linear probing, freezing, L2-SP, EWC, replay, LoRA)
+trains all its configurations of one length together (`ptf.training.batched.fit_together`:
+the same results as one at a time, bench/sweep_speed.py); the others (DoRA, OSF, prompt
+tuning, gradual unfreezing) one at a time.
 
 Run: python -m stages.sweep --task source --strategy lora
 """
@@ -84,8 +85,9 @@ def check_task(cfg: SweepSection, task: str, strategy: str) -> None:
 
 
 def trains_together(ctx, data, strategy: str, arm) -> bool:
-    """Whether `strategy`'s runs on this model go through `fit_together` (a plain float32 Llama
-    classifier and a plain task loss); otherwise they run one at a time (`fit`)."""
+    """Whether `strategy`'s runs on this model go through `fit_together` (`together_reason`:
+    one LR per run, no step hook; `check_batchable`: a float32 Llama classifier, plain or with
+    LoRA); otherwise they run one at a time (`fit`)."""
     from ptf.models.strategies import build_classifier
     from ptf.training.batched import together_reason
     from ptf.training.packed import check_batchable
@@ -111,9 +113,10 @@ def _train(ctx, data, strategy: str, cfg: SweepSection, points: list[Point], arm
                 group = [(p, s) for p in at if arms[p].weight_decay == wd for s in cfg.seeds]
                 runs = []
                 for p, s in group:
-                    clf = build_classifier(ctx.for_seed(s).pretrained, data.label_names, strategy, arms[p], seed=s,
+                    on = ctx.for_seed(s)      # the backbone seed s starts from
+                    clf = build_classifier(on.pretrained, data.label_names, strategy, arms[p], seed=s,
                                            pooling=ctx.cfg.pooling)
-                    runs.append(Run(clf, p.lr, s, data.train, regulariser(ctx.for_seed(s), clf, strategy, arms[p], s)))
+                    runs.append(Run(clf, p.lr, s, data.train, regulariser(on, clf, strategy, arms[p], s)))
                 res = fit_together(runs, tc, steps, lambda split, seed: ctx.loader(split, tc.batch_size, True, seed),
                                    data.validation, data.test, data.n_classes, wd,
                                    desc=f"sweep {data.name}/{strategy} {steps} steps")

@@ -103,6 +103,7 @@ def _reference(root, ctx, strategy, configs, arm=None):
     ("l2sp", {"max_steps": 6}),                             # + its penalty
     ("ewc", {"max_steps": 6}),                              # + the Fisher-weighted penalty
     ("replay", {"max_steps": 6, "grad_accum": 2}),          # + LM loss of its own replay batches
+    ("lora", {"max_steps": 6}),                             # peft LoRA layers in the packed forward
 ])
 def test_fit_together_equals_one_at_a_time(root, strategy, train):
     from ptf.training.trainer import reset_accelerate
@@ -141,18 +142,59 @@ def test_fit_together_equals_one_at_a_time(root, strategy, train):
 
 
 def test_which_strategies_train_together():
-    assert [s for s in ("full", "linear_probe", "freeze_bottom", "l2sp", "ewc", "replay", "scratch")
-            if together_reason(s)] == []
-    assert "peft" in together_reason("lora")
+    assert [s for s in ("full", "linear_probe", "freeze_bottom", "l2sp", "ewc", "replay", "scratch",
+                        "lora") if together_reason(s)] == []
+    assert "other than LoRA" in together_reason("dora")
+    assert "other than LoRA" in together_reason("prompt_tuning")
     assert "step hook" in together_reason("gradual_unfreeze")
     assert "step hook" in together_reason("osf")
+
+
+def test_packed_lora_logits_and_gradients_equal_peft(root):
+    """LoRA on q/v (and, here, the MLP's down projection) with non-zero B: the packed forward
+    computes what the peft model computes, and its gradients reach the same LoRA weights."""
+    from ptf.models.strategies import build_classifier
+    arm = context(root).cfg.arms.lora.model_copy(update={"target_modules": ["q_proj", "v_proj", "down_proj"]})
+    m = build_classifier(root / "data/models/pretrained", LABELS, "lora", arm, seed=3, pooling="last")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    pad = m.config.pad_token_id
+    g = torch.Generator().manual_seed(1)
+    rows = [(torch.randint(5, 200, (int(torch.randint(1, 12, (1,), generator=g)),),
+                           generator=g).tolist(), i % 2) for i in range(5)]
+    b = collate(rows, pad, True)
+    net = PackedLlama(m)
+    got = net.logits(Packed.of(b, pad))
+    want = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    got.sum().backward()
+    mine = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in mine) and any("lora_B" in n for n in mine)
+    m.zero_grad()
+    want.detach_()
+    m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum().backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(mine[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_what_cannot_be_batched(root):
     (m,) = models(root, "full", [0])
     assert check_batchable([m, copy.deepcopy(m)]) is None
     (lora,) = models(root, "lora", [0])
-    assert "LlamaForSequenceClassification" in check_batchable([lora])
+    assert check_batchable([lora, m]) is None          # LoRA layers run in the packed forward
+    from ptf.models.strategies import build_classifier
+    arms = context(root).cfg.arms
+    pretrained = root / "data/models/pretrained"
+    dropout = build_classifier(pretrained, LABELS, "lora", arms.lora.model_copy(update={"dropout": 0.1}),
+                               seed=0, pooling="last")
+    assert "dropout" in check_batchable([dropout])
+    dora = build_classifier(pretrained, LABELS, "dora", arms.dora, seed=0, pooling="last")
+    assert "DoRA" in check_batchable([dora])
+    prompt = build_classifier(pretrained, LABELS, "prompt_tuning", arms.prompt_tuning, seed=0, pooling="last")
+    assert "PROMPT_TUNING" in check_batchable([prompt])
     other = copy.deepcopy(m)
     other.config.attention_dropout = 0.1
     assert "differ" in check_batchable([m, other])

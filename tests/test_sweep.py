@@ -24,9 +24,11 @@ from tests.test_wise_ft import add_validation_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = {"max_blocks": 8, "batch_size": 4, "mask_prob": 0.15, "mask_seed": 0}
-SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora", "replay"], "seeds": [0, 1], "lengths": [2, 3],
+SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora", "replay", "gradual_unfreeze"], "seeds": [0, 1],
+         "lengths": [2, 3],
          "grids": {"full": {"lrs": [1e-3, 3e-3]}, "lora": {"lrs": [1e-2], "knob": {"name": "r", "values": [2, 4]}},
-                   "replay": {"lrs": [3e-3], "knob": {"name": "weight", "values": [0.5, 4.0]}}},
+                   "replay": {"lrs": [3e-3], "knob": {"name": "weight", "values": [0.5, 4.0]}},
+                   "gradual_unfreeze": {"lrs": [3e-3]}},      # a step hook: one run at a time
          "levels": [0.5, 1.0], "experiment": "pretrain-finetune-forgetting"}
 DECIDE = F.DecisionKeys(reference_strategy="full", alpha=0.05, bootstrap_resamples=200, bootstrap_seed=0)
 
@@ -37,7 +39,7 @@ def swept(tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
     root = make_root(tmp_path_factory.mktemp("sweep"))
     add_validation_shards(root)
-    fc = cfg_of(params(runs=runs_of("movies", ["full", "lora", "replay"])), FinetuneCommon)
+    fc = cfg_of(params(runs=runs_of("movies", ["full", "lora", "replay", "gradual_unfreeze"])), FinetuneCommon)
     cfg, held = parse_section("sweep", SWEEP, SweepSection), parse_section("forgetting", HELD, HeldOutKeys)
     res = {s: S.run(fc, cfg, held, "movies", s, root=root) for s in cfg.strategies}
     (root / "data/metrics/baselines.json").write_text(json.dumps(
@@ -59,8 +61,9 @@ def test_every_configuration_and_seed_is_trained_and_measured(swept):
                 assert r["steps"] == c["steps"]
                 d = (np.asarray(r["lm_sums"]) - m["blocks"]["base_sums"]).sum() / sum(m["blocks"]["counts"])
                 assert r["delta_loss"] == pytest.approx(d)
-    assert res["full"]["trained_together"] is True and res["lora"]["trained_together"] is False
+    assert res["full"]["trained_together"] is True and res["lora"]["trained_together"] is True
     assert res["replay"]["trained_together"] is True     # its replayed LM loss goes along (test_batched)
+    assert res["gradual_unfreeze"]["trained_together"] is False
     # the knob reached the model: LoRA r=2 and r=4 train differently, and so do replay weights
     c = res["lora"]["configs"]
     assert c["lr=0.01 steps=3 r=2"]["seeds"]["0"]["lm_sums"] != c["lr=0.01 steps=3 r=4"]["seeds"]["0"]["lm_sums"]
@@ -97,7 +100,7 @@ def test_frontier_stage_writes_its_outputs_and_refuses_a_missing_configuration(s
     root, _, cfg, _, _ = swept
     out = F.run(cfg, DECIDE, root)
     assert json.loads((root / F.OUTPUT).read_text())["claims"].keys() == {"matched", "val_best"}
-    assert set(out["tasks"]["movies"]) == {"full", "lora", "replay"}
+    assert set(out["tasks"]["movies"]) == {"full", "lora", "replay", "gradual_unfreeze"}
     rows = (root / F.CSV).read_text().splitlines()
     assert len(rows) == 1 + sum(len(cfg.points(s)) for s in cfg.strategies)
     assert (root / F.PNG).read_bytes()[:4] == b"\x89PNG"

@@ -31,9 +31,9 @@ the same backbone (linear probing), `FrozenFeatures` sends each text through the
 for all runs and steps.
 
 Scope: what `ptf.training.packed.check_batchable` accepts (float32 Llama classifiers without
-dropout, biases or peft wrappers) and strategies with one LR per run and no step hook
-(`together_reason`: full, lower_lr, linear_probe, freeze_bottom, scratch, l2sp, ewc, replay);
-everything else runs one at a time.
+dropout or biases, plain or with peft LoRA on their projections) and strategies with one LR
+per run and no step hook (`together_reason`: full, lower_lr, linear_probe, freeze_bottom,
+scratch, l2sp, ewc, replay, lora); everything else runs one at a time.
 """
 from __future__ import annotations
 
@@ -65,14 +65,15 @@ class Run:
 
 def together_reason(strategy: str) -> str | None:
     """None if `strategy`'s runs can train together (one LR per run, no step hook, no peft
-    wrapper), else why not (one line)."""
-    from ptf.models.strategies import check_strategy
+    wrapper but LoRA's), else why not (one line). Whether a built model qualifies (e.g. LoRA
+    without dropout) is `check_batchable`'s to say."""
+    from ptf.models.strategies import check_strategy, lora
 
     e = check_strategy(strategy)
     if e.lr_for is not None or e.step_hook is not None or e.optimizer_hook is not None:
         return f"{strategy} sets per-parameter LRs or runs a step hook"
-    if e.peft is not None:
-        return f"{strategy} wraps the model with peft"
+    if e.peft is not None and e.peft is not lora:
+        return f"{strategy} wraps the model with a peft method other than LoRA"
     return None
 
 

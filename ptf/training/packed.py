@@ -21,9 +21,10 @@ over a whole `fit_together` (1.77 against 1.70 CPU-s a configuration, interleave
 already run at ~80 GFLOP/s a core here, and stacking adds weight copies. `torch.func.vmap` has
 no batching rule for CPU attention.
 
-Scope: float32, no dropout, no biases, no peft wrappers, SiLU MLP, pooling at the last non-pad
-token (the HF head's). A text made of pad ids only is pooled at its first token, as an
-unpadded HF call pools it.
+Scope: float32, no dropout, no biases, SiLU MLP, pooling at the last non-pad token (the HF
+head's). A text made of pad ids only is pooled at its first token, as an unpadded HF call
+pools it. peft LoRA on the projections (no dropout, no DoRA, no LoRA bias) runs as peft runs it
+(`base(x) + B(A(x)) * scaling`); other peft wrappers (prompt tuning, OSF, DoRA) are refused.
 """
 from __future__ import annotations
 
@@ -36,10 +37,59 @@ import torch.nn.functional as F
 from ptf.data.tasks import Split, collate
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def hf_model(model):
+    """The transformers model under a peft wrapper (its LoRA layers injected), or the model."""
+    from peft import PeftModel
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _peft_reason(model) -> str | None:
+    """None unless `model` is a peft wrapper this forward does not compute: only LoRA on the
+    attention / MLP projections, without dropout, DoRA or LoRA bias."""
+    from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(model, PeftModel):
+        return None
+    for name, cfg in model.peft_config.items():
+        kind = getattr(cfg.peft_type, "value", cfg.peft_type)
+        if kind != "LORA":
+            return f"peft {kind} (adapter {name!r}) is not computed by the packed forward"
+        if cfg.use_dora or cfg.lora_dropout or getattr(cfg, "lora_bias", False) or cfg.bias != "none":
+            return f"peft LoRA with DoRA, dropout or biases (adapter {name!r})"
+    for name, mod in model.get_base_model().named_modules():
+        if hasattr(mod, "lora_A") and not (isinstance(mod, LoraLinear)
+                                           and name.rsplit(".", 1)[-1] in PROJECTIONS):
+            return f"a LoRA layer outside the projections ({name})"
+    return None
+
+
+def _linear(x: torch.Tensor, mod) -> torch.Tensor:
+    """`mod(x)` for a bias-free nn.Linear, or a peft LoRA layer as peft computes it (its base
+    layer, + B(A(x)) * scaling for each active adapter)."""
+    base = getattr(mod, "base_layer", None)
+    if base is None:
+        return F.linear(x, mod.weight)
+    out = F.linear(x, base.weight)
+    for name in mod.active_adapters:
+        if name in mod.lora_A:
+            lora = F.linear(F.linear(x, mod.lora_A[name].weight), mod.lora_B[name].weight)
+            out = out + lora * mod.scaling[name]
+    return out
+
+
 def check_batchable(models: list) -> str | None:
     """None if `models` can share a pass, else the reason (one line)."""
     if not models:
         return "no models"
+    for m in models:
+        reason = _peft_reason(m)
+        if reason:
+            return reason
+    models = [hf_model(m) for m in models]
 
     def arch(m) -> dict:    # where the weights came from (one backbone or another) does not matter
         return {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}
@@ -123,8 +173,8 @@ class PackedLlama:
         reason = check_batchable([model])
         if reason:
             raise ValueError(f"cannot run this model packed: {reason}")
+        self.model = model = hf_model(model)
         c = model.config
-        self.model = model
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
@@ -158,26 +208,26 @@ class PackedLlama:
         for i, layer in enumerate(layers):
             a = layer.self_attn
             h = _rms(x, layer.input_layernorm.weight, self.eps)
-            k = self._view(_rotate(F.linear(h, a.k_proj.weight).view(-1, Hkv, hd), cos, sin)
+            k = self._view(_rotate(_linear(h, a.k_proj).view(-1, Hkv, hd), cos, sin)
                            .flatten(1), p)
-            v = self._view(F.linear(h, a.v_proj.weight), p)
+            v = self._view(_linear(h, a.v_proj), p)
             if Hkv != H:
                 k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
             if i < len(layers) - 1:
-                q = _rotate(F.linear(h, a.q_proj.weight).view(-1, H, hd), cos, sin).flatten(1)
+                q = _rotate(_linear(h, a.q_proj).view(-1, H, hd), cos, sin).flatten(1)
                 o = F.scaled_dot_product_attention(self._view(q, p), k, v, is_causal=True)
                 o = o.transpose(1, 2).reshape(p.S * p.T, H * hd).index_select(0, p.to_rows)
             else:        # top layer: the pooled token's query only, over the keys up to it
-                q = _rotate(F.linear(h.index_select(0, p.last), a.q_proj.weight).view(-1, H, hd),
+                q = _rotate(_linear(h.index_select(0, p.last), a.q_proj).view(-1, H, hd),
                             cos.index_select(0, p.last), sin.index_select(0, p.last))
                 seen = (torch.arange(p.T)[None, :] <= p.last_t[:, None])[:, None, None, :]
                 o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=seen)
                 o, x = o.reshape(p.S, H * hd), x.index_select(0, p.last)
-            x = x + F.linear(o, a.o_proj.weight)
+            x = x + _linear(o, a.o_proj)
             h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
             f = layer.mlp
-            gated = F.silu(F.linear(h, f.gate_proj.weight)) * F.linear(h, f.up_proj.weight)
-            x = x + F.linear(gated, f.down_proj.weight)
+            gated = F.silu(_linear(h, f.gate_proj)) * _linear(h, f.up_proj)
+            x = x + _linear(gated, f.down_proj)
         return _rms(x, base.norm.weight, self.eps)
 
 
