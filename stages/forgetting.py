@@ -52,7 +52,7 @@ from ptf.measures import sequential as sq
 from ptf.measures.claims import claim_few_labels, claim_forget_less
 from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
-from ptf.models.backbones import backbone_dirs, backbone_index
+from ptf.models.backbones import backbone_dirs, backbone_index, seed_number
 from ptf.models.strategies import STRATEGIES
 from ptf.report import plot_data as pd
 
@@ -162,7 +162,7 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
     evs = [ev.for_backbone(d) for d in backbone_dirs(pre)] if ev is not None else []
 
     def ev_of(seed: str):
-        return evs[backbone_index(int(seed.removeprefix("seed")), len(evs))]
+        return evs[backbone_index(seed_number(seed), len(evs))]
 
     sums, drifts = {}, {}
     if ev is not None:

@@ -24,6 +24,7 @@ from ptf.common.cli import StageError
 from ptf.measures import cl_metrics as cl
 from ptf.measures.claims import Sample, block_sample, prediction_sample, seed_sample
 from ptf.measures.stats import mean_std
+from ptf.models.backbones import seed_key
 
 DRIFT_KEYS = ("loss_pretrained", "loss_finetuned", "ppl_pretrained", "ppl_finetuned", "delta_loss",
               "rel_delta_pct", "ppl_ratio", "share_worse")
@@ -154,9 +155,9 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.n
         for r in p["seeds"]:
             ft = {"test_accuracy": r["test_accuracy"], "macro_f1": r.get("test_macro_f1"),
                   "trainable_fraction": wise.get("trainable_fraction"), "n_classes": wise["n_classes"]}
-            base = base_sums[f"seed{r['seed']}"] if isinstance(base_sums, BaseBySeed) else base_sums
+            base = base_sums[seed_key(r["seed"])] if isinstance(base_sums, BaseBySeed) else base_sums
             drift = cl.drift(base, r["block_sums"], counts, worse_margin) if lm else None
-            per_seed[f"seed{r['seed']}"] = {**per_model_record(ft, drift, smean, lm, note),
+            per_seed[seed_key(r["seed"])] = {**per_model_record(ft, drift, smean, lm, note),
                                             "val_accuracy": r["val_accuracy"]}
         agg = aggregate(per_seed)
         agg["mean_std"]["val_accuracy"] = mean_std([per_seed[s]["val_accuracy"] for s in sorted(per_seed)])
@@ -164,9 +165,9 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.n
         if p["alpha"] == chosen:
             arm = {**agg, "alpha": chosen, "alpha_rule": wise["chosen_alpha"]["rule"],
                    "source": wise["source"]}
-            samples = {"accuracy": prediction_sample({f"seed{r['seed']}": r["test_predictions"] for r in p["seeds"]},
+            samples = {"accuracy": prediction_sample({seed_key(r["seed"]): r["test_predictions"] for r in p["seeds"]},
                                                      wise["test_labels"]),
-                       "delta": block_sample({f"seed{r['seed']}": np.asarray(r["block_sums"]) for r in p["seeds"]},
+                       "delta": block_sample({seed_key(r["seed"]): np.asarray(r["block_sums"]) for r in p["seeds"]},
                                              base_sums, counts) if lm else None}
     if arm is None:
         raise StageError(f"wise_ft.json: chosen_alpha {chosen} is not one of its points; rerun `dvc repro wise_ft`")

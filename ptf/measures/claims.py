@@ -30,7 +30,6 @@ Statistics (`RULE` says the same to a reader):
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import backbone_index
+from ptf.models.backbones import backbone_index, seed_number
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
@@ -127,11 +126,11 @@ class Sample:
         return Sample(self.seeds, v, np.ones_like(v), "", self.note or note, self.groups)
 
     def on_backbones(self, n_backbones: int) -> Sample:
-        """This sample with each seed's backbone (`ptf.models.backbones`: seed mod N; the seed is
-        the key's trailing number, "seed3" or "3"), so that the bootstrap resamples backbones."""
+        """This sample with each seed's backbone (`ptf.models.backbones`: seed mod N; the keys
+        are "seed3" or "3", `seed_number`), so that the bootstrap resamples backbones."""
         if n_backbones < 2:
             return self
-        groups = tuple(backbone_index(int(re.search(r"(\d+)$", str(k)).group(1)), n_backbones) for k in self.seeds)
+        groups = tuple(backbone_index(seed_number(k), n_backbones) for k in self.seeds)
         return replace(self, groups=groups)
 
 

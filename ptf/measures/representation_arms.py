@@ -45,7 +45,7 @@ from ptf.common.cli import StageError
 from ptf.measures.representation import (bits_per_byte, cka_per_layer, fit_probe, layer_features,
                                          probe_accuracy, utf8_bytes)
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import backbone_for
+from ptf.models.backbones import backbone_for, seed_number
 from ptf.models.strategies import REGISTRY
 
 NOT_FROM_PRETRAINED = "not applicable: no pretrained backbone to drift from (random init)"
@@ -184,7 +184,7 @@ def measure_models(jobs: Sequence[Job], pretrained: Path, held_out_ids: torch.Te
             records[job] = {"applicable": False, "note": NOT_FROM_PRETRAINED}
         else:
             # compared with the backbone this seed was fine-tuned from
-            base, before = ref_of(backbone_for(pretrained, int(str(job.seed).removeprefix("seed"))))
+            base, before = ref_of(backbone_for(pretrained, seed_number(job.seed)))
             others = {t: p for t, p in sets.items() if t != job.task}
             ft = features(finetuned_backbone(job.model_dir), held, others, pad_id, settings)
             if len(ft.held_out) != len(base.held_out):

@@ -22,7 +22,7 @@ from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.data.tasks import Split, TaskData, collate
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import backbone_dirs, backbone_for
+from ptf.models.backbones import backbone_dirs, backbone_for, seed_key
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights, predict_ids, save_classifier
 from ptf.models.lm import estimate_fisher, load_pretraining_blocks, pretrained_lm
 from ptf.models.pooling import check_pooling, pooled_logits
@@ -265,7 +265,7 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
 
     def save(r: dict[str, Any], clf) -> None:
         if save_dir is not None:
-            name = f"seed{r['seed']}"
+            name = seed_key(r["seed"])
             save_model(ctx.for_seed(r["seed"]), clf, strategy, data, save_dir / name, r, publish_dir / name)
 
     first = seeds[0]
