@@ -52,7 +52,7 @@ from ptf.measures import sequential as sq
 from ptf.measures.claims import claim_few_labels, claim_forget_less
 from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
-from ptf.models.backbones import backbone_dirs, backbone_index, seed_number
+from ptf.models.backbones import backbone_dirs, per_backbone
 from ptf.models.strategies import STRATEGIES
 from ptf.report import plot_data as pd
 
@@ -159,10 +159,9 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
     ev = (EvalSet.build(root, pre, cfg.max_blocks, cfg.batch_size, cfg.mask_prob, cfg.mask_seed)
           if lm_objective(pre) else None)
     # one reference per pretrained backbone: a model's drift is from the backbone it started from
-    evs = [ev.for_backbone(d) for d in backbone_dirs(pre)] if ev is not None else []
-
-    def ev_of(seed: str):
-        return evs[backbone_index(seed_number(seed), len(evs))]
+    ev_of = per_backbone(pre, ev.for_backbone) if ev is not None else None
+    # every backbone, the first first (fine-tune seed k < N starts from backbone k)
+    evs = [ev_of(k) for k in range(len(backbone_dirs(pre)))] if ev is not None else []
 
     sums, drifts = {}, {}
     if ev is not None:

@@ -36,7 +36,7 @@ from ptf.common.config import PARAMS_FILE, ConfigError, StrictModel, load_sectio
 from ptf.data.tasks import DataCfg
 from ptf.measures import outputs as out
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import seed_key, seed_number
+from ptf.models.backbones import per_backbone, seed_key, seed_number
 from ptf.models.interpolation import check_alphas
 
 OUTPUT = out.WISE_FT_JSON
@@ -145,7 +145,6 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
     from ptf.measures import cl_metrics as cl
     from ptf.measures.drift import NO_LM_HEAD, EvalSet, block_nll, lm_objective
     from ptf.models.artifacts import load_classifier, predict_ids
-    from ptf.models.backbones import backbone_for
     from ptf.models.interpolation import backbone, pretrained_backbone_state, wise_ft_models
     from ptf.models.lm import pretrained_lm
     from ptf.training.finetuning import accuracy_f1
@@ -162,14 +161,13 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
     # a foundation without an LM head: accuracy per alpha only, the drift null (never a random head)
     ev = (EvalSet.build(root, pre, ev_cfg.max_blocks, ev_cfg.batch_size, ev_cfg.mask_prob, ev_cfg.mask_seed)
           if lm_objective(pre) else None)
-    refs: dict[Path, tuple] = {}     # per pretrained backbone: its state, LM and EvalSet
 
-    def ref_of(seed: str) -> tuple:
-        d = backbone_for(pre, seed_number(seed))
-        if d not in refs:
-            refs[d] = (pretrained_backbone_state(d), pretrained_lm(d) if ev is not None else None,
-                       ev.for_backbone(d) if ev is not None else None)
-        return refs[d]
+    def backbone_ref(d: Path) -> tuple:
+        """(backbone `d`'s state, its LM and EvalSet; the last two None without an LM head)."""
+        return (pretrained_backbone_state(d), pretrained_lm(d) if ev is not None else None,
+                ev.for_backbone(d) if ev is not None else None)
+
+    ref_of = per_backbone(pre, backbone_ref)     # made once per pretrained backbone
 
     per_alpha: dict[float, list[dict[str, Any]]] = {a: [] for a in cfg.alphas}
     for seed in seeds:

@@ -16,3 +16,16 @@ def test_seed_keys_round_trip():
 def test_malformed_seed_key_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="not a seed key"):
         seed_number(bad)
+
+
+def test_per_backbone_makes_each_reference_once(tmp_path):
+    """Seed k starts from backbone k mod N; `make` runs once per backbone, whatever the seeds."""
+    from ptf.models.backbones import per_backbone
+
+    (tmp_path / "backbones.json").write_text(json.dumps({"seeds": [0, 7]}))
+    made = []
+    ref_of = per_backbone(tmp_path, lambda d: made.append(d) or f"ref of {d.name}")
+    assert [ref_of(k) for k in ("seed0", "seed1", 2, "3")] == [f"ref of {tmp_path.name}", "ref of 7"] * 2
+    assert made == [tmp_path, tmp_path / "backbones" / "7"]
+    one = per_backbone(tmp_path / "backbones" / "7", lambda d: d)      # no backbones.json: one backbone
+    assert one("seed5") == tmp_path / "backbones" / "7"
