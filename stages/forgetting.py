@@ -173,16 +173,15 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
             drifts[job] = cl.drift(e.base_sums, sums[job], e.counts, cfg.worse_margin)
     no_drift = None if ev is not None else NO_LM_HEAD
     tasks = am.task_table(runs, drifts, cfg.scratch_strategy, no_drift)
-    base_sums, counts = ((ev.base_sums if len(evs) == 1 else am.BaseBySeed(ev_of), ev.counts)
-                         if ev is not None else (None, None))
-    samples = am.on_backbones(am.claim_samples(runs, sums, base_sums, counts), len(evs))
+    base_of, counts = ((lambda k: ev_of(k).base_sums), ev.counts) if ev is not None else (None, None)
+    samples = am.on_backbones(am.claim_samples(runs, sums, base_of, counts), len(evs))
     wise_points = []
     if wise is not None:
         if ev is not None:
             check_same_blocks(wise, ev)
         t = wise["task"]
         arm, wise_samples, wise_points = am.wise_ft_arm(
-            wise, base_sums, counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
+            wise, base_of, counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
         samples[(t, am.WISE_FT)] = am.on_backbones({0: wise_samples}, len(evs))[0]
         tasks[t][am.WISE_FT] = arm
     if ev is not None:

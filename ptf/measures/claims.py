@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -147,14 +147,17 @@ def prediction_sample(predictions: Mapping[str, Sequence[int]], labels: Sequence
     return Sample(seeds, num, np.ones_like(num), "test examples")
 
 
-def block_sample(ft_sums: Mapping[str, np.ndarray], base_sums: np.ndarray | Mapping[str, np.ndarray],
+def block_sample(ft_sums: Mapping[str, np.ndarray], base_of: Callable[[str], np.ndarray],
                  counts: np.ndarray) -> Sample:
-    """Delta LM loss: per seed, (sum of fine-tuned - pretrained NLL) / tokens over the blocks;
-    `base_sums` per seed (a mapping) when the seeds started from different backbones."""
+    """Delta LM loss: per seed, (sum of fine-tuned - pretrained NLL) / tokens over the blocks.
+
+    In: `ft_sums` {seed key: the fine-tuned model's per-block summed NLL}, `base_of(seed key)`:
+    the per-block sums of the pretrained backbone that seed started from (one backbone:
+    `lambda _k: base_sums`), `counts`: per-block scored tokens. Out: the seeds' Sample over
+    the held-out blocks."""
     seeds = tuple(sorted(ft_sums))
-    base = (lambda s: np.asarray(base_sums[s], dtype=np.float64)) if isinstance(base_sums, Mapping) \
-        else (lambda s: base_sums)
-    num = np.asarray([np.asarray(ft_sums[s], dtype=np.float64) - base(s) for s in seeds])
+    num = np.asarray([np.asarray(ft_sums[s], dtype=np.float64) - np.asarray(base_of(s), dtype=np.float64)
+                      for s in seeds])
     den = np.broadcast_to(np.asarray(counts, dtype=np.float64), num.shape).copy()
     return Sample(seeds, num, den, "held-out blocks")
 
