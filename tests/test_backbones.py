@@ -29,3 +29,17 @@ def test_per_backbone_makes_each_reference_once(tmp_path):
     assert made == [tmp_path, tmp_path / "backbones" / "7"]
     one = per_backbone(tmp_path / "backbones" / "7", lambda d: d)      # no backbones.json: one backbone
     assert one("seed5") == tmp_path / "backbones" / "7"
+
+
+def test_context_for_seed_indexes_the_backbones_read_once(tmp_path, monkeypatch):
+    """`Context.for_seed` picks backbone seed mod N from the directories `create` stored: it reads
+    no backbones.json (there is none here); one backbone (no `backbones`): the context itself."""
+    from ptf.training import finetuning
+
+    monkeypatch.setattr(finetuning, "backbone_dirs", None)     # any read would fail
+    first, other = tmp_path / "pretrained", tmp_path / "pretrained/backbones/7"
+    ctx = finetuning.Context(tmp_path, None, first, None, False, (first, other))
+    assert ctx.for_seed(4) is ctx and ctx.for_seed(5).pretrained == other
+    assert ctx.for_seed(5).for_seed(2).pretrained == first and ctx.for_seed(5)._fisher is ctx._fisher
+    one = finetuning.Context(tmp_path, None, first, None, False)
+    assert one.for_seed(3) is one
