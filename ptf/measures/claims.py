@@ -3,18 +3,25 @@
 In:  per-arm samples (`Sample`: per seed, per test example or held-out block, the numbers a
      measure is made of), the curves' rows and the per-arm aggregates of the forgetting stage,
      its `Config` (strategies compared, `alpha`, `bootstrap_resamples`, `bootstrap_seed`).
-Out: per comparison {diff, se, df, p, p_holm, ci, ci_level, verdict, reason, resampled}; per
-     claim {claim, rule, comparisons, by_task (each task's verdict and counts), verdict, counts}.
-     JSON-ready.
+Out: per comparison {diff, se, df, p, p_holm, ci, ci_level, verdict, reason, resampled, and
+     `backbones` when the samples were tagged with theirs}; per claim {claim, rule, comparisons,
+     by_task (each task's verdict and counts), verdict, counts}. JSON-ready.
 
 Statistics (`RULE` says the same to a reader):
 - Paired bootstrap of the difference of two arms' means over seeds: each resample draws the seeds
-  with replacement (the same draw for both arms when they ran the same seeds, so seed k is paired
-  with seed k) and, within them, the test examples (or held-out blocks) with replacement, the same
-  draw for both arms (paired: same test set, same blocks). A seed's value on a resample is its
-  measure recomputed on the drawn examples (accuracy = mean correctness; delta LM loss = pooled
-  over the drawn blocks). Where an arm has no per-example data, the seeds alone are resampled and
+  (the same draw for both arms when they ran the same seeds, so seed k is paired with seed k)
+  and, within them, the test examples (or held-out blocks) with replacement, the same draw for
+  both arms (paired: same test set, same blocks). A seed's value on a resample is its measure
+  recomputed on the drawn examples (accuracy = mean correctness; delta LM loss = pooled over the
+  drawn blocks). Where an arm has no per-example data, the seeds alone are resampled and
   `resampled` says so.
+- The seed draw. One pretrained backbone: the seeds with replacement. Several (the samples
+  tagged by `Sample.on_backbones`, fine-tune seed k on backbone k mod N, and at least two
+  backbones among the seeds): two stages, first the backbones with replacement, then, each time
+  a backbone is drawn, its own seeds with replacement (a fresh draw each time), so that the
+  spread includes pretraining variance, not only fine-tuning's; `resampled` then starts with
+  "pretrained backbones". A tagged comparison records `backbones` (how many the seeds came
+  from); the interval's df stays seeds - 1.
 - Few seeds: the interval is diff ± t(df = seeds - 1) x the bootstrap standard error, the latter
   scaled by sqrt(n / (n - 1)) (the bootstrap's plug-in variance of a mean of n seeds is
   (n - 1) / n of the unbiased one). A percentile interval over 3 seeds would be far too narrow.
