@@ -52,7 +52,7 @@ from ptf.measures import sequential as sq
 from ptf.measures.claims import claim_few_labels, claim_forget_less
 from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights
-from ptf.models.backbones import backbone_dirs, backbone_index
+from ptf.models.backbones import backbone_dirs, per_backbone
 from ptf.models.strategies import STRATEGIES
 from ptf.report import plot_data as pd
 
@@ -159,10 +159,9 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
     ev = (EvalSet.build(root, pre, cfg.max_blocks, cfg.batch_size, cfg.mask_prob, cfg.mask_seed)
           if lm_objective(pre) else None)
     # one reference per pretrained backbone: a model's drift is from the backbone it started from
-    evs = [ev.for_backbone(d) for d in backbone_dirs(pre)] if ev is not None else []
-
-    def ev_of(seed: str):
-        return evs[backbone_index(int(seed.removeprefix("seed")), len(evs))]
+    ev_of = per_backbone(pre, ev.for_backbone) if ev is not None else None
+    # every backbone, the first first (fine-tune seed k < N starts from backbone k)
+    evs = [ev_of(k) for k in range(len(backbone_dirs(pre)))] if ev is not None else []
 
     sums, drifts = {}, {}
     if ev is not None:
@@ -174,16 +173,15 @@ def measure(cfg: Config, matrix: out.Matrix, root: Path, got: dict[str, Any]) ->
             drifts[job] = cl.drift(e.base_sums, sums[job], e.counts, cfg.worse_margin)
     no_drift = None if ev is not None else NO_LM_HEAD
     tasks = am.task_table(runs, drifts, cfg.scratch_strategy, no_drift)
-    base_sums, counts = ((ev.base_sums if len(evs) == 1 else am.BaseBySeed(ev_of), ev.counts)
-                         if ev is not None else (None, None))
-    samples = am.on_backbones(am.claim_samples(runs, sums, base_sums, counts), len(evs))
+    base_of, counts = ((lambda k: ev_of(k).base_sums), ev.counts) if ev is not None else (None, None)
+    samples = am.on_backbones(am.claim_samples(runs, sums, base_of, counts), len(evs))
     wise_points = []
     if wise is not None:
         if ev is not None:
             check_same_blocks(wise, ev)
         t = wise["task"]
         arm, wise_samples, wise_points = am.wise_ft_arm(
-            wise, base_sums, counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
+            wise, base_of, counts, cfg.worse_margin, am.scratch_mean(runs[t], cfg.scratch_strategy))
         samples[(t, am.WISE_FT)] = am.on_backbones({0: wise_samples}, len(evs))[0]
         tasks[t][am.WISE_FT] = arm
     if ev is not None:

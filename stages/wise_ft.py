@@ -36,6 +36,7 @@ from ptf.common.config import PARAMS_FILE, ConfigError, StrictModel, load_sectio
 from ptf.data.tasks import DataCfg
 from ptf.measures import outputs as out
 from ptf.measures.stats import mean_std
+from ptf.models.backbones import per_backbone, seed_key, seed_number
 from ptf.models.interpolation import check_alphas
 
 OUTPUT = out.WISE_FT_JSON
@@ -91,7 +92,7 @@ def _check_source(root: Path, cfg: Config) -> tuple[dict[str, Any], list[str]]:
     f = out.finetune_file(root, cfg.task, cfg.source)
     metrics = out.read_json(f, f"run `dvc repro finetune@{cfg.task}-{cfg.source}` (wise_ft.task, "
                                "wise_ft.source name an arm that finetune.runs must declare)")
-    seeds = [f"seed{r['seed']}" for r in metrics.get("seeds") or [] if isinstance(r, dict)]
+    seeds = [seed_key(r["seed"]) for r in metrics.get("seeds") or [] if isinstance(r, dict)]
     if not seeds:
         raise StageError(f"{f}: no per-seed records under `seeds`")
     for seed in seeds:
@@ -144,7 +145,6 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
     from ptf.measures import cl_metrics as cl
     from ptf.measures.drift import NO_LM_HEAD, EvalSet, block_nll, lm_objective
     from ptf.models.artifacts import load_classifier, predict_ids
-    from ptf.models.backbones import backbone_for
     from ptf.models.interpolation import backbone, pretrained_backbone_state, wise_ft_models
     from ptf.models.lm import pretrained_lm
     from ptf.training.finetuning import accuracy_f1
@@ -161,21 +161,20 @@ def measure(cfg: Config, ev_cfg: EvalKeys, data_cfg: DataCfg, root: Path, metric
     # a foundation without an LM head: accuracy per alpha only, the drift null (never a random head)
     ev = (EvalSet.build(root, pre, ev_cfg.max_blocks, ev_cfg.batch_size, ev_cfg.mask_prob, ev_cfg.mask_seed)
           if lm_objective(pre) else None)
-    refs: dict[Path, tuple] = {}     # per pretrained backbone: its state, LM and EvalSet
 
-    def ref_of(seed: str) -> tuple:
-        d = backbone_for(pre, int(seed.removeprefix("seed")))
-        if d not in refs:
-            refs[d] = (pretrained_backbone_state(d), pretrained_lm(d) if ev is not None else None,
-                       ev.for_backbone(d) if ev is not None else None)
-        return refs[d]
+    def backbone_ref(d: Path) -> tuple:
+        """(backbone `d`'s state, its LM and EvalSet; the last two None without an LM head)."""
+        return (pretrained_backbone_state(d), pretrained_lm(d) if ev is not None else None,
+                ev.for_backbone(d) if ev is not None else None)
+
+    ref_of = per_backbone(pre, backbone_ref)     # made once per pretrained backbone
 
     per_alpha: dict[float, list[dict[str, Any]]] = {a: [] for a in cfg.alphas}
     for seed in seeds:
         ft = load_classifier(out.model_dir(root, cfg.task, cfg.source, seed))
         pre_state, lm, sev = ref_of(seed)    # the backbone this seed was fine-tuned from
         for alpha, clf in wise_ft_models(pre_state, ft, cfg.alphas):
-            rec: dict[str, Any] = {"seed": int(seed.removeprefix("seed"))}
+            rec: dict[str, Any] = {"seed": seed_number(seed)}
             for name, split in (("val", data.validation), ("test", data.test)):
                 pred = predict_ids(clf, split.ids, 64)
                 acc, f1 = accuracy_f1(pred, split.labels, data.n_classes)

@@ -38,7 +38,7 @@ def test_point_estimates_are_the_measures():
     assert r["resampled"] == "seeds and test examples" and r["paired_seeds"] and r["df"] == 1
     # delta LM loss pooled over blocks: (sum ft - sum base) / tokens, per seed, then averaged
     base, counts = np.array([10.0, 20.0]), np.array([5.0, 10.0])
-    d = cm.block_sample({"seed0": np.array([11.0, 23.0]), "seed1": np.array([10.0, 20.0])}, base, counts)
+    d = cm.block_sample({"seed0": np.array([11.0, 23.0]), "seed1": np.array([10.0, 20.0])}, lambda _k: base, counts)
     assert d.values() == pytest.approx([4 / 15, 0.0])
     assert d.units == "held-out blocks"
 

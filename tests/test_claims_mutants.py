@@ -66,11 +66,11 @@ def test_samples_seeds_sorted_notes_and_units():
     assert only.values() == pytest.approx([2 / 3, 1 / 3]) and only.den.tolist() == [[1.0], [1.0]]
     # a sample's own note wins over the caller's
     assert s.seeds_only("other").note == "why"
-    b = cm.block_sample({"s0": np.array([3.0, 5.0])}, np.array([1.0, 1.0]), np.array([2.0, 4.0]))
+    b = cm.block_sample({"s0": np.array([3.0, 5.0])}, lambda _k: np.array([1.0, 1.0]), np.array([2.0, 4.0]))
     # (3 - 1 + 5 - 1) / (2 + 4) = 1
     assert b.values().tolist() == [1.0] and b.den.tolist() == [[2.0, 4.0]] and b.note == ""
     assert b.seeds == ("s0",) and b.units == "held-out blocks"
-    two = cm.block_sample({"s1": np.array([2.0]), "s0": np.array([1.0])}, np.array([1.0]), np.array([1.0]))
+    two = cm.block_sample({"s1": np.array([2.0]), "s0": np.array([1.0])}, lambda _k: np.array([1.0]), np.array([1.0]))
     assert two.seeds == ("s0", "s1") and two.values().tolist() == [0.0, 1.0]
 
 

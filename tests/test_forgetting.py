@@ -413,10 +413,10 @@ def test_predictions_are_paired_only_on_one_test_set():
     def arm(labels):
         return {"seeds": {"seed0": {"test_accuracy": 1.0, "test_predictions": labels}}, "test_labels": labels}
 
-    same = am.claim_samples({"t": {"full": arm([0, 1]), "lora": arm([0, 1])}}, {}, np.zeros(1), np.ones(1))
+    same = am.claim_samples({"t": {"full": arm([0, 1]), "lora": arm([0, 1])}}, {}, lambda _k: np.zeros(1), np.ones(1))
     assert same[("t", "lora")]["accuracy"].units == "test examples" and same[("t", "lora")]["delta"] is None
     with pytest.raises(StageError, match="task t: .* record different test_labels"):
-        am.claim_samples({"t": {"full": arm([0, 1]), "lora": arm([1, 0])}}, {}, np.zeros(1), np.ones(1))
+        am.claim_samples({"t": {"full": arm([0, 1]), "lora": arm([1, 0])}}, {}, lambda _k: np.zeros(1), np.ones(1))
 
 
 def test_matrix_params():

@@ -313,7 +313,7 @@ def test_samples_of_the_claims():
     runs = _runs()
     base, counts = np.array([10.0, 10.0]), np.array([5.0, 5.0])
     sums = {("movies", "full", "seed0"): np.array([11.0, 12.0]), ("movies", "full", "seed1"): np.array([10.0, 10.0])}
-    s = am.claim_samples(runs, sums, base, counts)
+    s = am.claim_samples(runs, sums, lambda _k: base, counts)
     full, scratch = s[("movies", "full")], s[("movies", "scratch")]
     assert full["accuracy"].units == "test examples" and full["accuracy"].values() == pytest.approx([0.5, 0.75])
     assert full["delta"].units == "held-out blocks" and full["delta"].values() == pytest.approx([0.3, 0.0])
@@ -324,7 +324,7 @@ def test_samples_of_the_claims():
     runs["movies"]["full"]["seeds"]["seed1"]["test_predictions"] = None
     assert am.accuracy_sample(runs["movies"]["full"]).units == ""
     runs["movies"]["scratch"]["test_labels"] = [0, 0, 0, 0]
-    assert _raises(am.claim_samples, runs, sums, base, counts) == (
+    assert _raises(am.claim_samples, runs, sums, lambda _k: base, counts) == (
         "task movies: the fine-tune metrics of ['full', 'scratch'] record different test_labels; their test "
         "predictions cannot be paired (rerun `dvc repro finetune`)")
 
@@ -341,7 +341,7 @@ def test_wise_ft_arm_by_hand():
                             "block_sums": [12.0], "test_macro_f1": 0.9},
                            {"seed": 1, "test_accuracy": 0.5, "val_accuracy": 0.8, "test_predictions": [0, 1],
                             "block_sums": [14.0]}]}}}
-    arm, samples, points = am.wise_ft_arm(wise, base, counts, 0.0, 0.25)
+    arm, samples, points = am.wise_ft_arm(wise, lambda _k: base, counts, 0.0, 0.25)
     assert arm["alpha"] == 0.5 and arm["alpha_rule"] == "highest mean validation accuracy" and arm["source"] == "full"
     # delta per seed: (12 - 10) / 10 = 0.2, (14 - 10) / 10 = 0.4
     assert arm["mean_std"]["delta_loss"]["mean"] == pytest.approx(0.3)
@@ -355,10 +355,10 @@ def test_wise_ft_arm_by_hand():
     assert points["0"]["mean_std"]["delta_loss"]["mean"] == 0.0
     assert points["0"]["mean_std"]["val_accuracy"]["mean"] == 0.4
     # worse_margin reaches the drift: with a margin of 0.3 nats/token only seed 1 (0.4) is worse
-    arm2, _, _ = am.wise_ft_arm(wise, base, counts, 0.3, 0.25)
+    arm2, _, _ = am.wise_ft_arm(wise, lambda _k: base, counts, 0.3, 0.25)
     assert arm2["mean_std"]["share_worse"]["mean"] == pytest.approx(0.5)
     wise["chosen_alpha"]["alpha"] = 0.7
-    assert _raises(am.wise_ft_arm, wise, base, counts, 0.0, None) == (
+    assert _raises(am.wise_ft_arm, wise, lambda _k: base, counts, 0.0, None) == (
         "wise_ft.json: chosen_alpha 0.7 is not one of its points; rerun `dvc repro wise_ft`")
 
 
@@ -484,3 +484,22 @@ def test_read_wise_ft_names_the_alpha_of_bad_predictions(tmp_path):
     p = _write(tmp_path, "data/metrics/wise_ft.json", obj)
     assert _raises(out.read_wise_ft, tmp_path, out.Matrix.grid(["movies"], ["full"])) == (
         f"{p}: alpha 0.5: test_predictions: expected a list of class ids")
+
+
+def test_each_seed_drifts_from_its_own_backbone():
+    """Several pretrained backbones: `base_of(seed key)` gives each seed its backbone's sums, in
+    the arms' samples and in WiSE-FT's drift alike."""
+    bases = {"seed0": np.array([10.0]), "seed1": np.array([13.0])}
+    counts = np.array([10.0])
+    runs = {"movies": {"full": {"seeds": {k: {"test_accuracy": 1.0} for k in bases}}}}
+    sums = {("movies", "full", "seed0"): np.array([12.0]), ("movies", "full", "seed1"): np.array([14.0])}
+    s = am.claim_samples(runs, sums, bases.__getitem__, counts)
+    assert s[("movies", "full")]["delta"].values() == pytest.approx([0.2, 0.1])
+    wise = {"task": "movies", "source": "full", "n_classes": 2, "test_labels": [1, 1],
+            "chosen_alpha": {"alpha": 0.5, "rule": "r"},
+            "points": {"0.5": {"alpha": 0.5, "seeds": [
+                {"seed": k, "test_accuracy": 1.0, "val_accuracy": 0.6, "test_predictions": [1, 1],
+                 "block_sums": [14.0]} for k in (0, 1)]}}}
+    arm, samples, _ = am.wise_ft_arm(wise, bases.__getitem__, counts, 0.0, None)
+    assert [arm["seeds"][k]["delta_loss"] for k in ("seed0", "seed1")] == pytest.approx([0.4, 0.1])
+    assert samples["delta"].values() == pytest.approx([0.4, 0.1])

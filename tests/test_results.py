@@ -158,10 +158,10 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     runs["movies"]["scratch"]["seeds"] = {k: {**v, "n_classes": 2}
                                           for k, v in runs["movies"]["scratch"]["seeds"].items()}
     tasks = am.task_table(runs, drifts, "scratch")
-    samples = am.claim_samples(runs, sums, base, counts)
+    samples = am.claim_samples(runs, sums, lambda _k: base, counts)
     wise = fake_wise_ft(base, counts)
     smean = am.scratch_mean(runs["movies"], "scratch")
-    tasks["movies"]["wise_ft"], samples[("movies", "wise_ft")], points = am.wise_ft_arm(wise, base, counts, 0.0, smean)
+    tasks["movies"]["wise_ft"], samples[("movies", "wise_ft")], points = am.wise_ft_arm(wise, lambda _k: base, counts, 0.0, smean)
     write(root, "data/metrics/baselines.json", {"tasks": {"movies": {
         "n_classes": 2, "majority": {"test_accuracy": 0.52, "val_accuracy": 0.49},
         "bag_of_tokens": {"test_accuracy": 0.71, "val_accuracy": 0.69, "l2": 0.001}}}})

@@ -8,7 +8,10 @@ Layout of `data/` (DVC outputs, except checkpoints/):
   manifests/download.json    counts and source hashes
   tokenizer/                 PreTrainedTokenizerFast directory
   shards/{train,validation}/ Arrow shards of packed blocks + manifest.json
-  models/pretrained/         HF model directory (+ tokenizer)
+  models/pretrained/         HF model directory (+ tokenizer): the first pretrained backbone
+  models/pretrained/backbones.json   {"seeds": [first, ...]}, when pretrain.extra_seeds asks for more
+  models/pretrained/backbones/<seed>/   each further backbone, a whole HF directory (+ tokenizer);
+                             fine-tune seed k starts from backbone k mod N (ptf.models.backbones)
   checkpoints/pretrain/      Accelerate state to resume from: git-ignored, not a DVC output
   models/finetuned/<task>/<strategy>/
   metrics/*.json             DVC metrics

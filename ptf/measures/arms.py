@@ -16,6 +16,7 @@ backbone: its drift is not applicable (null), never invented.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from ptf.common.cli import StageError
 from ptf.measures import cl_metrics as cl
 from ptf.measures.claims import Sample, block_sample, prediction_sample, seed_sample
 from ptf.measures.stats import mean_std
+from ptf.models.backbones import seed_key
 
 DRIFT_KEYS = ("loss_pretrained", "loss_finetuned", "ppl_pretrained", "ppl_finetuned", "delta_loss",
               "rel_delta_pct", "ppl_ratio", "share_worse")
@@ -99,10 +101,11 @@ def accuracy_sample(arm: dict[str, Any]) -> Sample:
 
 
 def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[tuple[str, str, str], np.ndarray],
-                  base_sums: np.ndarray | None, counts: np.ndarray | None
+                  base_of: Callable[[str], np.ndarray] | None, counts: np.ndarray | None
                   ) -> dict[tuple[str, str], dict[str, Sample | None]]:
-    """{(task, strategy): {"accuracy": Sample, "delta": Sample | None (no drift)}}; `base_sums`
-    None: no LM drift was measured (`block_sums` is empty then)."""
+    """{(task, strategy): {"accuracy": Sample, "delta": Sample | None (no drift)}}. `base_of(seed
+    key)`: the pretrained per-block sums that seed's drift is from (`block_sample`); None: no LM
+    drift was measured (`block_sums` is empty then)."""
     out: dict[tuple[str, str], dict[str, Sample | None]] = {}
     for t, arms in runs.items():
         labels = {s: arm["test_labels"] for s, arm in arms.items() if arm.get("test_labels") is not None}
@@ -112,20 +115,8 @@ def claim_samples(runs: dict[str, dict[str, dict[str, Any]]], block_sums: dict[t
         for s, arm in arms.items():
             sums = {seed: block_sums[(t, s, seed)] for seed in arm["seeds"] if (t, s, seed) in block_sums}
             out[(t, s)] = {"accuracy": accuracy_sample(arm),
-                           "delta": block_sample(sums, base_sums, counts) if sums else None}
+                           "delta": block_sample(sums, base_of, counts) if sums else None}
     return out
-
-
-class BaseBySeed(dict):
-    """Seed key ("seed3") -> the pretrained per-block sums of the backbone that seed started from
-    (`ev_of(key)`: its EvalSet), for runs on several pretrained backbones."""
-
-    def __init__(self, ev_of):
-        super().__init__()
-        self.ev_of = ev_of
-
-    def __missing__(self, key: str) -> np.ndarray:
-        return self.ev_of(key).base_sums
 
 
 def on_backbones(samples: dict[Any, dict[str, Sample | None]], n_backbones: int) -> dict[Any, dict[str, Sample | None]]:
@@ -137,15 +128,16 @@ def on_backbones(samples: dict[Any, dict[str, Sample | None]], n_backbones: int)
 WISE_FT = "wise_ft"
 
 
-def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.ndarray | None,
+def wise_ft_arm(wise: dict[str, Any], base_of: Callable[[str], np.ndarray] | None, counts: np.ndarray | None,
                 worse_margin: float, smean: float | None
                 ) -> tuple[dict[str, Any], dict[str, Sample | None], dict[str, dict[str, Any]]]:
     """(the arm at the validation-chosen alpha, its claim samples, every alpha's point).
 
     Each seed's drift is recomputed from its per-block sums against the forgetting stage's own
-    pretrained sums (`ptf.measures.cl_metrics.drift`), so its numbers are the other arms' measure.
-    `base_sums` None (a pretrained model without an LM head): accuracy only, drift null."""
-    lm = base_sums is not None
+    pretrained sums (`base_of(seed key)`, as in `claim_samples`; `ptf.measures.cl_metrics.drift`),
+    so its numbers are the other arms' measure. `base_of` None (a pretrained model without an LM
+    head): accuracy only, drift null."""
+    lm = base_of is not None
     note = wise.get("eval", {}).get("note") or NO_BACKBONE
     points, chosen = {}, wise["chosen_alpha"]["alpha"]
     arm = samples = None
@@ -154,9 +146,8 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.n
         for r in p["seeds"]:
             ft = {"test_accuracy": r["test_accuracy"], "macro_f1": r.get("test_macro_f1"),
                   "trainable_fraction": wise.get("trainable_fraction"), "n_classes": wise["n_classes"]}
-            base = base_sums[f"seed{r['seed']}"] if isinstance(base_sums, BaseBySeed) else base_sums
-            drift = cl.drift(base, r["block_sums"], counts, worse_margin) if lm else None
-            per_seed[f"seed{r['seed']}"] = {**per_model_record(ft, drift, smean, lm, note),
+            drift = cl.drift(base_of(seed_key(r["seed"])), r["block_sums"], counts, worse_margin) if lm else None
+            per_seed[seed_key(r["seed"])] = {**per_model_record(ft, drift, smean, lm, note),
                                             "val_accuracy": r["val_accuracy"]}
         agg = aggregate(per_seed)
         agg["mean_std"]["val_accuracy"] = mean_std([per_seed[s]["val_accuracy"] for s in sorted(per_seed)])
@@ -164,10 +155,10 @@ def wise_ft_arm(wise: dict[str, Any], base_sums: np.ndarray | None, counts: np.n
         if p["alpha"] == chosen:
             arm = {**agg, "alpha": chosen, "alpha_rule": wise["chosen_alpha"]["rule"],
                    "source": wise["source"]}
-            samples = {"accuracy": prediction_sample({f"seed{r['seed']}": r["test_predictions"] for r in p["seeds"]},
+            samples = {"accuracy": prediction_sample({seed_key(r["seed"]): r["test_predictions"] for r in p["seeds"]},
                                                      wise["test_labels"]),
-                       "delta": block_sample({f"seed{r['seed']}": np.asarray(r["block_sums"]) for r in p["seeds"]},
-                                             base_sums, counts) if lm else None}
+                       "delta": block_sample({seed_key(r["seed"]): np.asarray(r["block_sums"]) for r in p["seeds"]},
+                                             base_of, counts) if lm else None}
     if arm is None:
         raise StageError(f"wise_ft.json: chosen_alpha {chosen} is not one of its points; rerun `dvc repro wise_ft`")
     return arm, samples, points

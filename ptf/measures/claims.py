@@ -3,18 +3,25 @@
 In:  per-arm samples (`Sample`: per seed, per test example or held-out block, the numbers a
      measure is made of), the curves' rows and the per-arm aggregates of the forgetting stage,
      its `Config` (strategies compared, `alpha`, `bootstrap_resamples`, `bootstrap_seed`).
-Out: per comparison {diff, se, df, p, p_holm, ci, ci_level, verdict, reason, resampled}; per
-     claim {claim, rule, comparisons, by_task (each task's verdict and counts), verdict, counts}.
-     JSON-ready.
+Out: per comparison {diff, se, df, p, p_holm, ci, ci_level, verdict, reason, resampled, and
+     `backbones` when the samples were tagged with theirs}; per claim {claim, rule, comparisons,
+     by_task (each task's verdict and counts), verdict, counts}. JSON-ready.
 
 Statistics (`RULE` says the same to a reader):
 - Paired bootstrap of the difference of two arms' means over seeds: each resample draws the seeds
-  with replacement (the same draw for both arms when they ran the same seeds, so seed k is paired
-  with seed k) and, within them, the test examples (or held-out blocks) with replacement, the same
-  draw for both arms (paired: same test set, same blocks). A seed's value on a resample is its
-  measure recomputed on the drawn examples (accuracy = mean correctness; delta LM loss = pooled
-  over the drawn blocks). Where an arm has no per-example data, the seeds alone are resampled and
+  (the same draw for both arms when they ran the same seeds, so seed k is paired with seed k)
+  and, within them, the test examples (or held-out blocks) with replacement, the same draw for
+  both arms (paired: same test set, same blocks). A seed's value on a resample is its measure
+  recomputed on the drawn examples (accuracy = mean correctness; delta LM loss = pooled over the
+  drawn blocks). Where an arm has no per-example data, the seeds alone are resampled and
   `resampled` says so.
+- The seed draw. One pretrained backbone: the seeds with replacement. Several (the samples
+  tagged by `Sample.on_backbones`, fine-tune seed k on backbone k mod N, and at least two
+  backbones among the seeds): two stages, first the backbones with replacement, then, each time
+  a backbone is drawn, its own seeds with replacement (a fresh draw each time), so that the
+  spread includes pretraining variance, not only fine-tuning's; `resampled` then starts with
+  "pretrained backbones". A tagged comparison records `backbones` (how many the seeds came
+  from); the interval's df stays seeds - 1.
 - Few seeds: the interval is diff ± t(df = seeds - 1) x the bootstrap standard error, the latter
   scaled by sqrt(n / (n - 1)) (the bootstrap's plug-in variance of a mean of n seeds is
   (n - 1) / n of the unbiased one). A percentile interval over 3 seeds would be far too narrow.
@@ -30,16 +37,15 @@ Statistics (`RULE` says the same to a reader):
 from __future__ import annotations
 
 import math
-import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import backbone_index
+from ptf.models.backbones import backbone_index, seed_number
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
@@ -127,11 +133,11 @@ class Sample:
         return Sample(self.seeds, v, np.ones_like(v), "", self.note or note, self.groups)
 
     def on_backbones(self, n_backbones: int) -> Sample:
-        """This sample with each seed's backbone (`ptf.models.backbones`: seed mod N; the seed is
-        the key's trailing number, "seed3" or "3"), so that the bootstrap resamples backbones."""
+        """This sample with each seed's backbone (`ptf.models.backbones`: seed mod N; the keys
+        are "seed3" or "3", `seed_number`), so that the bootstrap resamples backbones."""
         if n_backbones < 2:
             return self
-        groups = tuple(backbone_index(int(re.search(r"(\d+)$", str(k)).group(1)), n_backbones) for k in self.seeds)
+        groups = tuple(backbone_index(seed_number(k), n_backbones) for k in self.seeds)
         return replace(self, groups=groups)
 
 
@@ -148,14 +154,17 @@ def prediction_sample(predictions: Mapping[str, Sequence[int]], labels: Sequence
     return Sample(seeds, num, np.ones_like(num), "test examples")
 
 
-def block_sample(ft_sums: Mapping[str, np.ndarray], base_sums: np.ndarray | Mapping[str, np.ndarray],
+def block_sample(ft_sums: Mapping[str, np.ndarray], base_of: Callable[[str], np.ndarray],
                  counts: np.ndarray) -> Sample:
-    """Delta LM loss: per seed, (sum of fine-tuned - pretrained NLL) / tokens over the blocks;
-    `base_sums` per seed (a mapping) when the seeds started from different backbones."""
+    """Delta LM loss: per seed, (sum of fine-tuned - pretrained NLL) / tokens over the blocks.
+
+    In: `ft_sums` {seed key: the fine-tuned model's per-block summed NLL}, `base_of(seed key)`:
+    the per-block sums of the pretrained backbone that seed started from (one backbone:
+    `lambda _k: base_sums`), `counts`: per-block scored tokens. Out: the seeds' Sample over
+    the held-out blocks."""
     seeds = tuple(sorted(ft_sums))
-    base = (lambda s: np.asarray(base_sums[s], dtype=np.float64)) if isinstance(base_sums, Mapping) \
-        else (lambda s: base_sums)
-    num = np.asarray([np.asarray(ft_sums[s], dtype=np.float64) - base(s) for s in seeds])
+    num = np.asarray([np.asarray(ft_sums[s], dtype=np.float64) - np.asarray(base_of(s), dtype=np.float64)
+                      for s in seeds])
     den = np.broadcast_to(np.asarray(counts, dtype=np.float64), num.shape).copy()
     return Sample(seeds, num, den, "held-out blocks")
 

@@ -123,7 +123,7 @@ def _samples(sweep: Mapping[str, Any], key: str) -> dict[str, Sample]:
     ix = half_index(len(base), "report")
     n = len(sweep.get("backbones") or [None])
     return {"delta": block_sample({s: np.asarray(r["lm_sums"], dtype=np.float64)[ix] for s, r in c.items()},
-                                  {s: base_of(sweep, r)[ix] for s, r in c.items()}, counts[ix]).on_backbones(n),
+                                  lambda s: base_of(sweep, c[s])[ix], counts[ix]).on_backbones(n),
             "accuracy": prediction_sample({s: r["test_predictions"] for s, r in c.items()},
                                           sweep["test_labels"]).on_backbones(n)}
 

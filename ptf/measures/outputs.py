@@ -30,6 +30,7 @@ from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.common.config import StrictModel, parse_section, read_params
 from ptf.models.artifacts import META_FILE
+from ptf.models.backbones import seed_key
 from ptf.training.finetune_config import Run, Runs, arms_of
 
 FT_METRICS = paths.METRICS / "finetune"
@@ -114,7 +115,7 @@ def parse_finetune(obj: Any, where: str) -> dict[str, Any]:
             if abs(sum(p == y for p, y in zip(preds, labels)) / max(1, len(labels)) - acc) > 1e-9:
                 raise StageError(f"{where}: seed {seed}: test_predictions do not give its test_accuracy "
                                  f"{acc}; rerun `dvc repro` of the stage that wrote it")
-        seeds[f"seed{seed}"] = {"test_accuracy": acc, "macro_f1": _num(rec.get("test_macro_f1")),
+        seeds[seed_key(seed)] = {"test_accuracy": acc, "macro_f1": _num(rec.get("test_macro_f1")),
                                 "trainable_fraction": _num(rec.get("trainable_fraction")),
                                 "trainable_params": _num(rec.get("trainable_params")),
                                 "test_predictions": preds}
@@ -171,7 +172,7 @@ def read_curves(root: Path) -> list[dict[str, Any]]:
         for i, r in enumerate(reader, start=2):
             try:
                 rows.append({"task": task, "strategy": r["strategy"], "fraction": float(r["fraction"]),
-                             "n_labels": int(r["n_labels"]), "seed": f"seed{int(r['seed'])}",
+                             "n_labels": int(r["n_labels"]), "seed": seed_key(r["seed"]),
                              "test_accuracy": float(r["test_accuracy"])})
             except (TypeError, ValueError) as e:
                 raise StageError(f"{path}:{i}: {e}") from None

@@ -45,7 +45,7 @@ from ptf.common.cli import StageError
 from ptf.measures.representation import (bits_per_byte, cka_per_layer, fit_probe, layer_features,
                                          probe_accuracy, utf8_bytes)
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import backbone_for
+from ptf.models.backbones import per_backbone
 from ptf.models.strategies import REGISTRY
 
 NOT_FROM_PRETRAINED = "not applicable: no pretrained backbone to drift from (random init)"
@@ -167,15 +167,14 @@ def measure_models(jobs: Sequence[Job], pretrained: Path, held_out_ids: torch.Te
     sets = {p.name: ProbeSet(p.name, p.n_classes, *by_length(p.train_ids, p.train_y),
                              *by_length(p.val_ids, p.val_y)) for p in probes}
     held = block_batches(held_out_ids, settings.batch_size)
-    refs: dict[Path, tuple] = {}     # per pretrained backbone (ptf.models.backbones): features, probe scores
 
-    def ref_of(d: Path) -> tuple:
-        if d not in refs:
-            f = features(pretrained_backbone(d), held, sets, pad_id, settings)
-            refs[d] = (f, {t: probe_score(sets[t], f.probe[t], settings) for t in sorted(sets)})
-        return refs[d]
+    def backbone_ref(d: Path) -> tuple:
+        """(backbone `d`'s features, its probe scores)."""
+        f = features(pretrained_backbone(d), held, sets, pad_id, settings)
+        return f, {t: probe_score(sets[t], f.probe[t], settings) for t in sorted(sets)}
 
-    base, before = ref_of(Path(pretrained))
+    ref_of = per_backbone(pretrained, backbone_ref)     # per fine-tune seed, its backbone's reference
+    base, before = ref_of(0)                         # seed 0 starts from the first backbone
     reference = {"probe_before": before, "layers": len(base.held_out),
                  "held_out_examples": int(base.held_out[0].shape[0])}
     records: dict[Job, dict[str, Any]] = {}
@@ -184,7 +183,7 @@ def measure_models(jobs: Sequence[Job], pretrained: Path, held_out_ids: torch.Te
             records[job] = {"applicable": False, "note": NOT_FROM_PRETRAINED}
         else:
             # compared with the backbone this seed was fine-tuned from
-            base, before = ref_of(backbone_for(pretrained, int(str(job.seed).removeprefix("seed"))))
+            base, before = ref_of(job.seed)
             others = {t: p for t, p in sets.items() if t != job.task}
             ft = features(finetuned_backbone(job.model_dir), held, others, pad_id, settings)
             if len(ft.held_out) != len(base.held_out):

@@ -22,7 +22,7 @@ from ptf.common import paths
 from ptf.common.cli import StageError
 from ptf.data.tasks import Split, TaskData, collate
 from ptf.measures.stats import mean_std
-from ptf.models.backbones import backbone_dirs, backbone_for
+from ptf.models.backbones import backbone_dirs, backbone_index, seed_key
 from ptf.models.artifacts import PRETRAINED_REMEDY, check_weights, predict_ids, save_classifier
 from ptf.models.lm import estimate_fisher, load_pretraining_blocks, pretrained_lm
 from ptf.models.pooling import check_pooling, pooled_logits
@@ -48,12 +48,14 @@ class Context:
     """What every run of a stage shares: the pretrained dir and tokenizer, padding side, the
     pretraining blocks and the Fisher (computed once per backbone). `pretrained` is the first
     backbone; `for_seed(seed)` gives the context of the backbone fine-tune seed `seed` starts
-    from (ptf.models.backbones)."""
+    from (ptf.models.backbones). `backbones`: every backbone directory, the first first, as
+    `create` read them once from backbones.json (empty: `pretrained` is the only one)."""
     root: Path
     cfg: FinetuneCommon
     pretrained: Path
     tokenizer: Any
     pad_left: bool
+    backbones: tuple[Path, ...] = ()
     _blocks: dict[int, Any] = field(default_factory=dict)   # shared by every for_seed copy
     _fisher: dict[str, Any] = field(default_factory=dict)   # keyed by backbone dir
 
@@ -66,7 +68,8 @@ class Context:
         pre = root / paths.PRETRAINED
         if not (pre / "config.json").is_file():
             raise StageError(f"{pre}: pretrained model not found (run `dvc repro pretrain`)")
-        for d in backbone_dirs(pre):
+        backbones = tuple(backbone_dirs(pre))
+        for d in backbones:
             check_weights(d, PRETRAINED_REMEDY)
         tok = AutoTokenizer.from_pretrained(pre)
         if tok.pad_token_id is None:
@@ -76,12 +79,13 @@ class Context:
         arch = (config.architectures or [""])[0]
         pad_left = arch.endswith("CausalLM")   # last-token / prompt pooling wants left padding
         tok.padding_side = "left" if pad_left else "right"
-        return cls(root, cfg, pre, tok, pad_left)
+        return cls(root, cfg, pre, tok, pad_left, backbones)
 
     def for_seed(self, seed: int) -> "Context":
         """This context on the backbone of fine-tune seed `seed` (the same object when there is
-        one backbone); the caches stay shared."""
-        pre = backbone_for(self.root / paths.PRETRAINED, seed)
+        one backbone); the caches stay shared. In: an int seed. Out: a Context (no file read)."""
+        dirs = self.backbones or (self.pretrained,)
+        pre = dirs[backbone_index(seed, len(dirs))]
         return self if pre == self.pretrained else replace(self, pretrained=pre)
 
     def loader(self, split: Split, batch_size: int, shuffle: bool, seed: int = 0):
@@ -265,7 +269,7 @@ def run_arm(ctx: Context, data: TaskData, strategy: str, seeds: list[int], max_s
 
     def save(r: dict[str, Any], clf) -> None:
         if save_dir is not None:
-            name = f"seed{r['seed']}"
+            name = seed_key(r["seed"])
             save_model(ctx.for_seed(r["seed"]), clf, strategy, data, save_dir / name, r, publish_dir / name)
 
     first = seeds[0]
