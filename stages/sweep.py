@@ -136,7 +136,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
         root: Path = Path(".")) -> dict[str, Any]:
     from ptf.data.tasks import load_task
     from ptf.measures.drift import NO_LM_HEAD, EvalSet, lm_objective
-    from ptf.models.backbones import backbone_dirs, backbone_index
+    from ptf.models.backbones import backbone_index
     from ptf.models.strategies import build_classifier
     from ptf.training.finetuning import Context, preflight
     from ptf.training.tracking import check_reachable, start_run, tracking_uri
@@ -155,7 +155,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
         es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob,
                            held.mask_seed)
     # one reference per pretrained backbone: a model's drift is from the backbone it started from
-    dirs = backbone_dirs(ctx.pretrained)
+    dirs = ctx.backbones
     drifts = [InMemoryDrift(es.for_backbone(d)) for d in dirs] if es is not None else None
     check_reachable(tracking_uri(root), experiment=cfg.experiment)
     t0 = time.perf_counter()
