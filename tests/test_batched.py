@@ -1,7 +1,8 @@
 """Training K configurations together (ptf/training/batched.py) gives what K one-at-a-time runs
-give: the stacked forward equals each HF model's own logits, and `fit_together` equals
-`ptf.training.finetuning.fit` (full fine-tuning, AdamW, warmup-cosine, clipping, best-validation
-restore, early stopping) up to float rounding, on the tiny fixture model."""
+give: the packed forward equals each HF model's own logits and gradients (plain, and with peft
+LoRA layers), and `fit_together` equals `ptf.training.finetuning.fit` for every strategy that
+trains together (AdamW, warmup-cosine, clipping, best-validation restore, early stopping, each
+run's regulariser) up to float rounding, on the tiny fixture model."""
 from __future__ import annotations
 
 import copy
