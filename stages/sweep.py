@@ -1,7 +1,7 @@
 """Learning-forgetting sweep of one task and one strategy: every configuration of its grid
 (`sweep.lengths` x `sweep.grids.<strategy>.lrs` x its knob's values) for every seed, each
-model's task accuracy AND its forgetting measured before it is let go (DVC matrix item
-sweep@<task>-<strategy>).
+model's task accuracy AND its forgetting measured before it is let go (DVC `foreach` item
+sweep@<task>-<strategy>, an item of `sweep.runs`).
 
 In:  data/models/pretrained, data/tasks/<task>/, data/shards/ (the held-out blocks; replay and
      ewc also read the training blocks), params: the `sweep` section (`SweepSection`), the
@@ -56,15 +56,26 @@ def output_file(root: Path, task: str, strategy: str) -> Path:
 
 class InMemoryDrift:
     """Per-block summed NLL of a classifier's backbone (as it is in memory) under the pretrained
-    LM head: `ptf.measures.drift.EvalSet.measure` without saving and reloading the model."""
+    LM head: `ptf.measures.drift.EvalSet.measure` without saving and reloading the model. A
+    backbone whose weights still equal the pretrained ones bit for bit (a linear probe, every
+    layer frozen) gets the pretrained sums `es.base_sums` without a forward pass: the same
+    numbers (tests/test_sweep.py), and a probe sweep no longer pays ~2.5 CPU-s per model."""
 
     def __init__(self, es):
         from ptf.models.lm import pretrained_lm
 
         self.es = es
         self.lm = pretrained_lm(es.pretrained)
+        # a copy: `measure` puts each classifier's backbone in the LM's place
+        self.pretrained = {k: v.clone() for k, v in self.lm.base_model.state_dict().items()}
 
-    def sums(self, clf) -> np.ndarray:
+    def unchanged(self, backbone) -> bool:
+        import torch
+
+        sd = backbone.state_dict()      # LoRA / DoRA layers add keys: never "unchanged"
+        return sd.keys() == self.pretrained.keys() and all(torch.equal(sd[k], v) for k, v in self.pretrained.items())
+
+    def measure(self, clf) -> np.ndarray:
         from ptf.measures.drift import block_nll
         from ptf.models.strategies import unwrap_hf
 
@@ -73,15 +84,20 @@ class InMemoryDrift:
         sums, _ = block_nll(self.lm, self.es.inputs, self.es.labels, self.es.objective, self.es.batch_size)
         return sums
 
+    def sums(self, clf) -> np.ndarray:
+        from ptf.models.strategies import unwrap_hf
+
+        if self.unchanged(unwrap_hf(clf).base_model):
+            return self.es.base_sums.copy()
+        return self.measure(clf)
+
 
 def check_task(cfg: SweepSection, task: str, strategy: str) -> None:
-    """`--task`/`--strategy` must be an item of the matrix (what DVC runs, the frontier reads)."""
+    """`--task`/`--strategy` must be an item of `sweep.runs` (what DVC runs, the frontier reads)."""
     check_strategy(strategy, "--strategy")
-    if task not in cfg.tasks:
-        raise ConfigError(f"sweep.tasks: no task {task!r} (--task); declared: {', '.join(cfg.tasks)}")
-    if strategy not in cfg.strategies:
-        raise ConfigError(f"sweep.strategies: no strategy {strategy!r} (--strategy); declared: "
-                          f"{', '.join(cfg.strategies)}")
+    if not cfg.declared(task, strategy):
+        raise ConfigError(f"sweep.runs: no item {task}-{strategy} (--task {task} --strategy {strategy}); "
+                          f"declared: {', '.join(cfg.runs)}")
 
 
 def trains_together(ctx, data, strategy: str, arm) -> bool:
@@ -196,7 +212,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
 
 
 def load_configs(path: Path = PARAMS_FILE) -> tuple[FinetuneCommon, SweepSection, HeldOutKeys]:
-    """The three sections, validated; every strategy of `sweep.strategies` has its grid."""
+    """The three sections, validated; every strategy of `sweep.runs` has its grid."""
     return load_stage_config(FinetuneCommon, path), load_sweep(path), load_section("forgetting", HeldOutKeys, path)
 
 
