@@ -56,40 +56,21 @@ def output_file(root: Path, task: str, strategy: str) -> Path:
 
 class InMemoryDrift:
     """Per-block summed NLL of a classifier's backbone (as it is in memory) under the pretrained
-    LM head: `ptf.measures.drift.EvalSet.measure` without saving and reloading the model. A
-    backbone whose weights still equal the pretrained ones bit for bit (a linear probe, every
-    layer frozen) gets the pretrained sums `es.base_sums` without a forward pass: the same
-    numbers (tests/test_sweep.py), and a probe sweep no longer pays ~2.5 CPU-s per model."""
+    LM head: `ptf.measures.drift.EvalSet.measure` without saving and reloading the model (a
+    backbone still as pretrained, a linear probe's, gets the pretrained sums: `EvalSet.scores`)."""
 
     def __init__(self, es):
         from ptf.models.lm import pretrained_lm
 
         self.es = es
         self.lm = pretrained_lm(es.pretrained)
-        # a copy: `measure` puts each classifier's backbone in the LM's place
-        self.pretrained = {k: v.clone() for k, v in self.lm.base_model.state_dict().items()}
-
-    def unchanged(self, backbone) -> bool:
-        import torch
-
-        sd = backbone.state_dict()      # LoRA / DoRA layers add keys: never "unchanged"
-        return sd.keys() == self.pretrained.keys() and all(torch.equal(sd[k], v) for k, v in self.pretrained.items())
-
-    def measure(self, clf) -> np.ndarray:
-        from ptf.measures.drift import block_nll
-        from ptf.models.strategies import unwrap_hf
-
-        # LoRA / DoRA layers are injected into the backbone's modules: their output is the merged one
-        setattr(self.lm, self.lm.base_model_prefix, unwrap_hf(clf).base_model)
-        sums, _ = block_nll(self.lm, self.es.inputs, self.es.labels, self.es.objective, self.es.batch_size)
-        return sums
 
     def sums(self, clf) -> np.ndarray:
         from ptf.models.strategies import unwrap_hf
 
-        if self.unchanged(unwrap_hf(clf).base_model):
-            return self.es.base_sums.copy()
-        return self.measure(clf)
+        # LoRA / DoRA layers are injected into the backbone's modules: their output is the merged one
+        setattr(self.lm, self.lm.base_model_prefix, unwrap_hf(clf).base_model)
+        return self.es.scores(self.lm)
 
 
 def check_task(cfg: SweepSection, task: str, strategy: str) -> None:
