@@ -187,7 +187,8 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     return root
 
 
-SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora"], "seeds": SEEDS, "lengths": [20],
+SWEEP = {"runs": {f"movies-{s}": {"task": "movies", "strategy": s} for s in ("full", "lora")},
+         "seeds": SEEDS, "lengths": [20],
          "grids": {"full": {"lrs": [1e-4, 3e-4]}, "lora": {"lrs": [1e-3], "knob": {"name": "r", "values": [2, 8]}}}}
 
 
