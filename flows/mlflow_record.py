@@ -160,7 +160,7 @@ def pointer_run(client: Any, exp_id: str, pipeline: str, stage: str, producer: A
 def declared_tags(root: Path, dvc_stage: str) -> dict[str, str]:
     """The tags the stage's call site would pass to `start_run` (task, strategy, orders,
     objective, init), from params.yaml, for a stage that did not run; its run's name is made of
-    these alone. `finetune@<key>`: its item of `finetune.runs`; `sweep@<task>-<strategy>`: its matrix item."""
+    these alone. `finetune@<key>`: its item of `finetune.runs`; `sweep@<task>-<strategy>`: its item of `sweep.runs`."""
     import yaml
 
     file = root / "params.yaml"
@@ -175,7 +175,7 @@ def declared_tags(root: Path, dvc_stage: str) -> dict[str, str]:
         tags = sequential_tags(section["orders"], section.get("strategies") or [], section.get("seeds") or [])
     elif base == "wise_ft":
         tags = {"task": section.get("task"), "strategy": "wise_ft"}
-    elif base == "sweep" and "-" in key:   # a matrix item: sweep@<task>-<strategy> (task names have no "-")
+    elif base == "sweep" and "-" in key:   # an item of sweep.runs: sweep@<task>-<strategy> (task names have no "-")
         tags = dict(zip(("task", "strategy"), key.split("-", 1)))
     elif base == "curves":
         tags = {"task": section.get("task")}

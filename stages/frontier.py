@@ -1,9 +1,8 @@
 """Learning-forgetting frontiers of the sweep, and claim 2 decided on them (stage `frontier`).
 
-In:  data/metrics/sweep/<task>/<strategy>.json for every task x strategy of `sweep` (each must
-     hold every configuration and seed its grid declares), data/metrics/baselines.json (each
-     task's majority-class rate on validation), params: `sweep` (tasks, strategies, seeds,
-     lengths, grids, levels) and the forgetting stage's decision keys (`reference_strategy`,
+In:  data/metrics/sweep/<task>/<strategy>.json for every item of `sweep.runs` (each must hold
+     every configuration and seed its grid declares), data/metrics/baselines.json (each task's
+     majority-class rate on validation), params: `sweep` (runs, seeds, lengths, grids, levels) and the forgetting stage's decision keys (`reference_strategy`,
      `alpha`, `bootstrap_resamples`, `bootstrap_seed`).
 Out: data/metrics/frontier.json (git-tracked): per task, per strategy its points (grid values,
      mean validation and test accuracy, mean Δ held-out LM loss on each half of the blocks), its
@@ -98,12 +97,19 @@ def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims:
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 9})
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7 * max(1, len(tasks)), 5), squeeze=False)
+    n = max(1, len(tasks))
+    ncols = min(n, 3)             # a grid of panels, at most 3 a row: five tasks stay readable
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.8 * nrows), squeeze=False)
+    panels = axes.ravel()
+    for ax in panels[len(tasks):]:
+        ax.set_axis_off()
     if missing:   # said on the figure, as the forgetting stage's trade-off says it
-        axes[0][0].text(0.5, 0.5, "no Δ LM loss measured\n(the pretrained model has no LM head)",
-                        ha="center", va="center", transform=axes[0][0].transAxes)
+        panels[0].set_axis_on()
+        panels[0].text(0.5, 0.5, "no Δ LM loss measured\n(the pretrained model has no LM head)",
+                       ha="center", va="center", transform=panels[0].transAxes)
     cmap = plt.get_cmap("tab10")
-    for ax, (t, by_s) in zip(axes[0], sorted(tasks.items())):
+    for ax, (t, by_s) in zip(panels, sorted(tasks.items())):
         for i, (s, f) in enumerate(sorted(by_s.items())):
             pts = f["points"]
             ax.scatter([p["delta_select"] for p in pts], [p["val_accuracy"] - majority[t] for p in pts],
@@ -130,7 +136,9 @@ def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims:
 def run(cfg: SweepSection, dec: DecisionKeys, root: Path = Path(".")) -> dict[str, Any]:
     root = Path(root)
     t0 = time.perf_counter()
-    sweeps = {t: {s: read_sweep(root, cfg, t, s) for s in cfg.strategies} for t in cfg.tasks}
+    sweeps: dict[str, dict[str, Any]] = {}
+    for r in cfg.runs.values():
+        sweeps.setdefault(r.task, {})[r.strategy] = read_sweep(root, cfg, r.task, r.strategy)
     majority = majority_rates(root, cfg.tasks)
     why = next((sw["not_applicable"] for by_s in sweeps.values() for sw in by_s.values()
                 if sw.get("blocks") is None), None)

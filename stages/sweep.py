@@ -1,7 +1,7 @@
 """Learning-forgetting sweep of one task and one strategy: every configuration of its grid
 (`sweep.lengths` x `sweep.grids.<strategy>.lrs` x its knob's values) for every seed, each
-model's task accuracy AND its forgetting measured before it is let go (DVC matrix item
-sweep@<task>-<strategy>).
+model's task accuracy AND its forgetting measured before it is let go (DVC `foreach` item
+sweep@<task>-<strategy>, an item of `sweep.runs`).
 
 In:  data/models/pretrained, data/tasks/<task>/, data/shards/ (the held-out blocks; replay and
      ewc also read the training blocks), params: the `sweep` section (`SweepSection`), the
@@ -56,7 +56,8 @@ def output_file(root: Path, task: str, strategy: str) -> Path:
 
 class InMemoryDrift:
     """Per-block summed NLL of a classifier's backbone (as it is in memory) under the pretrained
-    LM head: `ptf.measures.drift.EvalSet.measure` without saving and reloading the model."""
+    LM head: `ptf.measures.drift.EvalSet.measure` without saving and reloading the model (a
+    backbone still as pretrained, a linear probe's, gets the pretrained sums: `EvalSet.scores`)."""
 
     def __init__(self, es):
         from ptf.models.lm import pretrained_lm
@@ -65,23 +66,19 @@ class InMemoryDrift:
         self.lm = pretrained_lm(es.pretrained)
 
     def sums(self, clf) -> np.ndarray:
-        from ptf.measures.drift import block_nll
         from ptf.models.strategies import unwrap_hf
 
         # LoRA / DoRA layers are injected into the backbone's modules: their output is the merged one
         setattr(self.lm, self.lm.base_model_prefix, unwrap_hf(clf).base_model)
-        sums, _ = block_nll(self.lm, self.es.inputs, self.es.labels, self.es.objective, self.es.batch_size)
-        return sums
+        return self.es.scores(self.lm)
 
 
 def check_task(cfg: SweepSection, task: str, strategy: str) -> None:
-    """`--task`/`--strategy` must be an item of the matrix (what DVC runs, the frontier reads)."""
+    """`--task`/`--strategy` must be an item of `sweep.runs` (what DVC runs, the frontier reads)."""
     check_strategy(strategy, "--strategy")
-    if task not in cfg.tasks:
-        raise ConfigError(f"sweep.tasks: no task {task!r} (--task); declared: {', '.join(cfg.tasks)}")
-    if strategy not in cfg.strategies:
-        raise ConfigError(f"sweep.strategies: no strategy {strategy!r} (--strategy); declared: "
-                          f"{', '.join(cfg.strategies)}")
+    if not cfg.declared(task, strategy):
+        raise ConfigError(f"sweep.runs: no item {task}-{strategy} (--task {task} --strategy {strategy}); "
+                          f"declared: {', '.join(cfg.runs)}")
 
 
 def trains_together(ctx, data, strategy: str, arm) -> bool:
@@ -196,7 +193,7 @@ def run(fc: FinetuneCommon, cfg: SweepSection, held: HeldOutKeys, task: str, str
 
 
 def load_configs(path: Path = PARAMS_FILE) -> tuple[FinetuneCommon, SweepSection, HeldOutKeys]:
-    """The three sections, validated; every strategy of `sweep.strategies` has its grid."""
+    """The three sections, validated; every strategy of `sweep.runs` has its grid."""
     return load_stage_config(FinetuneCommon, path), load_sweep(path), load_section("forgetting", HeldOutKeys, path)
 
 

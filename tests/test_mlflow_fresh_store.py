@@ -55,8 +55,7 @@ def expected_names(params: dict, stages: list[str]) -> dict[str, str]:
              "sequential": f"sequential {'+'.join(seq['strategies'])}: "
                            + "; ".join(" → ".join(o) for o in seq["orders"])}
     names.update({f"finetune@{k}": f"finetune {v['task']}/{v['strategy']}" for k, v in ft["runs"].items()})
-    names.update({f"sweep@{t}-{s}": f"sweep {t}/{s}" for t in params["sweep"]["tasks"]
-                  for s in params["sweep"]["strategies"]})
+    names.update({f"sweep@{k}": f"sweep {v['task']}/{v['strategy']}" for k, v in params["sweep"]["runs"].items()})
     return {s: names[s] for s in stages}
 
 

@@ -187,7 +187,8 @@ def make_fake_run(root: Path, tokenizer_pre: Path) -> Path:
     return root
 
 
-SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora"], "seeds": SEEDS, "lengths": [20],
+SWEEP = {"runs": {f"movies-{s}": {"task": "movies", "strategy": s} for s in ("full", "lora")},
+         "seeds": SEEDS, "lengths": [20],
          "grids": {"full": {"lrs": [1e-4, 3e-4]}, "lora": {"lrs": [1e-3], "knob": {"name": "r", "values": [2, 8]}}}}
 
 
@@ -537,6 +538,13 @@ def test_a_sweep_configuration_missing_from_the_frontier_is_refused(fake, tmp_pa
     (root / "params.yaml").write_text(json.dumps(params))
     with pytest.raises(rs.ws.ResultsError, match=r"frontier.json: no configuration `lr=0.001 steps=20 r=32` "
                                                  r"of sweep@movies-lora, which params.yaml declares"):
+        rs.run(root, status_fn=lambda r: {})
+    params["sweep"]["grids"]["lora"]["knob"]["values"] = [2, 8]
+    params["sweep"]["grids"]["linear_probe"] = {"lrs": [0.01]}     # an item of sweep.runs never swept
+    params["sweep"]["runs"]["movies-linear_probe"] = {"task": "movies", "strategy": "linear_probe"}
+    (root / "params.yaml").write_text(json.dumps(params))
+    with pytest.raises(rs.ws.ResultsError, match=r"frontier.json: no configuration `lr=0.01 steps=20` "
+                                                 r"of sweep@movies-linear_probe, which params.yaml declares"):
         rs.run(root, status_fn=lambda r: {})
     assert not (root / "docs/results.md").exists()
 

@@ -24,7 +24,8 @@ from tests.test_wise_ft import add_validation_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = {"max_blocks": 8, "batch_size": 4, "mask_prob": 0.15, "mask_seed": 0}
-SWEEP = {"tasks": ["movies"], "strategies": ["full", "lora", "replay", "gradual_unfreeze"], "seeds": [0, 1],
+SWEEP = {"runs": {f"movies-{s}": {"task": "movies", "strategy": s}
+                  for s in ("full", "lora", "replay", "gradual_unfreeze")}, "seeds": [0, 1],
          "lengths": [2, 3],
          "grids": {"full": {"lrs": [1e-3, 3e-3]}, "lora": {"lrs": [1e-2], "knob": {"name": "r", "values": [2, 4]}},
                    "replay": {"lrs": [3e-3], "knob": {"name": "weight", "values": [0.5, 4.0]}},
@@ -73,7 +74,7 @@ def test_every_configuration_and_seed_is_trained_and_measured(swept):
     assert sum(high["lm_sums"]) < sum(low["lm_sums"])    # more replay: less drift from the pretrained LM
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
+@pytest.mark.parametrize("strategy", ["full", "lora", "linear_probe"])
 def test_in_memory_drift_equals_the_forgetting_stage_measure_of_the_saved_model(swept, strategy, tmp_path):
     """Train one model, save it as the finetune stage does, and measure it both ways: from the
     directory (LoRA merged, `EvalSet.measure`) and in memory (LoRA layers live)."""
@@ -90,8 +91,45 @@ def test_in_memory_drift_equals_the_forgetting_stage_measure_of_the_saved_model(
     save_model(ctx, clf, strategy, data, tmp_path / "m", r)
     es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob, held.mask_seed)
     saved, live = es.measure(tmp_path / "m"), S.InMemoryDrift(es).sums(clf)
-    assert not np.allclose(saved, es.base_sums)          # it moved
-    np.testing.assert_allclose(live, saved, rtol=1e-5)
+    if strategy == "linear_probe":                        # the backbone as pretrained, saved and loaded
+        np.testing.assert_array_equal(saved, es.base_sums)
+        np.testing.assert_array_equal(live, es.base_sums)
+    else:
+        assert not np.allclose(saved, es.base_sums)      # it moved
+        np.testing.assert_allclose(live, saved, rtol=1e-5)
+
+
+def test_a_backbone_still_pretrained_gets_the_pretrained_sums_bit_for_bit(swept):
+    """`EvalSet.scores`' shortcut: a linear probe's backbone equals the pretrained one, and the
+    pretrained sums it is given are exactly what the forward pass gives (in memory and from the
+    saved model); a backbone that moved (full fine-tuning) and one with LoRA layers are measured."""
+    from ptf.data.tasks import load_task
+    from ptf.measures.drift import block_nll
+    from ptf.models.strategies import build_classifier, unwrap_hf
+    from ptf.training.finetuning import Context, fit
+
+    root, fc, _, held, _ = swept
+    ctx = Context.create(root, fc)
+    data = load_task(root, "movies", ctx.tokenizer, fc.data)
+    es = EvalSet.build(root, ctx.pretrained, held.max_blocks, held.batch_size, held.mask_prob, held.mask_seed)
+    drift = S.InMemoryDrift(es)
+
+    def forward(clf):     # the measure without the shortcut
+        drift.sums(clf)
+        return block_nll(drift.lm, es.inputs, es.labels, es.objective, es.batch_size)[0]
+
+    models = {}
+    for s in ("linear_probe", "full", "lora"):
+        arm = getattr(fc.arms, s)
+        models[s] = build_classifier(ctx.pretrained, data.label_names, s, arm, seed=0, pooling=fc.pooling)
+        fit(ctx, models[s], s, arm, arm.lrs[0] * 10, 0, data, data.train, 3, desc="t")
+    assert es.unchanged(unwrap_hf(models["linear_probe"]).base_model)
+    np.testing.assert_array_equal(drift.sums(models["linear_probe"]), es.base_sums)
+    np.testing.assert_array_equal(forward(models["linear_probe"]), es.base_sums)
+    for s in ("full", "lora"):
+        assert not es.unchanged(unwrap_hf(models[s]).base_model), s
+        np.testing.assert_array_equal(drift.sums(models[s]), forward(models[s]))
+        assert not np.array_equal(drift.sums(models[s]), es.base_sums), s
 
 
 def test_frontier_stage_writes_its_outputs_and_refuses_a_missing_configuration(swept, tmp_path):
@@ -126,7 +164,7 @@ def test_a_knob_value_the_arm_refuses_fails_before_training(swept):
                         SweepSection)
     with pytest.raises(ConfigError, match=r"sweep\.grids\.lora\.knob\.values: 0 for r"):
         S.run(fc, bad, held, "movies", "lora", root=root)
-    with pytest.raises(ConfigError, match="sweep.tasks: no task 'source'"):
+    with pytest.raises(ConfigError, match="sweep.runs: no item source-full"):
         S.run(fc, bad, held, "source", "full", root=root)
 
 
@@ -151,7 +189,13 @@ def write_params(dest: Path, change) -> Path:
     (lambda s: s["grids"]["full"].update(lrs=[]), "sweep.grids.full.lrs: got []"),
     (lambda s: s["grids"]["lora"]["knob"].update(name="rank"), "'rank' is not a key of finetune.arms.lora"),
     (lambda s: s["grids"].pop("linear_probe"), "sweep.grids.linear_probe: missing"),
-    (lambda s: s.update(strategies=["scratch"]), "'scratch' cannot be swept yet"),
+    (lambda s: s["runs"].update({"source-scratch": {"task": "source", "strategy": "scratch"}}),
+     "source-scratch: 'scratch' cannot be swept yet"),
+    (lambda s: s["runs"].update({"source-lora": {"task": "movies", "strategy": "lora"}}),
+     "key 'source-lora' must be '<task>-<strategy>' of its value, i.e. movies-lora"),
+    (lambda s: s["runs"].update({"source-ewc": {"task": "source", "strategy": "ewc"}}) or s["grids"].pop("ewc"),
+     "sweep.grids.ewc: missing"),
+    (lambda s: s.update(runs={}), "sweep.runs: got {}"),
 ])
 def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError) as e:

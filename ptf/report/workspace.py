@@ -169,21 +169,22 @@ def load_metrics(root: Path, matrix: outputs.Matrix) -> dict[str, Any]:
 
 
 def check_frontier(root: Path, fr: dict[str, Any]) -> None:
-    """frontier.json must describe every task x strategy and configuration params.yaml's sweep
-    declares (the frontier stage refuses a sweep file that lacks one)."""
+    """frontier.json must describe every item of `sweep.runs` (task x strategy) and every
+    configuration params.yaml's sweep declares (the frontier stage refuses a sweep file that
+    lacks one)."""
     from ptf.training.sweep_config import load_sweep
 
     if fr.get("applicable") is False:     # no LM head: the page says why, nothing to check
         return
     cfg = load_sweep(root / "params.yaml")
     rel = root / METRICS["frontier"]
-    for t in cfg.tasks:
-        for s in cfg.strategies:
-            have = {p["key"] for p in (((fr.get("tasks") or {}).get(t) or {}).get(s) or {}).get("points", [])}
-            lacking = [p.key for p in cfg.points(s) if p.key not in have]
-            if lacking:
-                raise ResultsError(f"{rel}: no configuration `{lacking[0]}` of sweep@{t}-{s}, which params.yaml "
-                                   "declares; rerun `dvc repro frontier`")
+    for r in cfg.runs.values():
+        t, s = r.task, r.strategy
+        have = {p["key"] for p in (((fr.get("tasks") or {}).get(t) or {}).get(s) or {}).get("points", [])}
+        lacking = [p.key for p in cfg.points(s) if p.key not in have]
+        if lacking:
+            raise ResultsError(f"{rel}: no configuration `{lacking[0]}` of sweep@{t}-{s}, which params.yaml "
+                               "declares; rerun `dvc repro frontier`")
 
 
 def source_files(root: Path, matrix: outputs.Matrix) -> list[Path]:

@@ -1,13 +1,16 @@
 """The typed `sweep` params section: the learning-forgetting frontier sweep (stage
-sweep@<task>-<strategy>, a DVC matrix over `sweep.tasks` x `sweep.strategies`).
+sweep@<task>-<strategy>, a DVC `foreach` over `sweep.runs`, a ragged set of task x strategy items
+as `finetune.runs` is: every task can be swept with the cheap strategies and one task with the
+costly ones).
 
 In:  the `sweep` section of params.yaml; each strategy's other parameters come from its arm in
      `finetune.arms` (weight decay, LoRA alpha and targets, replay batch, ...), the training
      budget's other settings from `finetune.train`, the data caps from `finetune.data`.
 Out: `SweepSection` (strict: one `ConfigError` naming the key, before any work, for an empty or
      non-positive axis, a repeated value, fewer than 2 seeds, a knob that is not a key of the
-     strategy's arm), `Point` (one configuration: lr, steps, knob value) and
-     `SweepSection.points(strategy)`, the grid in a fixed order; `arm_for` (the strategy's arm
+     strategy's arm, a run whose key is not `<task>-<strategy>` or whose strategy has no grid), `Point` (one configuration: lr, steps, knob value) and
+     `SweepSection.points(strategy)`, the grid in a fixed order; `SweepSection.tasks` and
+     `.strategies` (those of `runs`, in their first appearance's order); `arm_for` (the strategy's arm
      with the knob's value, validated by the arm's own model); `HeldOutKeys` (the forgetting
      stage's held-out measure, read from its section so that both measure the same blocks).
 """
@@ -20,7 +23,8 @@ from typing import Any
 from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
 from ptf.common.config import ConfigError, StrictModel
-from ptf.models.strategies import REGISTRY, Arm, StrategyName
+from ptf.models.strategies import REGISTRY, Arm
+from ptf.training.finetune_config import Run
 
 # Strategies whose fine-tuned backbone is the classifier's own `base_model` module, so that its
 # held-out LM loss can be measured in memory (`ptf.measures.sweep_drift`) exactly as the
@@ -96,19 +100,13 @@ class Point:
 
 
 class SweepSection(StrictModel):
-    tasks: list[str] = Field(min_length=1)
-    strategies: list[StrategyName] = Field(min_length=1)
+    runs: dict[str, Run] = Field(min_length=1)   # <task>-<strategy> -> {task, strategy}: stage sweep@<key>
     seeds: list[int] = Field(min_length=2)       # an interval needs at least 2 seeds
     lengths: list[int] = Field(min_length=1)     # optimizer steps (warmup-cosine over each)
     grids: Grids                                 # per strategy (a key of finetune.arms)
     levels: list[float] = Field(min_length=1)    # matched accuracy: shares of the way from the
                                                  # majority rate to the lower of two frontiers' tops
     experiment: str = Field(min_length=1)
-
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
-        return _distinct(v, "a task is")
 
     @field_validator("seeds")
     @classmethod
@@ -129,22 +127,37 @@ class SweepSection(StrictModel):
             raise ValueError(f"every level must be in (0, 1], got {v}")
         return _distinct(v, "a level is")
 
-    @field_validator("strategies")
+    @field_validator("runs")
     @classmethod
-    def _strategies(cls, v: list[str]) -> list[str]:
-        _distinct(v, "a strategy is")
-        bad = [s for s in v if s not in SWEEPABLE]
-        if bad:
-            raise ValueError(f"{bad[0]!r} cannot be swept yet (its forgetting is not measured in memory); "
-                             f"sweepable: {', '.join(SWEEPABLE)}")
+    def _runs(cls, v: dict[str, Run]) -> dict[str, Run]:
+        for key, r in v.items():
+            if key != f"{r.task}-{r.strategy}":
+                raise ValueError(f"key {key!r} must be '<task>-<strategy>' of its value, i.e. "
+                                 f"{r.task}-{r.strategy} (the DVC stage sweep@<key>)")
+            if r.strategy not in SWEEPABLE:
+                raise ValueError(f"{key}: {r.strategy!r} cannot be swept yet (its forgetting is not measured in "
+                                 f"memory); sweepable: {', '.join(SWEEPABLE)}")
         return v
+
+    @property
+    def tasks(self) -> list[str]:
+        """The swept tasks, in `runs` order."""
+        return list(dict.fromkeys(r.task for r in self.runs.values()))
+
+    @property
+    def strategies(self) -> list[str]:
+        """The swept strategies, in `runs` order."""
+        return list(dict.fromkeys(r.strategy for r in self.runs.values()))
+
+    def declared(self, task: str, strategy: str) -> bool:
+        return f"{task}-{strategy}" in self.runs
 
     def grid(self, strategy: str) -> Grid:
         """`strategy`'s grid, or a `ConfigError` naming the key it needs."""
         g = getattr(self.grids, strategy, None)
         if g is None:
             raise ConfigError(f"invalid params: sweep.grids.{strategy}: missing; every strategy of "
-                              "sweep.strategies needs a grid {lrs: [...], knob: {name, values}}")
+                              "sweep.runs needs a grid {lrs: [...], knob: {name, values}}")
         return g
 
     def points(self, strategy: str) -> list[Point]:
@@ -168,7 +181,7 @@ def arm_for(strategy: str, base: Arm, point: Point) -> Arm:
 
 
 def load_sweep(path) -> SweepSection:
-    """The `sweep` section, validated; every strategy of `sweep.strategies` has its grid."""
+    """The `sweep` section, validated; every strategy of `sweep.runs` has its grid."""
     from ptf.common.config import load_section
 
     cfg = load_section("sweep", SweepSection, path)
