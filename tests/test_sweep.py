@@ -158,6 +158,33 @@ def test_frontier_stage_writes_its_outputs_and_refuses_a_missing_configuration(s
         F.run(cfg, DECIDE, copy)
 
 
+def test_the_frontier_reads_exactly_the_items_of_a_ragged_sweep(swept, tmp_path):
+    """`sweep.runs` is ragged: a second task swept with two strategies only gets its own
+    frontiers and comparisons, and no strategy it was not swept with is asked for."""
+    import shutil
+
+    root, _, cfg, _, _ = swept
+    copy = tmp_path / "r"
+    shutil.copytree(root / "data/metrics", copy / "data/metrics")
+    for s in ("full", "lora"):          # the same records under a second task's name
+        dest = S.output_file(copy, "tweets", s)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(S.output_file(root, "movies", s), dest)
+    (copy / "data/metrics/baselines.json").write_text(json.dumps(
+        {"tasks": {t: {"majority": {"val_accuracy": 0.5}} for t in ("movies", "tweets")}}))
+    runs = {**SWEEP["runs"], **{f"tweets-{s}": {"task": "tweets", "strategy": s} for s in ("full", "lora")}}
+    ragged = parse_section("sweep", {**SWEEP, "runs": runs}, SweepSection)
+    out = F.run(ragged, DECIDE, copy)
+    assert set(out["tasks"]) == {"movies", "tweets"}
+    assert set(out["tasks"]["tweets"]) == {"full", "lora"}
+    assert out["tasks"]["tweets"]["lora"] == out["tasks"]["movies"]["lora"]   # the same records, the same frontier
+    tasks_compared = {c["task"] for c in out["claims"]["val_best"]["comparisons"].values()}
+    assert tasks_compared == {"movies", "tweets"}
+    assert {c["strategy"] for c in out["claims"]["val_best"]["comparisons"].values() if c["task"] == "tweets"} == {"lora"}
+    rows = (copy / F.CSV).read_text().splitlines()
+    assert len(rows) == 1 + sum(len(cfg.points(s)) for s in cfg.strategies) + len(cfg.points("full")) + len(cfg.points("lora"))
+
+
 def test_a_knob_value_the_arm_refuses_fails_before_training(swept):
     root, fc, _, held, _ = swept
     bad = parse_section("sweep", {**SWEEP, "grids": {**SWEEP["grids"], "lora": {"lrs": [1e-2], "knob": {"name": "r", "values": [0]}}}},
