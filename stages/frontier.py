@@ -109,8 +109,10 @@ def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims:
         panels[0].text(0.5, 0.5, "no Δ LM loss measured\n(the pretrained model has no LM head)",
                        ha="center", va="center", transform=panels[0].transAxes)
     cmap = plt.get_cmap("tab10")
+    order = sorted({s for by_s in tasks.values() for s in by_s})   # one colour per strategy on every panel
     for ax, (t, by_s) in zip(panels, sorted(tasks.items())):
-        for i, (s, f) in enumerate(sorted(by_s.items())):
+        for s, f in sorted(by_s.items()):
+            i = order.index(s)
             pts = f["points"]
             ax.scatter([p["delta_select"] for p in pts], [p["val_accuracy"] - majority[t] for p in pts],
                        s=14, alpha=0.45, color=cmap(i % 10))
@@ -122,6 +124,8 @@ def figure(tasks: dict[str, dict[str, Any]], majority: dict[str, float], claims:
             ax.axhline(lv - majority[t], color="grey", lw=0.5, ls=":", alpha=0.6)
         ax.axvline(0, color="grey", lw=0.8, ls=":")
         ax.set_xscale("symlog", linthresh=0.01)   # drifts span 0.001 to ~1 nats/token: linear below 0.01
+        lo = min([0.0] + [p["delta_select"] for f in by_s.values() for p in f["points"]])
+        ax.set_xlim(left=1.5 * lo if lo < 0 else -0.002)   # no empty negative half when nothing drifts below 0
         ax.set_title(f"{t}: learning vs forgetting, every configuration (mean over seeds)")
         ax.set_xlabel("forgetting: Δ held-out LM loss, selection half (nats/token; log scale above 0.01)")
         ax.set_ylabel(f"learning: validation accuracy − majority rate ({majority[t]:.3f})")
