@@ -2,8 +2,9 @@
 
 In:  data/metrics/sweep/<task>/<strategy>.json for every item of `sweep.runs` (each must hold
      every configuration and seed its grid declares), data/metrics/baselines.json (each task's
-     majority-class rate on validation), params: `sweep` (runs, seeds, lengths, grids, levels) and the forgetting stage's decision keys (`reference_strategy`,
-     `alpha`, `bootstrap_resamples`, `bootstrap_seed`).
+     majority-class rate on validation), params: `sweep` (runs, seeds, lengths, grids, levels)
+     and the forgetting stage's decision keys (`reference_strategy`, `alpha`,
+     `bootstrap_resamples`, `bootstrap_seed`).
 Out: data/metrics/frontier.json (git-tracked): per task, per strategy its points (grid values,
      mean validation and test accuracy, mean Δ held-out LM loss on each half of the blocks), its
      Pareto frontier and validation-best configuration; claim 2 at matched accuracy and at the
