@@ -9,9 +9,14 @@ Run:  .venv/bin/python bench/pretrain_speed.py [--steps 20] [--repeats 3] [--par
   checkpoints, one small eval at the end (not timed: the stage's tokens/s excludes eval).
 - HF `Trainer`: the same model class, init seed, data, batch, optimizer settings, schedule and
   steps; tokens/s over its training loop (from on_train_begin to on_train_end).
-- Peak: a 2048 x 2048 fp32 matmul timed in the same run (median of repeats).
+- Peak: a matmul timed in the same run (median of repeats): on the CPU 2048 x 2048 in fp32; on
+  a GPU (CUDA, used when there is one) 8192 x 8192 in the stage's precision (bf16 when
+  `pretrain.mixed_precision` is bf16), and MFU also against the chip's datasheet dense rate
+  (`--datasheet-tflops`, default 989: an H100 / H200 SXM's dense bf16).
 - MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 x (non-embedding params +
   output-layer params) + 12 x layers x seq_len x hidden (PaLM appendix).
+- Random-token data take the vocabulary and block size of the params file (`tokenizer.vocab_size`,
+  `tokenize.block_size`), so `--params configs/gpu.yaml` measures that file's model as it trains.
 Repeats are interleaved (stage, Trainer, stage, Trainer, ...) and medians reported: this CPU
 is shared and single runs are noisy.
 """
@@ -34,21 +39,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from ptf.training.trainer import reset_accelerate  # noqa: E402
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> tuple[float, float]:
-    """fp32 FLOP/s of an n x n matmul: per wall second and per CPU second of this process."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+
+CUDA = torch.cuda.is_available()
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 7) -> tuple[float, float]:
+    """FLOP/s of an n x n matmul (n = 8192 on a GPU, 2048 on the CPU): per wall second and per
+    CPU second of this process (the latter means little on a GPU)."""
+    n, dev = (8192, "cuda") if CUDA else (2048, "cpu")
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3 if CUDA else 1):
+        a @ b
     wall, cpu = [], []
     for _ in range(repeats):
+        if CUDA:
+            torch.cuda.synchronize()
         t, c = time.perf_counter(), time.process_time()
-        a @ b
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
+        for _ in range(10 if CUDA else 1):   # one GPU product is ~1 ms: time ten
+            a @ b
+        if CUDA:
+            torch.cuda.synchronize()
+        k = 10 if CUDA else 1
+        wall.append((time.perf_counter() - t) / k)
+        cpu.append((time.process_time() - c) / k)
     return 2 * n ** 3 / statistics.median(wall), 2 * n ** 3 / statistics.median(cpu)
 
 
-def prepare_root(tmp: Path, vocab: int = 8192, block: int = 128, blocks: int = 4096) -> Path:
+def prepare_root(tmp: Path, vocab: int = 8192, block: int = 128, blocks: int = 4096,
+                 params: Path = REPO / "params.yaml") -> Path:
     """A root with data/shards + data/tokenizer: links to the repo's, or synthetic ones."""
     from ptf.common import paths
     data = tmp / "data"
@@ -64,7 +84,7 @@ def prepare_root(tmp: Path, vocab: int = 8192, block: int = 128, blocks: int = 4
     from stages.tokenizer import train, wrap
 
     # a real byte-level BPE from the tokenizer stage, padded to `vocab` (the ids are random)
-    tcfg = load_section("tokenizer", TokConfig, REPO / "params.yaml")
+    tcfg = load_section("tokenizer", TokConfig, params)
     tok = wrap(train(lambda: [["the quick brown fox jumps over the lazy dog"] * 50], tcfg), tcfg)
     tok.add_tokens([f"tok{i}" for i in range(vocab - len(tok))])
     tok.save_pretrained(str(data / "tokenizer"))
@@ -127,7 +147,8 @@ def hf_trainer_tokens_per_s(root: Path, cfg) -> tuple[float, float]:
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine", max_grad_norm=cfg.grad_clip,
         logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
+        use_cpu=not CUDA, bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
+        dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
         remove_unused_columns=False)
     Trainer(model=model, args=args, train_dataset=ds, data_collator=collate,
             callbacks=[clock]).train()
@@ -203,6 +224,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--arch-compare", action="store_true")
+    ap.add_argument("--datasheet-tflops", type=float, default=989.0,
+                    help="the GPU's dense rate in the stage's precision (TFLOP/s)")
     a = ap.parse_args()
     if a.arch_compare:
         arch_compare(max(2, a.steps // 5), a.repeats)
@@ -210,7 +233,8 @@ def main() -> None:
     from ptf.common.config import parse_section, read_params
     from ptf.models.modeling import build_model, flops_per_token
     from stages.pretrain import Config
-    raw = read_params(Path(a.params))["pretrain"]
+    params = read_params(Path(a.params))
+    raw = params["pretrain"]
     raw = {**raw, "max_steps": a.steps, "warmup_steps": min(raw["warmup_steps"], a.steps - 1),
            "eval_every": 0, "eval_blocks": 16, "checkpoint_every": 0, "log_every": a.steps,
            "experiment": "bench"}
@@ -218,14 +242,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as d:
         tmp = Path(d)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        root = prepare_root(tmp / "root")
+        per_step = raw["batch_size"] * raw["grad_accum"]
+        root = prepare_root(tmp / "root", vocab=params["tokenizer"]["vocab_size"],
+                            block=params["tokenize"]["block_size"],
+                            blocks=max(4096, per_step * a.steps), params=Path(a.params))
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(root / "data/tokenizer"))
         block = json.loads((root / "data/shards/manifest.json").read_text())["block_size"]
         fl = flops_per_token(build_model(cfg.model, cfg.objective, tok), block)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision,
+                                                                     torch.float32)
         res = {k: [] for k in ("stage", "stage_cpu", "hf", "hf_cpu", "peak", "peak_cpu")}
         for i in range(a.repeats):
-            for k, v in zip(("peak", "peak_cpu"), matmul_peak()):
+            for k, v in zip(("peak", "peak_cpu"), matmul_peak(dtype if CUDA else torch.float32)):
                 res[k].append(v)
             for k, v in zip(("stage", "stage_cpu"), stage_tokens_per_s(root, cfg)):
                 res[k].append(v)
@@ -240,10 +269,16 @@ def main() -> None:
     mfu = s * f / p
     print(f"\nmodel: {cfg.objective}, hidden {cfg.model.hidden}, {cfg.model.layers} layers, "
           f"batch {cfg.batch_size}x{block} x accum {cfg.grad_accum}, {a.steps} steps, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.cuda.get_device_name() if CUDA else f'{torch.get_num_threads()} CPU threads'}, "
+          f"precision {cfg.mixed_precision}")
     print(f"FLOPs per token = 6 x (non-embedding params + output-layer params) "
           f"+ 12 x layers x seq_len x hidden\n  = {fl['formula']}")
-    print(f"fp32 matmul peak (2048x2048, median): {p / 1e9:,.1f} GFLOP/s")
+    what = f"{dtype} 8192x8192" if CUDA else "fp32 2048x2048"
+    print(f"matmul peak ({what}, median): {p / 1e9:,.1f} GFLOP/s")
+    if CUDA:
+        sheet = a.datasheet_tflops * 1e12
+        print(f"MFU against the datasheet's {a.datasheet_tflops:,.0f} TFLOP/s: stage "
+              f"{100 * s * f / sheet:.1f}%, HF Trainer {100 * med['hf'] * f / sheet:.1f}%")
     print(f"stage:      {s:,.0f} tokens/s (median of {a.repeats}), "
           f"{s * fl['flops_per_token'] / 1e9:,.1f} GFLOP/s, MFU {100 * mfu:.1f}%")
     print(f"HF Trainer: {h:,.0f} tokens/s (median of {a.repeats}), MFU "

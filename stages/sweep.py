@@ -24,9 +24,11 @@ blocks, and reports on the other half. The held-out loss is the forgetting stage
 the same blocks), computed on the model in memory: a sweep of ~100 models does not write ~100
 model directories to the DVC cache. Every strategy with one LR per run, no step hook and no
 peft wrapper but LoRA (full, lower LR, linear probing, freezing, L2-SP, EWC, replay, LoRA)
-trains all its configurations of one length together (`ptf.training.batched.fit_together`:
-the same results as one at a time, bench/sweep_speed.py); the others (DoRA, OSF, prompt
-tuning, gradual unfreezing) one at a time.
+trains all its configurations of one length together on the CPU
+(`ptf.training.batched.fit_together`: the same results as one at a time, bench/sweep_speed.py);
+the others (DoRA, OSF, prompt tuning, gradual unfreezing), and every strategy on a GPU or in
+mixed precision, one at a time on Accelerate's device. The held-out measure runs where the
+classifier trained.
 
 Run: python -m stages.sweep --task source --strategy lora
 """
@@ -69,7 +71,9 @@ class InMemoryDrift:
         from ptf.models.strategies import unwrap_hf
 
         # LoRA / DoRA layers are injected into the backbone's modules: their output is the merged one
-        setattr(self.lm, self.lm.base_model_prefix, unwrap_hf(clf).base_model)
+        backbone = unwrap_hf(clf).base_model
+        self.lm.to(next(backbone.parameters()).device)   # the LM head where the classifier trained
+        setattr(self.lm, self.lm.base_model_prefix, backbone)
         return self.es.scores(self.lm)
 
 
@@ -84,12 +88,17 @@ def check_task(cfg: SweepSection, task: str, strategy: str) -> None:
 def trains_together(ctx, data, strategy: str, arm) -> bool:
     """Whether `strategy`'s runs on this model go through `fit_together` (`together_reason`:
     one LR per run, no step hook; `check_batchable`: a float32 Llama classifier, plain or with
-    LoRA); otherwise they run one at a time (`fit`)."""
+    LoRA; the CPU: it trains there); otherwise they run one at a time (`fit`, on Accelerate's
+    device: the GPU where there is one)."""
     from ptf.models.strategies import build_classifier
     from ptf.training.batched import together_reason
     from ptf.training.packed import check_batchable
 
+    from ptf.measures.drift import compute_device
+
     if together_reason(strategy) is not None or ctx.cfg.train.mixed_precision != "no":
+        return False
+    if compute_device().type != "cpu":     # together is the CPU path; on a GPU, `fit` through Accelerate
         return False
     probe = build_classifier(ctx.pretrained, data.label_names, strategy, arm, seed=0, pooling=ctx.cfg.pooling)
     return check_batchable([probe]) is None

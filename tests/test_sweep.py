@@ -132,6 +132,26 @@ def test_a_backbone_still_pretrained_gets_the_pretrained_sums_bit_for_bit(swept)
         assert not np.array_equal(drift.sums(models[s]), es.base_sums), s
 
 
+def test_on_a_gpu_every_strategy_trains_one_at_a_time_on_it(swept, monkeypatch):
+    """`fit_together` is the CPU path: where Accelerate's device is a GPU, `trains_together` sends
+    every strategy to `fit` (Accelerate, on that device; the held-out measure then runs where the
+    model is). Not checked here, for want of a second device: that `block_nll` moves each batch."""
+    import torch
+
+    from ptf.data.tasks import load_task
+    from ptf.measures import drift
+    from ptf.training.finetuning import Context
+
+    root, fc, _, _, _ = swept
+    ctx = Context.create(root, fc)
+    data = load_task(root, "movies", ctx.tokenizer, fc.data)
+    assert drift.compute_device().type == "cpu"           # this machine: the sweep trains together
+    assert S.trains_together(ctx, data, "full", fc.arms.full)
+    monkeypatch.setattr(drift, "compute_device", lambda: torch.device("cuda"))
+    for s in ("full", "linear_probe", "lora"):
+        assert not S.trains_together(ctx, data, s, getattr(fc.arms, s)), s
+
+
 def test_frontier_stage_writes_its_outputs_and_refuses_a_missing_configuration(swept, tmp_path):
     import shutil
 

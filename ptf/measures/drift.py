@@ -74,16 +74,26 @@ def eval_targets(ids, objective: str, tokenizer, mask_prob: float, mask_seed: in
                        sorted(set(tokenizer.all_special_ids)), mask_prob, g)
 
 
+def compute_device():
+    """Where the held-out measure runs: Accelerate's device for this process (a GPU when there is
+    one, unless Accelerate is told to use the CPU), where the training stages put their models."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def block_nll(lm, inputs, labels, objective: str, batch_size: int):
-    """Per-block summed NLL (float64) and number of predicted tokens, in block order."""
+    """Per-block summed NLL (float64) and number of predicted tokens, in block order, as numpy
+    arrays; each batch is scored on the device `lm` is on."""
     import torch
     import torch.nn.functional as F
 
+    dev = next(lm.parameters()).device
     sums, counts = [], []
     lm.eval()
     with torch.no_grad():
         for s in range(0, inputs.shape[0], batch_size):
-            x, y = inputs[s:s + batch_size], labels[s:s + batch_size]
+            x, y = inputs[s:s + batch_size].to(dev), labels[s:s + batch_size].to(dev)
             logits = lm(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
             if objective == "clm":    # position t predicts token t + 1; the last predicts nothing
                 y = torch.cat([y[:, 1:], torch.full_like(y[:, :1], -100)], 1)
@@ -95,7 +105,7 @@ def block_nll(lm, inputs, labels, objective: str, batch_size: int):
                 nll, y = nll[:, :-1], y[:, :-1]
             sums.append(nll.double().sum(1))
             counts.append((y != -100).sum(1))
-    return torch.cat(sums).numpy(), torch.cat(counts).numpy()
+    return torch.cat(sums).cpu().numpy(), torch.cat(counts).cpu().numpy()
 
 
 NO_LM_HEAD = ("not applicable: the pretrained model has no LM head (a bare encoder such as a released "
@@ -162,7 +172,7 @@ class EvalSet:
         inputs, labels = inputs[keep], labels[keep]
         if inputs.shape[0] == 0:
             raise StageError("no validation block has a target token to score")
-        lm = pretrained_lm(pretrained)
+        lm = pretrained_lm(pretrained).to(compute_device())
         base, counts = block_nll(lm, inputs, labels, objective, batch_size)
         return cls(pretrained, objective, inputs, labels, idx, base, counts, batch_size,
                    lm.base_model.state_dict())
@@ -176,7 +186,7 @@ class EvalSet:
             return self
         if objective_of(pretrained) != self.objective:
             raise StageError(f"{pretrained}: another objective than {self.pretrained}'s ({self.objective})")
-        lm = pretrained_lm(pretrained)
+        lm = pretrained_lm(pretrained).to(compute_device())
         base, _ = block_nll(lm, self.inputs, self.labels, self.objective, self.batch_size)
         return replace(self, pretrained=Path(pretrained), base_sums=base, weights=lm.base_model.state_dict())
 
@@ -186,7 +196,8 @@ class EvalSet:
         import torch
 
         sd = backbone.state_dict()
-        return sd.keys() == self.weights.keys() and all(torch.equal(sd[k], v) for k, v in self.weights.items())
+        return sd.keys() == self.weights.keys() and all(torch.equal(sd[k].to(v.device), v)
+                                                        for k, v in self.weights.items())
 
     def scores(self, lm) -> np.ndarray:
         """Per-block summed NLL of `lm` (a fine-tuned backbone under the pretrained LM head)."""
@@ -199,4 +210,5 @@ class EvalSet:
         """Per-block summed NLL of a fine-tuned model's backbone under the pretrained LM head."""
         from ptf.models.artifacts import load_backbone_as_lm
 
-        return self.scores(load_backbone_as_lm(finetuned, self.pretrained))   # the backbone it was fine-tuned from
+        lm = load_backbone_as_lm(finetuned, self.pretrained)   # the backbone it was fine-tuned from
+        return self.scores(lm.to(compute_device()))
