@@ -6,7 +6,7 @@
 #      outputs of configs/smoke.yaml: that machine reaches no network, so the download stage
 #      cannot run there), both made here by bench/gpu_prepare.sh; $OUT (a folder for what comes
 #      back; default /tmp/gpu-check).
-# Out: $OUT/bench.txt: bench/pretrain_speed.py on configs/gpu.yaml (the ~125 M model in bf16:
+# Out: $OUT/bench.txt: bench/pretrain_speed.py on configs/gpu.yaml (its 85 M-parameter model in bf16:
 #      tokens/s and MFU against the measured bf16 matmul and the datasheet rate);
 #      $OUT/repro.txt, $OUT/metrics.txt, $OUT/gpu-check.tgz: a short `dvc repro` of the whole DAG
 #      on the GPU (configs/smoke.yaml's data, tasks and arms, with gpu.yaml's 12-layer d=768
@@ -33,8 +33,9 @@ print({p: m.version(p) for p in ("transformers", "accelerate", "peft", "datasets
 EOF
 
 echo "== bench/pretrain_speed.py --params configs/gpu.yaml"
-[ "${BENCH_STEPS:-30}" = 0 ] || timeout 240 $PY bench/pretrain_speed.py --params configs/gpu.yaml --steps "${BENCH_STEPS:-30}" \
-    --repeats "${BENCH_REPEATS:-3}" 2>&1 | grep -v "it/s\]$" | tee "$OUT/bench.txt"
+[ "${BENCH_STEPS:-30}" = 0 ] || timeout 240 $PY bench/pretrain_speed.py --params configs/gpu.yaml \
+    --steps "${BENCH_STEPS:-30}" --repeats "${BENCH_REPEATS:-3}" 2>&1 | grep -v "it/s\]$" \
+    | tee "$OUT/bench.txt"
 
 echo "== dvc repro on the GPU (smoke data and arms, gpu.yaml's model in bf16)"
 W=/tmp/gpu-run; rm -rf "$W"; mkdir -p "$W"

@@ -26,7 +26,9 @@ pyasn1-modules pycparser pydantic pydantic-core pydantic-settings pydot pygit2 p
 python-dotenv ruamel-yaml ruamel-yaml-clib scmrepo semver shortuuid shtab smmap sqlalchemy sqlparse
 sqltrie starlette tomlkit truststore typing-extensions typing-inspection tzlocal uvicorn vine
 voluptuous wcwidth zc-lockfile"
-for p in /.whl/ /.gpu/; do grep -qx "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
+for p in /.whl/ /.gpu/; do
+  grep -qx "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude
+done
 
 # the venv's version of each package (names normalised as pip does)
 norm() { tr 'A-Z_.' 'a-z--'; }

@@ -83,7 +83,7 @@ def prepare(tmp: Path, data_root: Path = REPO, task: str | None = None):
         tok.save_pretrained(str(pre))
         source = {"model": "random weights, params.yaml pretrain.model"}
     ctx = Context.create(root, cfg)
-    task = task or next(iter(params["sweep"]["runs"].values()))["task"]   # default: the sweep's first item's
+    task = task or next(iter(params["sweep"]["runs"].values()))["task"]   # the first item's
     if (data_root / paths.TASKS / task / "dataset_dict.json").is_file():
         (root / paths.TASKS).parent.mkdir(parents=True, exist_ok=True)
         (root / paths.TASKS).symlink_to(data_root / paths.TASKS)

@@ -21,7 +21,8 @@ def run(*args: str) -> str:
 
 
 def test_pretrain_speed_runs_on_a_params_file():
-    out = run("bench/pretrain_speed.py", "--params", "configs/smoke.yaml", "--steps", "3", "--repeats", "1")
+    out = run("bench/pretrain_speed.py", "--params", "configs/smoke.yaml", "--steps", "3",
+              "--repeats", "1")
     assert "hidden 32, 2 layers" in out and "ratio stage / Trainer" in out, out
 
 
