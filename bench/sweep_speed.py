@@ -26,6 +26,12 @@ Run:  .venv/bin/python bench/sweep_speed.py [--strategies full linear_probe] [--
   (measured here at load ~10: 50 CPU-s for a fine-tune that takes 4 at one thread). The
   results of (a) and (b) for the same configuration are compared (best step, validation and
   test accuracy, test predictions).
+- Also counted (`torch.utils.flop_counter`, in one untimed extra pass of each path): the
+  matrix-product FLOPs per configuration of each path, and from them the FLOPs each path
+  runs per CPU second, beside a 2048^3 matmul's rate on this thread. The speed ratio is the
+  product of two factors: how much less arithmetic together does (FLOP ratio) and how much
+  faster it runs its arithmetic (rate ratio). Where the FLOP ratio is below a goal, only a
+  rate the one-at-a-time path does not reach can meet it.
 - Out: the table on stdout and bench/results/sweep_speed.json.
 """
 from __future__ import annotations
@@ -145,6 +151,15 @@ def same(a: dict, b: dict) -> bool:
             and a.get("test_predictions", b["test_predictions"]) == b["test_predictions"])
 
 
+def matrix_flops(fn, *args) -> float:
+    """Matrix-product FLOPs (mm, bmm, addmm, attention products: what
+    `torch.utils.flop_counter` counts) of `fn(*args)`."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn(*args)
+    return float(fc.get_total_flops())
+
+
 def measure(ctx, data, cfg, strategy: str, k: int, repeats: int, n_alone: int) -> dict:
     """Interleaved repeats of both paths for one strategy; medians, ratios, result checks."""
     from ptf.training.trainer import reset_accelerate
@@ -177,8 +192,15 @@ def measure(ctx, data, cfg, strategy: str, k: int, repeats: int, n_alone: int) -
     med = {x: statistics.median(r[x] for r in rows)
            for x in ("alone_cpu_s", "together_cpu_s", "alone_wall_s", "together_wall_s",
                      "ratio_cpu", "ratio_wall")}
+    flops = {"alone": matrix_flops(alone, ctx, data, cfg, strategy, configs[:1]),
+             "together": matrix_flops(together, ctx, data, cfg, strategy, configs) / k}
+    rate = {p: flops[p] / med[f"{p}_cpu_s"] for p in flops}
     return {"configs_per_cpu_minute": {"alone": 60 / med["alone_cpu_s"],
                                        "together": 60 / med["together_cpu_s"]},
+            "matrix_gflop_per_config": {p: f / 1e9 for p, f in flops.items()},
+            "flop_ratio": flops["alone"] / flops["together"],
+            "matrix_gflop_per_cpu_s": {p: r / 1e9 for p, r in rate.items()},
+            "rate_ratio": rate["together"] / rate["alone"],
             "median_ratio_cpu": med["ratio_cpu"], "median_ratio_wall": med["ratio_wall"],
             "medians_per_config": med, "configs": configs, "repeats": rows,
             "same_results": {"compared": repeats * n_alone, "mismatches": mismatches}}
@@ -199,6 +221,8 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0]
+    from bench.pretrain_speed import matmul_peak
+    peak = matmul_peak()[1] / 1e9      # per CPU second of this process
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as d:
         ctx, data, cfg, source = prepare(Path(d), Path(a.data), a.task)
         res = {s: measure(ctx, data, cfg, s, a.k, a.repeats, a.alone) for s in a.strategies}
@@ -208,6 +232,7 @@ def main() -> None:
                 "(build_classifier + ptf.training.finetuning.fit each) vs together "
                 "(ptf.training.batched.fit_together); medians of interleaved repeats",
         "strategies": res,
+        "matmul_2048_gflop_per_cpu_s": peak,
         "conditions": {"k": a.k, "repeats": a.repeats, "alone_per_repeat": a.alone,
                        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                        "load_average_start": load0, "load_average_end": os.getloadavg()[0],
@@ -230,6 +255,11 @@ def main() -> None:
               f"together {60 / m['together_cpu_s']:6.1f}: median ratio "
               f"{r['median_ratio_cpu']:.2f}x per CPU second ({r['median_ratio_wall']:.2f}x wall); "
               f"same results {ok}/{r['same_results']['compared']}")
+        g, f = r["matrix_gflop_per_config"], r["matrix_gflop_per_cpu_s"]
+        print(f"{'':13s} matrix GFLOP a configuration {g['alone']:.1f} vs {g['together']:.1f} "
+              f"(FLOP ratio {r['flop_ratio']:.2f}x), run at {f['alone']:.1f} vs "
+              f"{f['together']:.1f} GFLOP per CPU second (rate ratio {r['rate_ratio']:.2f}x)")
+    print(f"a 2048^3 float32 matmul runs at {peak:.1f} GFLOP per CPU second on this thread")
     print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs); "
           f"written {a.out}")
 

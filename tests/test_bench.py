@@ -35,3 +35,6 @@ def test_sweep_speed_runs_and_finds_the_same_results(tmp_path):
     r = json.loads(out.read_text())["strategies"]["linear_probe"]
     assert r["same_results"] == {"compared": 1, "mismatches": []}
     assert r["configs_per_cpu_minute"]["together"] > 0
+    # a probe trains only its head: together, each text's features are computed once, so the
+    # one-at-a-time path does several times the arithmetic
+    assert r["flop_ratio"] > 2 and r["matrix_gflop_per_config"]["together"] > 0
