@@ -4,8 +4,9 @@
 # In:  this repo's work tree; optionally .whl/ (wheels of the packages that machine lacks, for its
 #      Python: installed with --no-deps into /tmp/site) and .gpu/data/ (the download stage's
 #      outputs of configs/smoke.yaml: that machine reaches no network, so the download stage
-#      cannot run there); $OUT (a folder for what comes back; default /tmp/gpu-check).
-# Out: $OUT/bench.txt: bench/pretrain_speed.py on configs/gpu.yaml (the ~125 M model in bf16:
+#      cannot run there), both made here by bench/gpu_prepare.sh; $OUT (a folder for what comes
+#      back; default /tmp/gpu-check).
+# Out: $OUT/bench.txt: bench/pretrain_speed.py on configs/gpu.yaml (its 85 M-parameter model in bf16:
 #      tokens/s and MFU against the measured bf16 matmul and the datasheet rate);
 #      $OUT/repro.txt, $OUT/metrics.txt, $OUT/gpu-check.tgz: a short `dvc repro` of the whole DAG
 #      on the GPU (configs/smoke.yaml's data, tasks and arms, with gpu.yaml's 12-layer d=768
@@ -32,8 +33,9 @@ print({p: m.version(p) for p in ("transformers", "accelerate", "peft", "datasets
 EOF
 
 echo "== bench/pretrain_speed.py --params configs/gpu.yaml"
-[ "${BENCH_STEPS:-30}" = 0 ] || timeout 240 $PY bench/pretrain_speed.py --params configs/gpu.yaml --steps "${BENCH_STEPS:-30}" \
-    --repeats "${BENCH_REPEATS:-3}" 2>&1 | grep -v "it/s\]$" | tee "$OUT/bench.txt"
+[ "${BENCH_STEPS:-30}" = 0 ] || timeout 240 $PY bench/pretrain_speed.py --params configs/gpu.yaml \
+    --steps "${BENCH_STEPS:-30}" --repeats "${BENCH_REPEATS:-3}" 2>&1 | grep -v "it/s\]$" \
+    | tee "$OUT/bench.txt"
 
 echo "== dvc repro on the GPU (smoke data and arms, gpu.yaml's model in bf16)"
 W=/tmp/gpu-run; rm -rf "$W"; mkdir -p "$W"
@@ -64,9 +66,11 @@ EOF
 git init -q && git add -A && git -c user.name=gpu -c user.email=gpu@localhost commit -qm gpu-check
 dvc commit -f download >/dev/null || exit 1          # the carried outputs stand for the stage
 start=$(date +%s)
-timeout "${REPRO_TIMEOUT:-330}" $PY -m flows.mlflow_record repro 2>&1 \
-    | grep -v "it/s\]$\|s/it\]$" | tee "$OUT/repro.txt"
-echo "repro: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$OUT/repro.txt"
+timeout "${REPRO_TIMEOUT:-330}" $PY -m flows.mlflow_record repro 2>&1 | tr '\r' '\n' \
+    | grep --line-buffered -v "it/s\]$\|s/it\]$\|^\s*$" \
+    | while IFS= read -r l; do echo "$(( $(date +%s) - start )) $l"; done | tee "$OUT/repro.txt"
+echo "repro: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s (lines: seconds since its start)" \
+    | tee -a "$OUT/repro.txt"
 dvc metrics show --json > "$OUT/metrics.json" 2>&1
 $PY - <<'EOF' 2>&1 | tee "$OUT/metrics.txt"
 import json

@@ -48,7 +48,7 @@ CUDA = torch.cuda.is_available()
 def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 7) -> tuple[float, float]:
     """FLOP/s of an n x n matmul (n = 8192 on a GPU, 2048 on the CPU): per wall second and per
     CPU second of this process (the latter means little on a GPU)."""
-    n, dev = (8192, "cuda") if CUDA else (2048, "cpu")
+    n, dev, k = (8192, "cuda", 10) if CUDA else (2048, "cpu", 1)   # one GPU product is ~1 ms: time ten
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     for _ in range(3 if CUDA else 1):
         a @ b
@@ -57,11 +57,10 @@ def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 7) -> tuple[f
         if CUDA:
             torch.cuda.synchronize()
         t, c = time.perf_counter(), time.process_time()
-        for _ in range(10 if CUDA else 1):   # one GPU product is ~1 ms: time ten
+        for _ in range(k):
             a @ b
         if CUDA:
             torch.cuda.synchronize()
-        k = 10 if CUDA else 1
         wall.append((time.perf_counter() - t) / k)
         cpu.append((time.process_time() - c) / k)
     return 2 * n ** 3 / statistics.median(wall), 2 * n ** 3 / statistics.median(cpu)

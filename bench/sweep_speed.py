@@ -2,13 +2,14 @@
 trained together (`ptf.training.batched.fit_together`), with the same results.
 
 Run:  .venv/bin/python bench/sweep_speed.py [--strategies full linear_probe] [--k 8] [--repeats 5]
-                                            [--alone 1] [--threads 1]
+                                            [--alone 1] [--threads 1] [--data DIR] [--task T]
 
-- Model: data/models/pretrained (under `--data`, default this repo) when it exists, else the `pretrain.model` of params.yaml with
-  random weights (the default 2-layer, d=128 Llama; vocabulary 8192 from the tokenizer that
-  `bench/pretrain_speed.py` builds or links). Task: data/tasks/<first sweep task> when it
-  exists, else synthetic texts with the real tasks' lengths (mean ~32 tokens, cap
-  `finetune.data.max_length`), 4 classes, `finetune.data` caps.
+- Model: data/models/pretrained under `--data` (default this repo) when it exists, else the
+  `pretrain.model` of params.yaml with random weights (the default 2-layer, d=128 Llama;
+  vocabulary 8192 from the tokenizer that `bench/pretrain_speed.py` builds or links).
+- Task: data/tasks/<--task> under `--data` (default: the task of the first item of
+  `sweep.runs`) when it exists, else synthetic texts with the real tasks' lengths (mean ~32
+  tokens, cap `finetune.data.max_length`), 4 classes, `finetune.data` caps.
 - Configurations: per strategy (`full`, `linear_probe`, `l2sp`, `replay`: the penalty and the
   replayed LM loss are the ones `fit` adds, with the arm's values; `lora`: peft LoRA with the
   arm's rank and targets) 4 learning rates spanning 30x x K/4
@@ -53,7 +54,7 @@ LRS = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "linear_probe": [1e-3, 3e-3, 1e-2, 3e-2
 KEYS = ("best_step", "val_accuracy", "test_accuracy")
 
 
-def prepare(tmp: Path, data_root: Path = REPO):
+def prepare(tmp: Path, data_root: Path = REPO, task: str | None = None):
     """(Context, TaskData, finetune config, where the model and task came from); the model and
     task are read under `data_root` (default: this repo) when there."""
     from bench.pretrain_speed import prepare_root
@@ -82,7 +83,7 @@ def prepare(tmp: Path, data_root: Path = REPO):
         tok.save_pretrained(str(pre))
         source = {"model": "random weights, params.yaml pretrain.model"}
     ctx = Context.create(root, cfg)
-    task = params["sweep"]["tasks"][0]       # the task the sweep runs on
+    task = task or next(iter(params["sweep"]["runs"].values()))["task"]   # the first item's
     if (data_root / paths.TASKS / task / "dataset_dict.json").is_file():
         (root / paths.TASKS).parent.mkdir(parents=True, exist_ok=True)
         (root / paths.TASKS).symlink_to(data_root / paths.TASKS)
@@ -192,13 +193,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--data", default=str(REPO), help="folder whose data/ holds the pretrained "
                     "model and the tasks (default: this repo; absent: random model, synthetic task)")
+    ap.add_argument("--task", default=None, help="the task (default: that of sweep.runs' first item)")
     ap.add_argument("--out", default=str(REPO / "bench/results/sweep_speed.json"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as d:
-        ctx, data, cfg, source = prepare(Path(d), Path(a.data))
+        ctx, data, cfg, source = prepare(Path(d), Path(a.data), a.task)
         res = {s: measure(ctx, data, cfg, s, a.k, a.repeats, a.alone) for s in a.strategies}
     tc = cfg.train
     result = {

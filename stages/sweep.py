@@ -90,11 +90,10 @@ def trains_together(ctx, data, strategy: str, arm) -> bool:
     one LR per run, no step hook; `check_batchable`: a float32 Llama classifier, plain or with
     LoRA; the CPU: it trains there); otherwise they run one at a time (`fit`, on Accelerate's
     device: the GPU where there is one)."""
+    from ptf.measures.drift import compute_device
     from ptf.models.strategies import build_classifier
     from ptf.training.batched import together_reason
     from ptf.training.packed import check_batchable
-
-    from ptf.measures.drift import compute_device
 
     if together_reason(strategy) is not None or ctx.cfg.train.mixed_precision != "no":
         return False

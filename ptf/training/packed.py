@@ -35,15 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from ptf.data.tasks import Split, collate
+from ptf.models.strategies import unwrap_hf
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def hf_model(model):
-    """The transformers model under a peft wrapper (its LoRA layers injected), or the model."""
-    from peft import PeftModel
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _peft_reason(model) -> str | None:
@@ -89,7 +84,7 @@ def check_batchable(models: list) -> str | None:
         reason = _peft_reason(m)
         if reason:
             return reason
-    models = [hf_model(m) for m in models]
+    models = [unwrap_hf(m) for m in models]
 
     def arch(m) -> dict:    # where the weights came from (one backbone or another) does not matter
         return {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}
@@ -173,7 +168,7 @@ class PackedLlama:
         reason = check_batchable([model])
         if reason:
             raise ValueError(f"cannot run this model packed: {reason}")
-        self.model = model = hf_model(model)
+        self.model = model = unwrap_hf(model)   # its LoRA layers injected
         c = model.config
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

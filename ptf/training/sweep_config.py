@@ -8,9 +8,10 @@ In:  the `sweep` section of params.yaml; each strategy's other parameters come f
      budget's other settings from `finetune.train`, the data caps from `finetune.data`.
 Out: `SweepSection` (strict: one `ConfigError` naming the key, before any work, for an empty or
      non-positive axis, a repeated value, fewer than 2 seeds, a knob that is not a key of the
-     strategy's arm, a run whose key is not `<task>-<strategy>` or whose strategy has no grid), `Point` (one configuration: lr, steps, knob value) and
-     `SweepSection.points(strategy)`, the grid in a fixed order; `SweepSection.tasks` and
-     `.strategies` (those of `runs`, in their first appearance's order); `arm_for` (the strategy's arm
+     strategy's arm, a run whose key is not `<task>-<strategy>` or whose strategy has no grid),
+     `Point` (one configuration: lr, steps, knob value) and `SweepSection.points(strategy)`,
+     the grid in a fixed order; `SweepSection.tasks` and `.strategies` (those of `runs`, in
+     their first appearance's order); `arm_for` (the strategy's arm
      with the knob's value, validated by the arm's own model); `HeldOutKeys` (the forgetting
      stage's held-out measure, read from its section so that both measure the same blocks).
 """
