@@ -152,8 +152,9 @@ def same(a: dict, b: dict) -> bool:
 
 
 def matrix_flops(fn, *args) -> float:
-    """Matrix-product FLOPs (mm, bmm, addmm, attention products: what
-    `torch.utils.flop_counter` counts) of `fn(*args)`."""
+    """Matrix-product FLOPs of `fn(*args)` (mm, bmm, addmm: what `torch.utils.flop_counter`
+    counts on the CPU; its CPU attention kernel is not counted, small at these lengths in
+    both paths)."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         fn(*args)
